@@ -1,0 +1,40 @@
+"""Run async parts from synchronous code in a background event-loop thread (internal)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import anyio.from_thread
+from anyio.from_thread import BlockingPortal
+
+T = TypeVar("T")
+
+
+class PortalOwner:
+    """Owns one blocking portal (a thread running an asyncio loop) and its lifetime."""
+
+    def __init__(self) -> None:
+        self._cm: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+
+    @property
+    def portal(self) -> BlockingPortal:
+        if self._portal is None:
+            self._cm = anyio.from_thread.start_blocking_portal("asyncio")
+            self._portal = self._cm.__enter__()
+        return self._portal
+
+    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a coroutine function in the portal's loop and return its result."""
+        return self.portal.call(func, *args)
+
+    def build(self, factory: Callable[[], T]) -> T:
+        """Call a plain function in the loop's thread (to build loop-bound objects)."""
+        return self.portal.call(factory)
+
+    def stop(self) -> None:
+        if self._cm is not None:
+            cm, self._cm, self._portal = self._cm, None, None
+            cm.__exit__(None, None, None)

@@ -1,0 +1,100 @@
+"""Helpers shared by the parts that talk to Redis (internal)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+RedisLike = aioredis.Redis | str
+
+#: Errors that mean "Redis is unreachable or the connection broke": retried, never fatal.
+TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, TimeoutError)
+
+
+def connect(redis: RedisLike, **overrides: Any) -> aioredis.Redis:
+    """Return an asyncio Redis client for a URL, or the client itself.
+
+    Clients made here fail fast instead of retrying inside redis-py: every
+    part of saga-events has its own reconnect loop that knows what to redo
+    after a reconnect (resubscribe, resync, re-announce).
+    """
+    if isinstance(redis, aioredis.Redis):
+        return redis
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 5.0,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    kwargs.update(overrides)
+    return aioredis.Redis.from_url(redis, **kwargs)
+
+
+def db_of(client: aioredis.Redis) -> int:
+    kwargs = client.connection_pool.connection_kwargs
+    return int(kwargs.get("db", 0) or 0)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for reconnect loops."""
+
+    def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class RateLimitedLog:
+    """Log at most ``burst`` records per ``window`` seconds; count the rest."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, window: float = 10.0) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.window = window
+        self._start = time.monotonic()
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            if self._suppressed:
+                self.logger.warning("%d similar messages suppressed", self._suppressed)
+            self._start, self._count, self._suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            self.logger.warning(msg, *args)
+        else:
+            self._suppressed += 1
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def close_quietly(pubsub: Any) -> None:
+    """Close a PubSub whose connection may already be broken; never raises."""
+    import anyio
+
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+        try:
+            await pubsub.aclose()
+        except Exception:
+            pass

@@ -1,0 +1,231 @@
+"""The ``saga-events`` command (needs the ``server`` extra)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+try:
+    import click
+except ImportError:  # pragma: no cover - exercised by hand
+    sys.stderr.write(
+        "saga-events: the CLI needs the server extra: pip install 'saga-events[server]'\n"
+    )
+    raise SystemExit(2) from None
+
+import anyio
+
+from . import __version__
+from .embedded import RedisServer, port_is_free
+from .errors import NotificationConfigError, SagaError
+
+DEFAULT_REDIS_PORT = 6399
+log = logging.getLogger("saga_events.cli")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+async def _until_signal() -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.warning("received %s, stopping", signal.Signals(signum).name)
+            return
+
+
+async def _serve_registrar(url: str, namespace: str, manage_config: bool, on_ready: Any) -> None:
+    from .registrar import Registrar
+
+    registrar = Registrar(url, namespace=namespace, manage_config=manage_config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(registrar.run)
+        on_ready(registrar)
+        await _until_signal()
+        tg.cancel_scope.cancel()
+    await registrar.aclose()
+
+
+def _echo_ready(url: str, namespace: str, started_redis: bool) -> Any:
+    def ready(registrar: Any) -> None:
+        click.echo(f"saga-events {__version__} is up")
+        where = "private redis-server" if started_redis else "existing Redis"
+        click.echo(f"  Redis:     {url}  ({where})")
+        click.echo(f"  namespace: {namespace}")
+        click.echo(f"  registrar: {registrar.rid}")
+        click.echo(f"Use it:      export SAGA_REDIS_URL={url}")
+        click.echo("Press Ctrl-C to stop.")
+
+    return ready
+
+
+redis_option = click.option(
+    "--redis", "redis_url", envvar="SAGA_REDIS_URL", help="Redis URL (env SAGA_REDIS_URL)."
+)
+namespace_option = click.option(
+    "--namespace", "-n", default="default", envvar="SAGA_NAMESPACE", show_default=True,
+    help="Registry namespace (env SAGA_NAMESPACE).",
+)  # fmt: skip
+verbose_option = click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+
+
+@click.group()
+@click.version_option(__version__)
+def main() -> None:
+    """saga-events: push-based service registry on Redis."""
+
+
+@main.command()
+@click.option("--redis", "redis_url", default=None, help="Use this Redis instead of a private one.")
+@click.option(
+    "--redis-port", default=DEFAULT_REDIS_PORT, show_default=True,
+    help="Port of the private redis-server (0: any free port).",
+)  # fmt: skip
+@namespace_option
+@verbose_option
+def up(redis_url: str | None, redis_port: int, namespace: str, verbose: int) -> None:
+    """Start a private redis-server and a registrar, in one command."""
+    _setup_logging(verbose + 1)
+    server: RedisServer | None = None
+    try:
+        if redis_url is None:
+            port = redis_port or None
+            if port is not None and not port_is_free(port):
+                click.echo(f"port {port} is busy; using a free port instead", err=True)
+                port = None
+            server = RedisServer(port).start()
+            redis_url = server.url
+        ready = _echo_ready(redis_url, namespace, server is not None)
+        anyio.run(_serve_registrar, redis_url, namespace, True, ready)
+    except NotificationConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except SagaError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            server.close()
+            click.echo("stopped redis-server")
+
+
+@main.command()
+@redis_option
+@namespace_option
+@click.option(
+    "--no-manage-config", is_flag=True,
+    help="Do not CONFIG SET notify-keyspace-events (set it on the server yourself).",
+)  # fmt: skip
+@verbose_option
+def registrar(redis_url: str | None, namespace: str, no_manage_config: bool, verbose: int) -> None:
+    """Run a registrar against an existing Redis (production)."""
+    _setup_logging(verbose + 1)
+    if not redis_url:
+        raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
+    try:
+        anyio.run(
+            _serve_registrar, redis_url, namespace, not no_manage_config,
+            _echo_ready(redis_url, namespace, False),
+        )  # fmt: skip
+    except NotificationConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _instance_row(inst: Any) -> dict[str, Any]:
+    from .model import iso_utc
+
+    return {
+        "service_name": inst.service_name,
+        "service_id": inst.service_id,
+        "service_url": inst.service_url,
+        "capabilities": list(inst.capabilities),
+        "draining": inst.draining,
+        "registered_at": iso_utc(inst.registered_at_ms),
+    }
+
+
+@main.command(name="ls")
+@redis_option
+@namespace_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def ls_command(redis_url: str | None, namespace: str, as_json: bool) -> None:
+    """List services and their live instances."""
+    if not redis_url:
+        raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
+
+    async def run() -> dict[str, list[Any]]:
+        from .mirror import Mirror
+
+        async with Mirror(redis_url, namespace=namespace, sync_timeout=10) as mirror:
+            return mirror.services()
+
+    services = anyio.run(run)
+    if as_json:
+        click.echo(json.dumps({n: [_instance_row(i) for i in v] for n, v in services.items()}))
+        return
+    if not services:
+        click.echo("no live instances")
+        return
+    rows = [_instance_row(i) for insts in services.values() for i in insts]
+    headers = ["SERVICE", "ID", "URL", "CAPABILITIES", "STATE", "SINCE"]
+    table = [
+        [r["service_name"], r["service_id"], r["service_url"], ",".join(r["capabilities"]),
+         "draining" if r["draining"] else "live", r["registered_at"]]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
+    for line in [headers, *table]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+@main.command()
+@redis_option
+@namespace_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per change.")
+def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
+    """Print changes to the registry as they happen (Ctrl-C to stop)."""
+    if not redis_url:
+        raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
+
+    async def run() -> None:
+        from .mirror import Added, Mirror, Removed
+
+        mirror = Mirror(redis_url, namespace=namespace)
+        async with mirror, anyio.create_task_group() as tg:
+            if not as_json:
+                click.echo(f"watching {len(mirror)} instances; Ctrl-C to stop")
+
+            async def stop() -> None:
+                await _until_signal()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop)
+            async for change in mirror.changes():
+                kind = {Added: "added", Removed: "removed"}.get(type(change), "updated")
+                row = _instance_row(change.instance)
+                if as_json:
+                    click.echo(json.dumps({"change": kind, **row}))
+                else:
+                    click.echo(
+                        f"{kind:8} {row['service_name']}/{row['service_id']} "
+                        f"{row['service_url']}{' (draining)' if row['draining'] else ''}"
+                    )
+
+    try:
+        anyio.run(run)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

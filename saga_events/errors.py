@@ -1,0 +1,50 @@
+"""Errors raised by saga-events.
+
+All of them derive from one base class::
+
+    SagaError
+     ├── ServiceNotFound          no live instance answers to a name
+     ├── InvalidEvent             an event or a registration failed validation
+     ├── NotificationConfigError  keyspace notifications cannot be configured
+     └── RedisServerError         a private redis-server could not be started
+"""
+
+from __future__ import annotations
+
+
+class SagaError(Exception):
+    """Raised for any error of saga-events; the base of all the others."""
+
+
+class ServiceNotFound(SagaError, LookupError):
+    """Raised when no live, non-draining instance of a service is known."""
+
+    def __init__(self, service: str, capability: str | None = None) -> None:
+        self.service = service
+        self.capability = capability
+        what = f"service {service!r}"
+        if capability is not None:
+            what += f" with capability {capability!r}"
+        super().__init__(f"no live instance of {what}")
+
+
+class InvalidEvent(SagaError, ValueError):
+    """Raised when an event or a registration is rejected; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class NotificationConfigError(SagaError):
+    """Raised when the registrar cannot read or set ``notify-keyspace-events``."""
+
+    def __init__(self, message: str, *, setting: str, required: str) -> None:
+        self.setting = setting
+        self.required = required
+        super().__init__(message)
+
+
+class RedisServerError(SagaError):
+    """Raised when a private ``redis-server`` cannot be found or started."""

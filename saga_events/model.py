@@ -1,0 +1,220 @@
+"""Wire models: the events agents publish and the records the registrar stores.
+
+Wire format version 1. Rules for changing it (msgspec's schema evolution):
+new fields get defaults, a field's type never changes, unknown fields are
+ignored by readers.
+
+A stored record is the JSON of :class:`Instance`. Its first three fields,
+``incarnation``, ``seq`` and ``registered_at_ms``, are written by the
+registrar's Lua script in front of the body that the registrar encoded
+(:class:`RecordBody`), so the script never decodes JSON: it compares bodies
+as strings and splices the ordering fields in front.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta
+
+from .errors import InvalidEvent
+
+MAX_EVENT_BYTES: Final = 16 * 1024
+MIN_TTL_MS: Final = 1_000
+MAX_TTL_MS: Final = 3_600_000
+DEFAULT_TTL_MS: Final = 60_000
+DEFAULT_URL_SCHEMES: Final = frozenset({"http", "https", "grpc", "grpcs", "tcp", "redis"})
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
+Counter = Annotated[int, Meta(ge=0, lt=2**53)]
+TtlMs = Annotated[int, Meta(ge=MIN_TTL_MS, le=MAX_TTL_MS)]
+Capability = Annotated[str, Meta(pattern=NAME_PATTERN)]
+Url = Annotated[str, Meta(min_length=1, max_length=2048)]
+MetaKey = Annotated[str, Meta(min_length=1, max_length=128)]
+MetaValue = Annotated[str, Meta(max_length=2048)]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Fields every event carries.
+
+    ``incarnation`` identifies one run of an agent (start time in ms times 1000
+    plus a random suffix); ``seq`` grows with every event of that run. The
+    registrar applies an event only when ``(incarnation, seq)`` is newer than
+    what it stored for the instance.
+    """
+
+    service_name: Name
+    service_id: Name
+    incarnation: Counter
+    seq: Counter
+
+
+class Announce(Event, frozen=True, kw_only=True):
+    """An event that carries the whole record, so any one of them rebuilds it."""
+
+    service_url: Url
+    capabilities: tuple[Capability, ...] = ()
+    metadata: dict[MetaKey, MetaValue] = msgspec.field(default_factory=dict)
+    ttl_ms: TtlMs = DEFAULT_TTL_MS
+
+
+class Register(Announce, frozen=True, kw_only=True, tag="register"):
+    """An instance starts (or re-announces itself)."""
+
+
+class Heartbeat(Announce, frozen=True, kw_only=True, tag="heartbeat"):
+    """An instance is still alive; a changed record in it is an update."""
+
+
+class Drain(Announce, frozen=True, kw_only=True, tag="drain"):
+    """An instance is alive but takes no new traffic."""
+
+
+class Leave(Event, frozen=True, kw_only=True, tag="leave"):
+    """An instance stops; nothing older than this event can bring it back."""
+
+
+AnyEvent = Register | Heartbeat | Drain | Leave
+
+
+class RecordBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The part of a stored record that an announcing event determines."""
+
+    service_name: str
+    service_id: str
+    service_url: str
+    capabilities: tuple[str, ...] = ()
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    ttl_ms: int = DEFAULT_TTL_MS
+    draining: bool = False
+
+
+class Instance(msgspec.Struct, frozen=True, kw_only=True):
+    """One live instance as stored in Redis and served by the mirror.
+
+    The field order is part of the format: the first three fields are spliced
+    by the registrar's script in front of a :class:`RecordBody`.
+    """
+
+    incarnation: int
+    seq: int
+    registered_at_ms: int
+    service_name: str
+    service_id: str
+    service_url: str
+    capabilities: tuple[str, ...] = ()
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    ttl_ms: int = DEFAULT_TTL_MS
+    draining: bool = False
+
+    @property
+    def registered_at(self) -> datetime:
+        """When this incarnation was first registered (Redis clock), UTC."""
+        return datetime.fromtimestamp(self.registered_at_ms / 1000, tz=UTC)
+
+    def has_capability(self, capability: str | None) -> bool:
+        return capability is None or capability in self.capabilities
+
+
+def iso_utc(ms: int) -> str:
+    """Format a time in ms since the epoch as the seed's ISO-8601 UTC form."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+_event_decoder: Final = msgspec.json.Decoder(AnyEvent)
+_instance_decoder: Final = msgspec.json.Decoder(Instance)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_instance(raw: bytes | str) -> Instance:
+    return _instance_decoder.decode(raw)
+
+
+def body_of(event: Announce) -> RecordBody:
+    return RecordBody(
+        service_name=event.service_name,
+        service_id=event.service_id,
+        service_url=event.service_url,
+        capabilities=event.capabilities,
+        metadata=event.metadata,
+        ttl_ms=event.ttl_ms,
+        draining=isinstance(event, Drain),
+    )
+
+
+def check_url(url: str, schemes: frozenset[str] = DEFAULT_URL_SCHEMES) -> None:
+    """Raise :class:`InvalidEvent` unless ``url`` is absolute with an allowed scheme."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidEvent("bad_url", f"service_url {url!r} contains whitespace or control chars")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise InvalidEvent("bad_url", f"service_url {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in schemes:
+        allowed = ", ".join(sorted(schemes))
+        raise InvalidEvent(
+            "bad_url", f"service_url {url!r}: scheme {parts.scheme!r} is not one of {allowed}"
+        )
+    if not parts.hostname:
+        raise InvalidEvent("bad_url", f"service_url {url!r} has no host")
+
+
+def _reason_for(message: str) -> str:
+    if "`$.type`" in message or "tag" in message:
+        return "unknown_type"
+    if "`$.service_name`" in message or "`$.service_id`" in message:
+        return "bad_name"
+    if "`$.ttl_ms`" in message:
+        return "bad_ttl"
+    if "`$.service_url`" in message:
+        return "bad_url"
+    return "invalid"
+
+
+def decode_event(
+    raw: bytes,
+    channel_service: str | None = None,
+    *,
+    schemes: frozenset[str] = DEFAULT_URL_SCHEMES,
+) -> AnyEvent:
+    """Decode and validate one event; raise :class:`InvalidEvent` with a reason code.
+
+    ``channel_service`` is the service name of the channel the event came on;
+    an event that speaks for another service is rejected.
+    """
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent("oversized", f"event of {len(raw)} bytes exceeds {MAX_EVENT_BYTES}")
+    try:
+        event: AnyEvent = _event_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(_reason_for(str(exc)), str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent("bad_json", str(exc)) from None
+    if channel_service is not None and event.service_name != channel_service:
+        raise InvalidEvent(
+            "channel_mismatch",
+            f"event for service {event.service_name!r} sent on the channel of {channel_service!r}",
+        )
+    if isinstance(event, Announce):
+        check_url(event.service_url, schemes)
+    return event
+
+
+def new_incarnation(now_ms: int | None = None) -> int:
+    """A fresh incarnation: the time in ms times 1000 plus a random suffix."""
+    import secrets
+
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return ms * 1000 + secrets.randbelow(1000)

@@ -1,0 +1,575 @@
+"""The registrar: the only writer of registry keys.
+
+It PSUBSCRIBEs to every service's events channel, validates each event,
+applies it through one Lua script that orders events by ``(incarnation,
+seq)``, reaps instances whose deadline passed, keeps the keyspace
+notification flags set, and announces its own liveness once a second (the
+mirrors' canary). Several registrars may run at once: the script makes
+applying an event idempotent and order-independent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+import redis.asyncio as aioredis
+from anyio.abc import TaskStatus
+from redis.exceptions import NoScriptError, ResponseError
+
+from . import model
+from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
+from .errors import InvalidEvent, NotificationConfigError
+from .keys import Keys
+
+log = logging.getLogger("saga_events.registrar")
+
+#: Flags the mirrors need: keyspace channel (K), generic (g: del, expire),
+#: string (``$``: set), expired (x) and evicted (e) events.
+REQUIRED_FLAGS: Final = "Kg$xe"
+_ALL_CLASSES: Final = "g$lshzxet"  # what "A" stands for in notify-keyspace-events
+NOTIFY_SETTING: Final = "notify-keyspace-events"
+
+APPLY_LUA: Final = r"""
+-- KEYS: record, tombstone, index, deadlines
+-- ARGV: kind ('announce'|'leave'), incarnation, seq, body (record JSON without
+--       its leading '{'), ttl_ms, backstop_ms, tomb_ttl_ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nows = string.format('%.0f', now)
+local inc = tonumber(ARGV[2])
+local seq = tonumber(ARGV[3])
+local function not_newer(i, s)
+  return inc < i or (inc == i and seq <= s)
+end
+local tomb = redis.call('GET', KEYS[2])
+if tomb then
+  local ti, ts = string.match(tomb, '^(%d+):(%d+)$')
+  if ti and not_newer(tonumber(ti), tonumber(ts)) then
+    return {'stale', 0, nows}
+  end
+end
+local cur = redis.call('GET', KEYS[1])
+local ci, cs, creg, crest
+if cur then
+  ci, cs, creg, crest = string.match(cur,
+    '^{"incarnation":(%d+),"seq":(%d+),"registered_at_ms":(%d+),(.*)$')
+end
+if ci then
+  ci = tonumber(ci)
+  cs = tonumber(cs)
+end
+if ARGV[1] == 'leave' then
+  if ci and not_newer(ci, cs) then
+    return {'stale', creg, nows}
+  end
+  redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[7])
+  if cur then
+    redis.call('DEL', KEYS[1])
+    redis.call('SREM', KEYS[3], KEYS[1])
+    redis.call('ZREM', KEYS[4], KEYS[1])
+    return {'removed', creg or '0', nows}
+  end
+  return {'absent', '0', nows}
+end
+local ttl = tonumber(ARGV[5])
+if ci then
+  if inc < ci or (inc == ci and seq < cs) then
+    return {'stale', creg, nows}
+  end
+  if inc == ci and crest == ARGV[4] then
+    -- Unchanged record: move the deadline only; mirrors see nothing.
+    redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
+    local backstop = tonumber(ARGV[6])
+    if redis.call('PTTL', KEYS[1]) < backstop / 2 then
+      redis.call('PEXPIRE', KEYS[1], backstop)
+    end
+    return {'refreshed', creg, nows}
+  end
+  if inc == ci and seq == cs then
+    return {'stale', creg, nows}
+  end
+end
+local reg = nows
+if ci and inc == ci then
+  reg = creg
+end
+redis.call('SET', KEYS[1],
+  '{"incarnation":' .. ARGV[2] .. ',"seq":' .. ARGV[3] .. ',"registered_at_ms":' .. reg
+  .. ',' .. ARGV[4], 'PX', ARGV[6])
+redis.call('SADD', KEYS[3], KEYS[1])
+redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
+if cur then
+  return {'updated', reg, nows}
+end
+return {'created', reg, nows}
+"""
+
+REAP_LUA: Final = r"""
+-- KEYS: deadlines, index; ARGV: limit
+-- Touches the record keys named by the deadlines set: sound in Redis Cluster
+-- only because every registry key shares the {ns} hash tag.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, k in ipairs(due) do
+  redis.call('DEL', k)
+  redis.call('SREM', KEYS[2], k)
+end
+if #due > 0 then
+  redis.call('ZREM', KEYS[1], unpack(due))
+end
+return due
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What the apply script did with one event.
+
+    ``status`` is one of ``created``, ``updated``, ``refreshed`` (deadline
+    moved, record unchanged), ``removed``, ``absent`` (leave of an unknown
+    instance, tombstone written) or ``stale`` (not newer than what is stored).
+    """
+
+    status: str
+    registered_at_ms: int
+    now_ms: int
+
+
+@dataclass
+class RegistrarStats:
+    """Counters of one registrar; read them for metrics."""
+
+    received: int = 0
+    applied: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    reaped: int = 0
+    rebuilds: int = 0
+    flags_reapplied: int = 0
+    reconnects: int = 0
+
+
+def parse_flags(value: str) -> set[str]:
+    flags = set(value)
+    if "A" in flags:
+        flags.discard("A")
+        flags.update(_ALL_CLASSES)
+    return flags
+
+
+def flags_cover(value: str, required: str = REQUIRED_FLAGS) -> bool:
+    return set(required) <= parse_flags(value)
+
+
+def merge_flags(value: str, required: str = REQUIRED_FLAGS) -> str:
+    """Return ``value`` with the required flags added, keeping every other flag."""
+    present = set(value)
+    missing = [c for c in required if c not in parse_flags(value)]
+    return "".join(c for c in value if c in present) + "".join(missing)
+
+
+def _announce_args(event: model.Announce) -> bytes:
+    return model.encode(model.body_of(event))[1:]
+
+
+class Registrar:
+    """Consume events, apply them to the registry, reap the dead.
+
+    ``await tg.start(registrar.run)`` returns once the registrar is subscribed
+    to the events channels; ``async with Registrar(...)`` does the same.
+    Redis outages are survived: every loop reconnects with backoff. Only a
+    refused ``CONFIG`` (see :class:`NotificationConfigError`) stops it.
+    """
+
+    def __init__(
+        self,
+        redis: RedisLike,
+        *,
+        namespace: str = "default",
+        reap_interval: float = 0.1,
+        liveness_interval: float = 1.0,
+        config_check_interval: float = 5.0,
+        manage_config: bool = True,
+        url_schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
+        batch_size: int = 512,
+        rebuild_wait: float = 2.5,
+        tomb_ttl_ms: int = 600_000,
+    ) -> None:
+        self._redis = connect(redis)
+        self._owns_client = isinstance(redis, str)
+        self.keys = Keys(namespace)
+        self.rid = f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.reap_interval = reap_interval
+        self.liveness_interval = liveness_interval
+        self.config_check_interval = config_check_interval
+        self.manage_config = manage_config
+        self.url_schemes = url_schemes
+        self.batch_size = batch_size
+        self.rebuild_wait = rebuild_wait
+        self.tomb_ttl_ms = tomb_ttl_ms
+        self.stats = RegistrarStats()
+        self.started_ms = now_ms()
+        self.subscribed = False
+        self._rejections = RateLimitedLog(log)
+        self._apply_sha: str | None = None
+        self._reap_sha: str | None = None
+        self._rebuilding = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Registrar:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self.run)
+        except BaseException:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._redis.aclose()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. Raises NotificationConfigError if CONFIG is refused."""
+        await self._prepare()
+        async with anyio.create_task_group() as tg:
+            self._tg_for_rebuild = tg
+            ready = anyio.Event()
+            tg.start_soon(self._consume_loop, ready)
+            tg.start_soon(self._reap_loop)
+            tg.start_soon(self._housekeeping_loop)
+            with anyio.fail_after(30):
+                await ready.wait()
+            task_status.started()
+
+    async def _prepare(self) -> None:
+        backoff = Backoff(cap=2.0)
+        while True:
+            try:
+                if self.manage_config:
+                    await self.ensure_notifications()
+                await self._load_scripts()
+                await self._write_liveness()
+                return
+            except TRANSIENT as exc:
+                log.warning("registrar cannot reach Redis (%s); retrying", exc)
+                await anyio.sleep(backoff.next())
+
+    # -- notification flags ------------------------------------------------
+
+    async def ensure_notifications(self) -> bool:
+        """Merge the required flags into ``notify-keyspace-events``; True if changed."""
+        required = REQUIRED_FLAGS
+        try:
+            answer = await self._redis.config_get(NOTIFY_SETTING)
+        except ResponseError as exc:
+            raise NotificationConfigError(
+                f"cannot read {NOTIFY_SETTING} ({exc}). Set it on the server yourself, "
+                f"e.g. `{NOTIFY_SETTING} {required}` in redis.conf or "
+                f"`CONFIG SET {NOTIFY_SETTING} {required}`, then start the registrar "
+                "with manage_config=False (--no-manage-config).",
+                setting=NOTIFY_SETTING,
+                required=required,
+            ) from None
+        raw: Any = {
+            (k.decode() if isinstance(k, bytes) else str(k)): v for k, v in answer.items()
+        }.get(NOTIFY_SETTING, b"")
+        current = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if flags_cover(current):
+            return False
+        wanted = merge_flags(current)
+        try:
+            await self._redis.config_set(NOTIFY_SETTING, wanted)
+        except ResponseError as exc:
+            raise NotificationConfigError(
+                f"cannot set {NOTIFY_SETTING} to {wanted!r} ({exc}); the server has "
+                f"{current!r}. Add the flags {required!r} to {NOTIFY_SETTING} on the "
+                "server yourself, then start the registrar with manage_config=False "
+                "(--no-manage-config).",
+                setting=NOTIFY_SETTING,
+                required=required,
+            ) from None
+        log.info("set %s from %r to %r", NOTIFY_SETTING, current, wanted)
+        return True
+
+    # -- applying events ---------------------------------------------------
+
+    async def _load_scripts(self) -> None:
+        self._apply_sha = await self._redis.script_load(APPLY_LUA)
+        self._reap_sha = await self._redis.script_load(REAP_LUA)
+
+    def _apply_call(self, event: model.AnyEvent) -> tuple[Any, ...]:
+        k = self.keys
+        name, sid = event.service_name, event.service_id
+        if isinstance(event, model.Leave):
+            kind, body, ttl = "leave", b"", 0
+        else:
+            kind, body, ttl = "announce", _announce_args(event), event.ttl_ms
+        backstop = max(10 * ttl, 600_000)
+        tomb_ttl = max(self.tomb_ttl_ms, 3 * ttl)
+        return (
+            self._apply_sha,
+            4,
+            k.inst(name, sid),
+            k.tomb(name, sid),
+            k.index,
+            k.deadlines,
+            kind,
+            event.incarnation,
+            event.seq,
+            body,
+            ttl,
+            backstop,
+            tomb_ttl,
+        )
+
+    @staticmethod
+    def _result(reply: Any) -> ApplyResult:
+        status, reg, now = reply
+        return ApplyResult(
+            status.decode() if isinstance(status, bytes) else str(status), int(reg), int(now)
+        )
+
+    async def apply(self, event: model.AnyEvent) -> ApplyResult:
+        """Apply one validated event now and return what the script did."""
+        results = await self.apply_many([event])
+        return results[0]
+
+    async def apply_many(self, events: list[model.AnyEvent]) -> list[ApplyResult]:
+        """Apply events in order in one pipeline (one round trip)."""
+        if not events:
+            return []
+        if self._apply_sha is None:
+            await self._load_scripts()
+        for _attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for event in events:
+                pipe.evalsha(*self._apply_call(event))
+            replies = await pipe.execute(raise_on_error=False)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                # Redis restarted and lost its script cache: nothing was applied.
+                await self._load_scripts()
+                continue
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+            results = [self._result(r) for r in replies]
+            for res in results:
+                self.stats.applied[res.status] += 1
+            return results
+        raise NoScriptError("apply script could not be loaded")
+
+    def validate(self, channel: bytes, data: bytes) -> model.AnyEvent | None:
+        """Decode one message; count and log a rejection and return None if invalid."""
+        prefix = self.keys.events_prefix.encode()
+        service = channel[len(prefix) :].decode("utf-8", "replace")
+        try:
+            return model.decode_event(data, service, schemes=self.url_schemes)
+        except InvalidEvent as exc:
+            self.stats.rejected[exc.reason] += 1
+            self._rejections.warning(
+                "rejected event on %s (%s): %s",
+                channel.decode("utf-8", "replace")[:200],
+                exc.reason,
+                exc.detail[:300],
+            )
+            return None
+
+    # -- loops ---------------------------------------------------------------
+
+    async def _consume_loop(self, ready: anyio.Event) -> None:
+        backoff = Backoff()
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.psubscribe(self.keys.events_pattern)
+                while True:  # the psubscribe confirmation
+                    reply = await pubsub.parse_response(block=False, timeout=5.0)
+                    if reply is None:
+                        raise TimeoutError("no PSUBSCRIBE confirmation")
+                    if reply[0] == b"psubscribe":
+                        break
+                self.subscribed = True
+                ready.set()
+                backoff.reset()
+                await self.check_epoch()
+                await self._consume(pubsub)
+            except TRANSIENT as exc:
+                self.subscribed = False
+                self.stats.reconnects += 1
+                log.warning("registrar lost its subscription (%s); reconnecting", exc)
+            finally:
+                self.subscribed = False
+                await close_quietly(pubsub)
+            await anyio.sleep(backoff.next())
+
+    async def _consume(self, pubsub: aioredis.client.PubSub) -> None:
+        last_rx = anyio.current_time()
+        last_ping = last_rx
+        while True:
+            reply = await pubsub.parse_response(block=False, timeout=1.0)
+            now = anyio.current_time()
+            if reply is None:
+                if now - last_rx > 10.0:
+                    raise TimeoutError("events subscription silent for 10 s")
+                if now - last_ping > 3.0:
+                    await pubsub.ping()
+                    last_ping = now
+                continue
+            last_rx = now
+            batch = [reply]
+            while len(batch) < self.batch_size:
+                more = await pubsub.parse_response(block=False, timeout=0)
+                if more is None:
+                    break
+                batch.append(more)
+            await self._process(batch)
+
+    async def _process(self, batch: list[Any]) -> None:
+        events: list[model.AnyEvent] = []
+        for reply in batch:
+            if not isinstance(reply, list) or len(reply) != 4 or reply[0] != b"pmessage":
+                continue  # pong and subscription replies
+            self.stats.received += 1
+            event = self.validate(reply[2], reply[3])
+            if event is not None:
+                events.append(event)
+        if events:
+            await self.apply_many(events)
+
+    async def _reap_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await self.reap()
+                backoff.reset()
+                await anyio.sleep(self.reap_interval)
+            except TRANSIENT as exc:
+                log.debug("reaper: %s", exc)
+                await anyio.sleep(backoff.next())
+            except NoScriptError:
+                await self._safe_reload()
+
+    async def reap(self, limit: int = 1000) -> int:
+        """Remove the instances whose deadline has passed (Redis clock); return how many."""
+        if self._reap_sha is None:
+            await self._load_scripts()
+        total = 0
+        while True:
+            assert self._reap_sha is not None
+            due: list[bytes] = await self._redis.evalsha(
+                self._reap_sha, 2, self.keys.deadlines, self.keys.index, str(limit)
+            )
+            total += len(due)
+            self.stats.reaped += len(due)
+            if len(due) < limit:
+                return total
+
+    async def _safe_reload(self) -> None:
+        try:
+            await self._load_scripts()
+        except TRANSIENT:
+            pass
+
+    async def _housekeeping_loop(self) -> None:
+        last_config_check = anyio.current_time()
+        while True:
+            await anyio.sleep(self.liveness_interval)
+            try:
+                await self._write_liveness()
+                await self.check_epoch()
+                now = anyio.current_time()
+                if self.manage_config and now - last_config_check >= self.config_check_interval:
+                    last_config_check = now
+                    await self._recheck_config()
+            except TRANSIENT as exc:
+                log.debug("housekeeping: %s", exc)
+
+    async def _recheck_config(self) -> None:
+        try:
+            changed = await self.ensure_notifications()
+        except NotificationConfigError as exc:
+            log.error("%s", exc)
+            return
+        if changed:
+            # Notifications were off for a while: mirrors must resync over the gap.
+            self.stats.flags_reapplied += 1
+            log.warning("keyspace notification flags had been reset; re-applied them")
+            await self.bump_epoch()
+
+    async def _write_liveness(self) -> None:
+        info = {
+            "rid": self.rid,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_ms": self.started_ms,
+        }
+        ttl = int(self.liveness_interval * 3000)
+        await self._redis.set(self.keys.registrar(self.rid), model.encode(info), px=ttl)
+
+    # -- epochs and rebuilds -------------------------------------------------
+
+    async def bump_epoch(self) -> str:
+        """Tell mirrors to resync: set a new epoch in state ``ready``."""
+        value = f"{now_ms()}-{secrets.token_hex(4)}:ready"
+        await self._redis.set(self.keys.epoch, value)
+        return value
+
+    async def check_epoch(self) -> None:
+        """Start a rebuild if Redis has no epoch (first start, or restarted empty)."""
+        if self._rebuilding or self._tg_for_rebuild is None:
+            return
+        current = await self._redis.get(self.keys.epoch)
+        if current is not None:
+            await self._finish_abandoned_rebuild(current)
+            return
+        epoch = f"{now_ms()}-{secrets.token_hex(4)}"
+        if not await self._redis.set(self.keys.epoch, f"{epoch}:rebuilding", nx=True):
+            return  # another registrar leads this rebuild
+        self._rebuilding = True
+        self.stats.rebuilds += 1
+        log.warning("registry has no epoch (new or restarted Redis): rebuilding as %s", epoch)
+        self._tg_for_rebuild.start_soon(self._finish_rebuild, epoch)
+
+    _tg_for_rebuild: anyio.abc.TaskGroup | None = None
+
+    async def _finish_abandoned_rebuild(self, current: bytes | str) -> None:
+        # A registrar that died mid-rebuild leaves the epoch in 'rebuilding' and
+        # mirrors waiting: whoever sees it long after its start finishes it.
+        text = current.decode("ascii", "replace") if isinstance(current, bytes) else current
+        epoch, _, state = text.partition(":")
+        if state != "rebuilding":
+            return
+        started = epoch.partition("-")[0]
+        if started.isdigit() and now_ms() - int(started) > 4000 * self.rebuild_wait:
+            await self._redis.set(self.keys.epoch, f"{epoch}:ready")
+            log.warning("finished rebuild %s that its registrar abandoned", epoch)
+
+    async def _finish_rebuild(self, epoch: str) -> None:
+        try:
+            receivers = await self._redis.publish(self.keys.control, b"reannounce")
+            log.info("asked %d agents to re-announce", receivers)
+            await anyio.sleep(self.rebuild_wait)
+            await self._redis.set(self.keys.epoch, f"{epoch}:ready")
+            log.info("rebuild %s done", epoch)
+        except TRANSIENT as exc:
+            log.warning("rebuild %s interrupted (%s); will retry", epoch, exc)
+        finally:
+            self._rebuilding = False
