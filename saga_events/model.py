@@ -29,7 +29,8 @@ MAX_TTL_MS: Final = 3_600_000
 DEFAULT_TTL_MS: Final = 60_000
 DEFAULT_URL_SCHEMES: Final = frozenset({"http", "https", "grpc", "grpcs", "tcp", "redis"})
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# \Z, not $: "$" also matches before a trailing newline, and "name\n" must not pass.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
 
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
 Counter = Annotated[int, Meta(ge=0, lt=2**53)]

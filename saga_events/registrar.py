@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from redis.exceptions import NoScriptError, ResponseError
 
 from . import model
+from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
 from .errors import InvalidEvent, NotificationConfigError
 from .keys import Keys
@@ -201,6 +202,8 @@ class Registrar:
         batch_size: int = 512,
         rebuild_wait: float = 2.5,
         tomb_ttl_ms: int = 600_000,
+        rate_limit: float | None = 20.0,
+        rate_burst: int = 60,
     ) -> None:
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
@@ -218,6 +221,8 @@ class Registrar:
         self.started_ms = now_ms()
         self.subscribed = False
         self._rejections = RateLimitedLog(log)
+        # Per-instance flood guard (events/s and burst); None turns it off.
+        self._buckets = TokenBuckets(rate_limit, rate_burst) if rate_limit else None
         self._apply_sha: str | None = None
         self._reap_sha: str | None = None
         self._rebuilding = False
@@ -392,6 +397,19 @@ class Registrar:
             )
             return None
 
+    def _within_rate(self, event: model.AnyEvent) -> bool:
+        if self._buckets is None or self._buckets.allow((event.service_name, event.service_id)):
+            return True
+        self.stats.rejected["rate_limited"] += 1
+        self._rejections.warning(
+            "rejected event of %s/%s (rate_limited): more than %s events/s (burst %s)",
+            event.service_name,
+            event.service_id,
+            self._buckets.rate,
+            self._buckets.burst,
+        )
+        return False
+
     # -- loops ---------------------------------------------------------------
 
     async def _consume_loop(self, ready: anyio.Event) -> None:
@@ -449,7 +467,7 @@ class Registrar:
                 continue  # pong and subscription replies
             self.stats.received += 1
             event = self.validate(reply[2], reply[3])
-            if event is not None:
+            if event is not None and self._within_rate(event):
                 events.append(event)
         if events:
             await self.apply_many(events)
