@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, TypeVar
 
 import anyio.from_thread
@@ -18,6 +18,7 @@ class PortalOwner:
     def __init__(self) -> None:
         self._cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
+        self._entered: list[AbstractContextManager[Any]] = []
 
     @property
     def portal(self) -> BlockingPortal:
@@ -34,7 +35,20 @@ class PortalOwner:
         """Call a plain function in the loop's thread (to build loop-bound objects)."""
         return self.portal.call(factory)
 
+    def enter(self, acm: AbstractAsyncContextManager[T]) -> T:
+        """Enter an async context manager in one task of the loop, kept until :meth:`stop`.
+
+        Task groups must be entered and exited by the same task, so the portal's
+        context-manager wrapper is used rather than two separate calls.
+        """
+        wrapped = self.portal.wrap_async_context_manager(acm)
+        value = wrapped.__enter__()
+        self._entered.append(wrapped)
+        return value
+
     def stop(self) -> None:
+        while self._entered:
+            self._entered.pop().__exit__(None, None, None)
         if self._cm is not None:
             cm, self._cm, self._portal = self._cm, None, None
             cm.__exit__(None, None, None)

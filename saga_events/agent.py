@@ -298,17 +298,18 @@ class SyncAgent:
 
     def start(self) -> SyncAgent:
         if self._agent is None:
-            self._agent = self._owner.build(lambda: Agent(*self._args, **self._kwargs))
-            self._owner.call(self._agent.__aenter__)
+            agent = self._owner.build(lambda: Agent(*self._args, **self._kwargs))
+            try:
+                self._agent = self._owner.enter(agent)
+            except BaseException:
+                self._owner.stop()
+                raise
         return self
 
     def close(self) -> None:
         if self._agent is not None:
-            agent, self._agent = self._agent, None
-            try:
-                self._owner.call(agent.__aexit__, None, None, None)
-            finally:
-                self._owner.stop()
+            self._agent = None
+            self._owner.stop()
 
     def drain(self) -> bool:
         return self._owner.call(self.agent.drain)

@@ -565,20 +565,16 @@ class SyncMirror:
         if self._mirror is None:
             mirror = self._owner.build(lambda: Mirror(self._args, **self._kwargs))
             try:
-                self._owner.call(mirror.__aenter__)
+                self._mirror = self._owner.enter(mirror)
             except BaseException:
                 self._owner.stop()
                 raise
-            self._mirror = mirror
         return self
 
     def close(self) -> None:
         if self._mirror is not None:
-            mirror, self._mirror = self._mirror, None
-            try:
-                self._owner.call(mirror.__aexit__, None, None, None)
-            finally:
-                self._owner.stop()
+            self._mirror = None
+            self._owner.stop()
 
     def __enter__(self) -> SyncMirror:
         return self.start()
