@@ -1,13 +1,16 @@
 """saga-events: push-based service registry and discovery on Redis."""
 
 from .agent import Agent, SyncAgent
+from .client import AsyncSagaServiceDiscovery, SagaServiceDiscovery, ServiceInfo
 from .errors import (
     InvalidEvent,
     NotificationConfigError,
     RedisServerError,
+    RegistryUnavailable,
     SagaError,
     ServiceNotFound,
 )
+from .fake import FakeRegistry
 from .keys import Keys
 from .mirror import Added, Change, ChangesOverflow, Mirror, Removed, SyncMirror, Updated
 from .model import Drain, Heartbeat, Instance, Leave, Register
@@ -19,9 +22,11 @@ __all__ = [
     "Added",
     "Agent",
     "ApplyResult",
+    "AsyncSagaServiceDiscovery",
     "Change",
     "ChangesOverflow",
     "Drain",
+    "FakeRegistry",
     "Heartbeat",
     "Instance",
     "InvalidEvent",
@@ -32,8 +37,11 @@ __all__ = [
     "RedisServerError",
     "Register",
     "Registrar",
+    "RegistryUnavailable",
     "Removed",
     "SagaError",
+    "SagaServiceDiscovery",
+    "ServiceInfo",
     "ServiceNotFound",
     "SyncAgent",
     "SyncMirror",

@@ -4,6 +4,7 @@ All of them derive from one base class::
 
     SagaError
      ├── ServiceNotFound          no live instance answers to a name
+     ├── RegistryUnavailable      the registry cannot be reached and nothing else answers
      ├── InvalidEvent             an event or a registration failed validation
      ├── NotificationConfigError  keyspace notifications cannot be configured
      └── RedisServerError         a private redis-server could not be started
@@ -26,6 +27,15 @@ class ServiceNotFound(SagaError, LookupError):
         if capability is not None:
             what += f" with capability {capability!r}"
         super().__init__(f"no live instance of {what}")
+
+
+class RegistryUnavailable(SagaError):
+    """Raised when the registry cannot be reached and neither a cache nor a fallback answers."""
+
+    def __init__(self, service: str, reason: str) -> None:
+        self.service = service
+        self.reason = reason
+        super().__init__(f"cannot discover service {service!r}: {reason}")
 
 
 class InvalidEvent(SagaError, ValueError):

@@ -1,0 +1,113 @@
+"""The client in Redis mode against a real redis-server and registrar (twin tests: async, sync)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from saga_events import (
+    AsyncSagaServiceDiscovery,
+    Mirror,
+    Registrar,
+    RegistryUnavailable,
+    SagaServiceDiscovery,
+    ServiceNotFound,
+)
+from saga_events.embedded import free_port
+from saga_events.testing import SagaTestRegistry, eventually
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_async_client_registers_discovers_and_leaves(
+    redis_url: str, registrar: Registrar, mirror: Mirror
+) -> None:
+    """register_service makes an instance the mirror sees; leaving the block removes it."""
+    async with AsyncSagaServiceDiscovery(redis_url=redis_url) as saga:
+        assert saga.mode == "redis"
+        info = await saga.register_service("gateway", "http://localhost:8000", ["rest", "grpc"])
+        assert info.source == "registry"
+        assert saga.is_registered("gateway")
+        with anyio.fail_after(2):
+            inst = await mirror.wait_for("gateway")
+        assert (inst.service_id, inst.capabilities) == (info.service_id, ("rest", "grpc"))
+        found = await saga.discover_service("gateway")
+        assert (found.service_id, found.service_url) == (info.service_id, "http://localhost:8000")
+        with pytest.raises(ServiceNotFound):
+            await saga.discover_service("payment")
+    await eventually(lambda: not mirror.instances("gateway"), timeout=2)
+
+
+async def test_registering_again_updates_the_record(
+    redis_url: str, registrar: Registrar, mirror: Mirror
+) -> None:
+    """A second register_service for a name changes its URL in place (same id)."""
+    async with AsyncSagaServiceDiscovery(redis_url=redis_url) as saga:
+        first = await saga.register_service("svc", "http://10.0.0.1:80")
+        second = await saga.register_service("svc", "http://10.0.0.2:80")
+        assert first.service_id == second.service_id
+        await eventually(
+            lambda: [i.service_url for i in mirror.instances("svc")] == ["http://10.0.0.2:80"],
+            timeout=2,
+        )
+
+
+async def test_registration_without_registrar_is_retried_until_one_runs(
+    redis_url: str,
+) -> None:
+    """No registrar listening: no exception; once one starts, the agent gets through."""
+    async with AsyncSagaServiceDiscovery(redis_url=redis_url, timeout=0.5) as saga:
+        info = await saga.register_service("late", "http://late:1")
+        assert info.source == "local"
+        assert not saga.is_registered("late")
+        async with Registrar(redis_url, rebuild_wait=0.2), Mirror(redis_url) as mirror:
+            with anyio.fail_after(10):
+                await mirror.wait_for("late", timeout=10)
+            assert saga.is_registered("late")
+
+
+async def test_discovery_with_redis_down_uses_fallback_or_raises() -> None:
+    """An unreachable Redis: the fallback answers; other names raise RegistryUnavailable."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with AsyncSagaServiceDiscovery(
+        redis_url=url, fallbacks={"auth": "http://localhost:8001"}, discovery_timeout=0.3
+    ) as saga:
+        assert (await saga.discover_service("auth")).source == "fallback"
+        with pytest.raises(RegistryUnavailable):
+            await saga.discover_service("payment")
+        info = await saga.register_service("svc", "http://svc:1")  # never raises
+        assert info.source == "local"
+
+
+def _discoverable(saga: SagaServiceDiscovery, name: str) -> str | None:
+    try:
+        return saga.discover_service(name).service_id
+    except ServiceNotFound:
+        return None
+
+
+def _wait_sync(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.01)
+
+
+def test_sync_client_registers_discovers_and_leaves_on_close(
+    saga_registry: SagaTestRegistry, saga_client: SagaServiceDiscovery
+) -> None:
+    """The blocking twin, as a Flask app or a script uses it (on the plugin's fixtures)."""
+    watcher = saga_client
+    saga = SagaServiceDiscovery(redis_url=saga_registry.redis_url)
+    info = saga.register_service("flask-svc", "http://127.0.0.1:8003", ["rest"])
+    assert info.source == "registry"
+    assert saga.refresh_registration("flask-svc")
+    _wait_sync(lambda: _discoverable(watcher, "flask-svc") == info.service_id)
+    assert saga_registry.wait_for("flask-svc").service_id == info.service_id
+    saga.close()
+    _wait_sync(lambda: _discoverable(watcher, "flask-svc") is None)
+    saga_registry.wait_gone("flask-svc")
