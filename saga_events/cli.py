@@ -42,29 +42,63 @@ async def _until_signal() -> None:
             return
 
 
-async def _serve_registrar(url: str, namespace: str, manage_config: bool, on_ready: Any) -> None:
+async def _serve_registrar(
+    url: str,
+    namespace: str,
+    manage_config: bool,
+    on_ready: Any,
+    http: tuple[str, int] | None = None,
+    api_token: str | None = None,
+) -> None:
     from .registrar import Registrar
 
     registrar = Registrar(url, namespace=namespace, manage_config=manage_config)
     async with anyio.create_task_group() as tg:
         await tg.start(registrar.run)
-        on_ready(registrar)
+        address = None
+        if http is not None:
+            # Imported only here: the web stack costs ~1 s of start-up.
+            from .gateway import run_gateway
+
+            address = await tg.start(run_gateway, registrar, url, http[0], http[1], api_token)
+        on_ready(registrar, address)
         await _until_signal()
         tg.cancel_scope.cancel()
     await registrar.aclose()
 
 
 def _echo_ready(url: str, namespace: str, started_redis: bool) -> Any:
-    def ready(registrar: Any) -> None:
+    def ready(registrar: Any, http: tuple[str, int] | None = None) -> None:
         click.echo(f"saga-events {__version__} is up")
         where = "private redis-server" if started_redis else "existing Redis"
         click.echo(f"  Redis:     {url}  ({where})")
         click.echo(f"  namespace: {namespace}")
         click.echo(f"  registrar: {registrar.rid}")
+        if http is not None:
+            host = f"[{http[0]}]" if ":" in http[0] else http[0]
+            click.echo(f"  HTTP API:  http://{host}:{http[1]}  (OpenAPI: /schema/openapi.json)")
         click.echo(f"Use it:      export SAGA_REDIS_URL={url}")
+        if http is not None:
+            click.echo(f"             export SAGA_SERVICE_URL=http://{host}:{http[1]}")
         click.echo("Press Ctrl-C to stop.")
 
     return ready
+
+
+def _parse_http(value: str | None) -> tuple[str, int] | None:
+    """``HOST:PORT`` (or ``:PORT``, ``[::1]:PORT``) of the HTTP gateway; None for off."""
+    if value is None or value.lower() in ("", "off", "no", "none"):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8030)")
+    return (host.strip("[]") or "127.0.0.1", int(port))
+
+
+api_token_option = click.option(
+    "--api-token", envvar="SAGA_API_TOKEN", default=None,
+    help="Bearer token the HTTP API requires for writes (env SAGA_API_TOKEN).",
+)  # fmt: skip
 
 
 redis_option = click.option(
@@ -90,10 +124,25 @@ def main() -> None:
     help="Port of the private redis-server (0: any free port).",
 )  # fmt: skip
 @namespace_option
+@click.option(
+    "--http", "http", default="127.0.0.1:8030", show_default=True, envvar="SAGA_HTTP",
+    help="Address of the HTTP API (the seed's REST API); 'off' to serve none (env SAGA_HTTP).",
+)  # fmt: skip
+@click.option("--no-http", is_flag=True, help="Serve no HTTP API.")
+@api_token_option
 @verbose_option
-def up(redis_url: str | None, redis_port: int, namespace: str, verbose: int) -> None:
-    """Start a private redis-server and a registrar, in one command."""
+def up(
+    redis_url: str | None,
+    redis_port: int,
+    namespace: str,
+    http: str,
+    no_http: bool,
+    api_token: str | None,
+    verbose: int,
+) -> None:
+    """Start a private redis-server, a registrar and the HTTP API, in one command."""
     _setup_logging(verbose + 1)
+    address = None if no_http else _parse_http(http)
     server: RedisServer | None = None
     try:
         if redis_url is None:
@@ -104,7 +153,7 @@ def up(redis_url: str | None, redis_port: int, namespace: str, verbose: int) -> 
             server = RedisServer(port).start()
             redis_url = server.url
         ready = _echo_ready(redis_url, namespace, server is not None)
-        anyio.run(_serve_registrar, redis_url, namespace, True, ready)
+        anyio.run(_serve_registrar, redis_url, namespace, True, ready, address, api_token)
     except NotificationConfigError as exc:
         raise click.ClickException(str(exc)) from None
     except SagaError as exc:
@@ -124,18 +173,31 @@ def up(redis_url: str | None, redis_port: int, namespace: str, verbose: int) -> 
     "--no-manage-config", is_flag=True,
     help="Do not CONFIG SET notify-keyspace-events (set it on the server yourself).",
 )  # fmt: skip
+@click.option(
+    "--http", "http", default=None, envvar="SAGA_HTTP",
+    help="Also serve the HTTP API on HOST:PORT, e.g. 0.0.0.0:8030 (env SAGA_HTTP).",
+)  # fmt: skip
+@api_token_option
 @verbose_option
-def registrar(redis_url: str | None, namespace: str, no_manage_config: bool, verbose: int) -> None:
+def registrar(
+    redis_url: str | None,
+    namespace: str,
+    no_manage_config: bool,
+    http: str | None,
+    api_token: str | None,
+    verbose: int,
+) -> None:
     """Run a registrar against an existing Redis (production)."""
     _setup_logging(verbose + 1)
     if not redis_url:
         raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
+    address = _parse_http(http)
     try:
         anyio.run(
             _serve_registrar, redis_url, namespace, not no_manage_config,
-            _echo_ready(redis_url, namespace, False),
+            _echo_ready(redis_url, namespace, False), address, api_token,
         )  # fmt: skip
-    except NotificationConfigError as exc:
+    except (NotificationConfigError, SagaError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
@@ -225,6 +287,38 @@ def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
         anyio.run(run)
     except KeyboardInterrupt:
         pass
+
+
+# -- security and reliability commands (acl, doctor) --------------------------------
+
+
+@main.command(name="acl")
+@namespace_option
+@click.option(
+    "--service", "-s", "services", multiple=True,
+    help="A service that gets its own publisher user (repeat the option).",
+)  # fmt: skip
+@click.option("--db", default=0, show_default=True, help="Database number of the registry.")
+@click.option(
+    "--generate-passwords", is_flag=True, help="Fill in random passwords instead of <password>."
+)
+@click.option("--acl-file", is_flag=True, help="Print aclfile lines (user ...), not ACL SETUSER.")
+def acl_command(
+    namespace: str, services: tuple[str, ...], db: int, generate_passwords: bool, acl_file: bool
+) -> None:
+    """Print least-privilege ACL users: registrar, reader, one publisher per service."""
+    import secrets
+
+    from .acl import PASSWORD_PLACEHOLDER, roles
+
+    try:
+        chosen = roles(namespace, services, db)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    for role in chosen:
+        password = secrets.token_urlsafe(24) if generate_passwords else PASSWORD_PLACEHOLDER
+        click.echo(f"# {role.user}: {role.purpose}")
+        click.echo(role.acl_file_line(password) if acl_file else role.setuser_line(password))
 
 
 if __name__ == "__main__":  # pragma: no cover

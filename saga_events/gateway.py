@@ -1,0 +1,1053 @@
+"""The HTTP gateway: the seed's REST API, served from inside a registrar process.
+
+Reads come from the gateway's own :class:`~saga_events.mirror.Mirror` (a
+dictionary lookup, no Redis round trip except for ``last_heartbeat``). Writes
+become the same events an :class:`~saga_events.agent.Agent` publishes,
+checked by the same rules (:func:`saga_events.model.decode_event`), and are
+applied by the registrar's own Lua script through :meth:`Registrar.apply`.
+A write is answered only once the gateway's mirror shows it, so a client
+reads its own writes: a GET right after a register never answers 404.
+
+Ordering of HTTP writes (they have no agent incarnation):
+
+* A registration of an instance that Redis does not hold starts a new
+  incarnation taken from the gateway's clock: ``max(last + 1, now_ms * 1000)``
+  (a hybrid clock: never goes back, even if the wall clock does), and above
+  the instance's tombstone if one is left from a recent DELETE.
+* Any other write to an instance (re-register, heartbeat, DELETE) keeps the
+  stored incarnation and uses the stored ``seq + 1``. The apply script then
+  treats an unchanged record as a refresh (only the deadline moves,
+  ``registered_at`` is kept, mirrors see nothing) and a changed one as an
+  update. A write that loses a race with another writer (the script answers
+  ``stale``) is retried from what Redis holds now, at most three times.
+
+The web stack (Litestar, uvicorn) is imported only with this module, which
+the CLI imports only when HTTP is on.
+
+It serves one registrar; an instance of :class:`Gateway` is not thread-safe
+(it lives on the registrar's event loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Final, Literal
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from msgspec import Meta
+
+try:
+    import uvicorn
+    from litestar import Litestar, Request, Response, delete, get, post
+    from litestar.connection import ASGIConnection
+    from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+    from litestar.handlers.base import BaseRouteHandler
+    from litestar.openapi import OpenAPIConfig, ResponseSpec
+    from litestar.openapi.spec import Components, SecurityScheme
+    from litestar.params import Body, Parameter
+except ImportError as exc:  # pragma: no cover - exercised by hand
+    raise ImportError(
+        "the HTTP gateway needs the server extra: pip install 'saga-events[server]'"
+    ) from exc
+
+from . import __version__, model
+from ._redis import TRANSIENT, RedisLike, connect
+from .errors import InvalidEvent, SagaError
+from .mirror import ChangesOverflow, Mirror
+from .registrar import ApplyResult, Registrar
+
+log = logging.getLogger("saga_events.gateway")
+
+DEFAULT_HTTP_PORT: Final = 8030
+DEFAULT_HTTP_HOST: Final = "127.0.0.1"
+TOKEN_ENV: Final = "SAGA_API_TOKEN"
+_WRITE_RETRIES: Final = 3
+
+_NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
+PathName = Annotated[
+    str,
+    Parameter(
+        pattern=model.NAME_PATTERN,
+        description=f"Service name: {_NAME_RULE}.",
+    ),
+]
+QueryId = Annotated[
+    str | None,
+    Parameter(
+        pattern=model.NAME_PATTERN,
+        required=False,
+        description="Only this instance of the service (default: every instance).",
+    ),
+]
+
+
+class GatewayError(SagaError):
+    """Raised when the gateway cannot start (e.g. its address is in use)."""
+
+
+# -- wire shapes -------------------------------------------------------------------
+
+
+class RegisterRequest(msgspec.Struct, kw_only=True):
+    """Body of ``POST /api/v1/services/register``; unknown fields are ignored."""
+
+    service_name: model.Name
+    service_url: model.Url
+    capabilities: list[model.Capability] = []
+    service_id: model.Name | None = None
+    metadata: dict[model.MetaKey, model.MetaValue] = {}
+    ttl_seconds: Annotated[float, Meta(ge=model.MIN_TTL_MS / 1000, le=model.MAX_TTL_MS / 1000)] = (
+        model.DEFAULT_TTL_MS / 1000
+    )
+
+
+class ServiceInfo(msgspec.Struct, kw_only=True):
+    """One live instance, in the seed's shape (times are ISO-8601 UTC)."""
+
+    service_id: str
+    service_name: str
+    service_url: str
+    capabilities: list[str]
+    registered_at: str
+    last_heartbeat: str
+    metadata: dict[str, str]
+    ttl_seconds: float
+    draining: bool
+
+
+class ServiceList(msgspec.Struct, kw_only=True):
+    """Every service with at least one instance, and its instances."""
+
+    services: dict[str, list[ServiceInfo]]
+    count: int
+    stale: bool
+
+
+class HeartbeatResult(msgspec.Struct, kw_only=True):
+    """Which instances of a service a heartbeat kept alive."""
+
+    service_name: str
+    service_ids: list[str]
+    last_heartbeat: str
+
+
+class DeregisterResult(msgspec.Struct, kw_only=True):
+    """Which instances of a service a DELETE removed."""
+
+    service_name: str
+    removed: list[str]
+
+
+class RedisHealth(msgspec.Struct, kw_only=True):
+    ok: bool
+    latency_ms: float | None
+    error: str | None
+
+
+class RegistrarHealth(msgspec.Struct, kw_only=True):
+    rid: str
+    subscribed: bool
+    uptime_seconds: float
+
+
+class MirrorHealth(msgspec.Struct, kw_only=True):
+    synced: bool
+    stale: bool
+    instances: int
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """``ok`` when Redis answers; ``degraded`` when it answers but the view lags."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    redis: RedisHealth
+    registrar: RegistrarHealth
+    mirror: MirrorHealth
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every error answer: the HTTP status, a short reason code, and what is wrong."""
+
+    status_code: int
+    error: str
+    detail: str
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def derived_service_id(service_name: str, service_url: str) -> str:
+    """The stable instance id of an HTTP registration that names none.
+
+    The same (name, url) always gives the same id, so a client that
+    re-registers (after a failed heartbeat, or a restart) refreshes its
+    instance instead of adding a second one.
+    """
+    digest = hashlib.sha256(f"{service_name}\n{service_url}".encode()).hexdigest()[:12]
+    return f"{service_name[:100]}-{digest}"
+
+
+class HybridClock:
+    """Microsecond-scale counter: the wall clock in ms times 1000, never going back.
+
+    ``tick()`` returns ``max(last + 1, now_ms * 1000)``, so values grow strictly
+    within one gateway even when the wall clock steps back, and roughly follow
+    real time across gateways. It fits the events' ``incarnation`` field
+    (< 2**53) until the year 2255.
+    """
+
+    def __init__(self, now_ms: Callable[[], int] | None = None) -> None:
+        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self._last = 0
+
+    def tick(self) -> int:
+        self._last = max(self._last + 1, self._now_ms() * 1000)
+        return self._last
+
+
+def _info(inst: model.Instance, last_heartbeat_ms: int | None = None) -> ServiceInfo:
+    return ServiceInfo(
+        service_id=inst.service_id,
+        service_name=inst.service_name,
+        service_url=inst.service_url,
+        capabilities=list(inst.capabilities),
+        registered_at=model.iso_utc(inst.registered_at_ms),
+        last_heartbeat=model.iso_utc(
+            inst.registered_at_ms if last_heartbeat_ms is None else last_heartbeat_ms
+        ),
+        metadata=dict(inst.metadata),
+        ttl_seconds=inst.ttl_ms / 1000,
+        draining=inst.draining,
+    )
+
+
+def _announce_like(
+    inst: model.Instance, kind: type[model.Announce], incarnation: int, seq: int
+) -> model.Announce:
+    # A draining record stays draining: its body must not change on a refresh.
+    cls = model.Drain if inst.draining else kind
+    return cls(
+        service_name=inst.service_name,
+        service_id=inst.service_id,
+        incarnation=incarnation,
+        seq=seq,
+        service_url=inst.service_url,
+        capabilities=inst.capabilities,
+        metadata=inst.metadata,
+        ttl_ms=inst.ttl_ms,
+    )
+
+
+def _reason_of_validation(key: str | None, message: str) -> str:
+    """A short reason code for a request the web layer could not read."""
+    text = message.lower()
+    if "json" in text or "malformed" in text:
+        return "bad_json"
+    if "missing required" in text:
+        return "missing_field"
+    field = (key or "").split(".")[-1].split("[")[0]
+    if field in ("service_name", "service_id", "name"):
+        return "bad_name"
+    return {
+        "capabilities": "bad_capabilities",
+        "service_url": "bad_url",
+        "ttl_seconds": "bad_ttl",
+        "metadata": "bad_metadata",
+    }.get(field, "invalid")
+
+
+@dataclass
+class GatewayStats:
+    """Counters of one gateway; rendered by ``GET /metrics``."""
+
+    received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    responses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    unavailable: int = 0
+    view_timeouts: int = 0
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its owner.
+
+    uvicorn would replace the SIGINT/SIGTERM handlers for the whole process;
+    in a registrar process the CLI owns them and cancels the task group,
+    which stops this server gracefully.
+    """
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+# -- the gateway ------------------------------------------------------------------------
+
+
+class Gateway:
+    """The REST API of a registrar.
+
+    ``await tg.start(gateway.run, host, port)`` binds the address, starts
+    uvicorn and returns ``(host, port)`` once the server accepts connections
+    (port 0 picks a free one). Cancelling the task stops the server
+    gracefully. ``mirror`` must be running (``has_synced``) in the same event
+    loop; ``redis`` is used for ``/health`` and ``last_heartbeat`` reads.
+    """
+
+    def __init__(
+        self,
+        registrar: Registrar,
+        mirror: Mirror,
+        redis: RedisLike,
+        *,
+        token: str | None = None,
+        write_timeout: float = 5.0,
+        max_body_bytes: int = model.MAX_EVENT_BYTES,
+    ) -> None:
+        self.registrar = registrar
+        self.mirror = mirror
+        self._redis = connect(redis)
+        self._owns_client = isinstance(redis, str)
+        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.write_timeout = write_timeout
+        self.max_body_bytes = max_body_bytes
+        self.clock = HybridClock()
+        self.stats = GatewayStats()
+        self._view_changed = anyio.Event()
+        self._stale_since: float | None = None
+        self._app: Litestar | None = None
+        self.address: tuple[str, int] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def app(self) -> Litestar:
+        """The Litestar application (built once)."""
+        if self._app is None:
+            self._app = build_app(self)
+        return self._app
+
+    async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
+        """The ASGI entry point that uvicorn serves: the app, counting every answer."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.stats.responses[(str(scope["method"]), int(message["status"]))] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    async def run(
+        self,
+        host: str = DEFAULT_HTTP_HOST,
+        port: int = DEFAULT_HTTP_PORT,
+        *,
+        task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve HTTP until cancelled; raises GatewayError if the address is taken."""
+        sock = _bind(host, port)
+        bound = sock.getsockname()
+        self.address = (str(bound[0]), int(bound[1]))
+        config = uvicorn.Config(
+            self.asgi,
+            interface="asgi3",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            server_header=False,
+        )
+        server = _QuietServer(config)
+        failure: list[BaseException] = []
+        stopped = anyio.Event()
+
+        async def serve() -> None:
+            # Shielded: on cancellation we ask uvicorn to exit and let it close
+            # its connections, instead of killing it mid-request.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await server.serve(sockets=[sock])
+                except BaseException as exc:  # SystemExit from a failed startup too
+                    failure.append(exc)
+                finally:
+                    server.should_exit = True
+                    stopped.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._follow_view)
+                tg.start_soon(self._watch_staleness)
+                tg.start_soon(serve)
+                try:
+                    with anyio.fail_after(10):
+                        # uvicorn offers a flag, not an event, for "accepting".
+                        while not server.started:
+                            if failure or server.should_exit:
+                                raise GatewayError(
+                                    f"HTTP gateway could not start on {host}:{port}: "
+                                    f"{failure[0] if failure else 'uvicorn stopped'}"
+                                )
+                            await anyio.sleep(0.01)
+                    log.info("HTTP gateway listening on http://%s:%d", *self.address)
+                    task_status.started(self.address)
+                    await stopped.wait()
+                    if failure:
+                        raise GatewayError(f"HTTP gateway stopped: {failure[0]}")
+                finally:
+                    server.should_exit = True
+                    tg.cancel_scope.cancel()  # the helpers; serve() finishes shielded
+        finally:
+            sock.close()
+            if self._owns_client:
+                with anyio.CancelScope(shield=True):
+                    await self._redis.aclose()
+
+    async def _follow_view(self) -> None:
+        # Wakes writers waiting for their write to show in the mirror.
+        while True:
+            changes = self.mirror.changes()
+            try:
+                async for _change in changes:
+                    self._wake()
+                return  # the mirror closed
+            except ChangesOverflow:
+                self._wake()
+            finally:
+                aclose = getattr(changes, "aclose", None)
+                if aclose is not None:
+                    with anyio.CancelScope(shield=True):
+                        await aclose()
+
+    def _wake(self) -> None:
+        event, self._view_changed = self._view_changed, anyio.Event()
+        event.set()
+
+    async def _watch_staleness(self) -> None:
+        while True:
+            if self.mirror.stale:
+                if self._stale_since is None:
+                    self._stale_since = time.monotonic()
+            else:
+                self._stale_since = None
+            await anyio.sleep(0.25)
+
+    async def _wait_view(self, done: Callable[[], bool]) -> bool:
+        with anyio.move_on_after(self.write_timeout):
+            while not done():
+                await self._view_changed.wait()
+            return True
+        self.stats.view_timeouts += 1
+        return False
+
+    def _viewed(self, name: str, service_id: str) -> model.Instance | None:
+        for inst in self.mirror.instances(name):
+            if inst.service_id == service_id:
+                return inst
+        return None
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def _last_heartbeats(self, insts: list[model.Instance]) -> list[int | None]:
+        """``deadline - ttl`` from the registrar's deadlines set; None where unknown.
+
+        A read must not fail because Redis is slow or down (the mirror's view
+        is served as it is): then the registration time stands in.
+        """
+        if not insts:
+            return []
+        keys = self.registrar.keys
+        with anyio.move_on_after(0.5):
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for inst in insts:
+                    pipe.zscore(keys.deadlines, keys.inst(inst.service_name, inst.service_id))
+                scores = await pipe.execute()
+                return [
+                    None if s is None else int(s) - inst.ttl_ms
+                    for s, inst in zip(scores, insts, strict=True)
+                ]
+            except TRANSIENT:
+                pass
+        return [None] * len(insts)
+
+    async def describe(self, insts: list[model.Instance]) -> list[ServiceInfo]:
+        beats = await self._last_heartbeats(insts)
+        return [_info(i, b) for i, b in zip(insts, beats, strict=True)]
+
+    def choose(self, name: str) -> model.Instance | None:
+        """The instance a GET by name answers: round-robin over live ones, else a draining one."""
+        if self.mirror.services().get(name) is None:
+            return None
+        try:
+            return self.mirror.pick(name)
+        except SagaError:
+            insts = self.mirror.instances(name)
+            return insts[0] if insts else None
+
+    async def health(self) -> tuple[int, Health]:
+        error: str | None = None
+        latency: float | None = None
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(1.0):
+                await self._redis.ping()
+            latency = round((time.perf_counter() - started) * 1000, 3)
+        except (*TRANSIENT, TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        reg = self.registrar
+        body = Health(
+            status="unavailable" if error else ("degraded" if self.mirror.stale else "ok"),
+            redis=RedisHealth(ok=error is None, latency_ms=latency, error=error),
+            registrar=RegistrarHealth(
+                rid=reg.rid,
+                subscribed=reg.subscribed,
+                uptime_seconds=round(time.time() - reg.started_ms / 1000, 3),
+            ),
+            mirror=MirrorHealth(
+                synced=self.mirror.has_synced, stale=self.mirror.stale, instances=len(self.mirror)
+            ),
+        )
+        return (503 if error else 200), body
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def check(self, event: model.Event) -> model.AnyEvent:
+        """Run an event through the registrar's own validation (``model.decode_event``)."""
+        raw = model.encode(event)
+        try:
+            return model.decode_event(raw, event.service_name, schemes=self.registrar.url_schemes)
+        except InvalidEvent as exc:
+            status = 400 if exc.reason == "oversized" else 422
+            raise _Rejected(status, exc.reason, exc.detail) from None
+
+    async def _stored(self, name: str, service_id: str) -> tuple[model.Instance | None, int]:
+        """What Redis holds now for an instance: its record, and the incarnation
+        of its tombstone (0 if none)."""
+        keys = self.registrar.keys
+        rec, tomb = await self._redis.mget(keys.inst(name, service_id), keys.tomb(name, service_id))
+        inst = None
+        if rec is not None:
+            try:
+                inst = model.decode_instance(rec)
+            except msgspec.DecodeError:
+                inst = None  # unreadable: a fresh incarnation replaces it
+        tomb_inc = 0
+        if tomb is not None:
+            head = (tomb.decode() if isinstance(tomb, bytes) else str(tomb)).split(":", 1)[0]
+            tomb_inc = int(head) if head.isdigit() else 0
+        return inst, tomb_inc
+
+    async def register(self, req: RegisterRequest) -> ServiceInfo:
+        name = req.service_name
+        sid = req.service_id or derived_service_id(name, req.service_url)
+        ttl_ms = round(req.ttl_seconds * 1000)
+        result: ApplyResult | None = None
+        event: model.Announce | None = None
+        for _attempt in range(_WRITE_RETRIES):
+            stored, tomb_inc = await self._stored(name, sid)
+            if stored is not None:
+                inc, seq = stored.incarnation, stored.seq + 1
+            else:
+                inc, seq = max(self.clock.tick(), tomb_inc + 1), 1
+            candidate = model.Register(
+                service_name=name,
+                service_id=sid,
+                incarnation=inc,
+                seq=seq,
+                service_url=req.service_url,
+                capabilities=tuple(req.capabilities),
+                metadata=dict(req.metadata),
+                ttl_ms=ttl_ms,
+            )
+            checked = self.check(candidate)
+            assert isinstance(checked, model.Register)
+            event = checked
+            result = await self.registrar.apply(event)
+            if result.status != "stale":
+                break
+        if result is None or event is None or result.status == "stale":
+            raise _Rejected(
+                409, "conflict", f"instance {name}/{sid} is being changed by another writer; retry"
+            )
+        written = (event.incarnation, event.seq)
+
+        def shown() -> bool:
+            inst = self._viewed(name, sid)
+            if inst is None:
+                return False
+            if result is not None and result.status == "refreshed":
+                return True
+            return (inst.incarnation, inst.seq) >= written
+
+        if not await self._wait_view(shown):
+            log.warning("register %s/%s applied but not yet in the gateway's view", name, sid)
+        inst = self._viewed(name, sid)
+        if inst is None:  # only after a view timeout: answer from the event itself
+            inst = model.Instance(
+                incarnation=event.incarnation,
+                seq=event.seq,
+                registered_at_ms=result.registered_at_ms,
+                **msgspec.structs.asdict(model.body_of(event)),
+            )
+        return _info(inst, result.now_ms)
+
+    def _targets(self, name: str, service_id: str | None) -> list[model.Instance]:
+        insts = self.mirror.instances(name)
+        if service_id is not None:
+            insts = [i for i in insts if i.service_id == service_id]
+        return insts
+
+    async def heartbeat(self, name: str, service_id: str | None) -> HeartbeatResult | None:
+        targets = self._targets(name, service_id)
+        if not targets:
+            return None
+        events = [
+            self.check(_announce_like(i, model.Heartbeat, i.incarnation, i.seq + 1))
+            for i in targets
+        ]
+        results = await self.registrar.apply_many(events)
+        return HeartbeatResult(
+            service_name=name,
+            service_ids=[i.service_id for i in targets],
+            last_heartbeat=model.iso_utc(max(r.now_ms for r in results)),
+        )
+
+    async def deregister(self, name: str, service_id: str | None) -> DeregisterResult | None:
+        targets = self._targets(name, service_id)
+        if not targets:
+            return None
+        removed: list[str] = []
+        for inst in targets:
+            current: model.Instance | None = inst
+            for _attempt in range(_WRITE_RETRIES):
+                assert current is not None
+                leave = model.Leave(
+                    service_name=name,
+                    service_id=current.service_id,
+                    incarnation=current.incarnation,
+                    seq=current.seq + 1,
+                )
+                result = await self.registrar.apply(self.check(leave))
+                if result.status != "stale":
+                    removed.append(current.service_id)
+                    break
+                current, _tomb = await self._stored(name, inst.service_id)
+                if current is None:
+                    removed.append(inst.service_id)
+                    break
+        gone = set(removed)
+
+        def shown() -> bool:
+            return not any(i.service_id in gone for i in self.mirror.instances(name))
+
+        if not await self._wait_view(shown):
+            log.warning("deregister of %s applied but still in the gateway's view", name)
+        return DeregisterResult(service_name=name, removed=sorted(removed))
+
+    # -- authorisation ------------------------------------------------------------------
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        if not header:
+            return False
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(), self.token.encode())
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        return render_metrics(self)
+
+
+async def run_gateway(
+    registrar: Registrar,
+    redis: str,
+    host: str = DEFAULT_HTTP_HOST,
+    port: int = DEFAULT_HTTP_PORT,
+    token: str | None = None,
+    *,
+    task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the HTTP API of ``registrar`` with a mirror of its own, until cancelled.
+
+    ``await tg.start(run_gateway, registrar, url, host, port)`` returns the
+    bound ``(host, port)`` once the mirror has synced and the server accepts
+    connections.
+    """
+    async with Mirror(redis, namespace=registrar.keys.ns) as mirror:
+        gateway = Gateway(registrar, mirror, redis, token=token)
+        await gateway.run(host, port, task_status=task_status)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it: without it, Nagle holds a response's body
+        # until the client's delayed ACK of its headers (40 ms per request).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise GatewayError(f"HTTP gateway cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_metrics(gw: Gateway) -> str:
+    """Prometheus text format (version 0.0.4) of the registrar, mirror and gateway counters."""
+    reg = gw.registrar.stats
+    mirror = gw.mirror
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value:g}")
+
+    metric(
+        "saga_events_received_total",
+        "counter",
+        "Events received, by source (pubsub: from agents; http: write requests).",
+        [('{source="pubsub"}', reg.received), ('{source="http"}', gw.stats.received)],
+    )
+    metric(
+        "saga_events_applied_total",
+        "counter",
+        "Events applied by the Lua script, by outcome.",
+        [(f'{{status="{_esc(k)}"}}', v) for k, v in sorted(reg.applied.items())],
+    )
+    rejected = [
+        (f'{{source="pubsub",reason="{_esc(k)}"}}', v) for k, v in sorted(reg.rejected.items())
+    ]
+    rejected += [
+        (f'{{source="http",reason="{_esc(k)}"}}', v) for k, v in sorted(gw.stats.rejected.items())
+    ]
+    metric(
+        "saga_events_rejected_total",
+        "counter",
+        "Events and requests rejected as invalid, by source and reason.",
+        rejected,
+    )
+    metric(
+        "saga_registry_instances",
+        "gauge",
+        "Live instances in the gateway's view.",
+        [("", len(mirror))],
+    )
+    metric(
+        "saga_registry_services",
+        "gauge",
+        "Services with at least one instance in the gateway's view.",
+        [("", len(mirror.services()))],
+    )
+    metric(
+        "saga_registry_reaped_total",
+        "counter",
+        "Instances removed by this registrar's reaper after their deadline (expiries).",
+        [("", reg.reaped)],
+    )
+    metric(
+        "saga_mirror_stale",
+        "gauge",
+        "1 while the gateway's view may lag Redis.",
+        [("", 1 if mirror.stale else 0)],
+    )
+    since = gw._stale_since
+    metric(
+        "saga_mirror_stale_seconds",
+        "gauge",
+        "How long the gateway's view has been stale (0 when current).",
+        [("", 0.0 if since is None or not mirror.stale else round(time.monotonic() - since, 3))],
+    )
+    metric(
+        "saga_mirror_resyncs_total",
+        "counter",
+        "Resyncs of the gateway's view.",
+        [("", mirror.stats.resyncs)],
+    )
+    metric(
+        "saga_redis_reconnects_total",
+        "counter",
+        "Reconnects after a lost Redis connection, by part.",
+        [('{part="registrar"}', reg.reconnects), ('{part="mirror"}', mirror.stats.reconnects)],
+    )
+    metric(
+        "saga_registrar_rebuilds_total",
+        "counter",
+        "Rebuilds of an empty or restarted Redis led by this registrar.",
+        [("", reg.rebuilds)],
+    )
+    metric(
+        "saga_registrar_flags_reapplied_total",
+        "counter",
+        "Times the keyspace notification flags had been reset and were re-applied.",
+        [("", reg.flags_reapplied)],
+    )
+    metric(
+        "saga_http_responses_total",
+        "counter",
+        "HTTP answers by method and status code.",
+        [
+            (f'{{method="{_esc(m)}",code="{c}"}}', v)
+            for (m, c), v in sorted(gw.stats.responses.items())
+        ],
+    )
+    metric(
+        "saga_http_redis_unavailable_total",
+        "counter",
+        "Requests answered 503 because Redis was unreachable.",
+        [("", gw.stats.unavailable)],
+    )
+    return "\n".join(lines) + "\n"
+
+
+# -- the Litestar application -------------------------------------------------------------------
+
+_ERR: Final = {
+    400: ResponseSpec(ErrorBody, description="The request cannot be read: says what is wrong."),
+    401: ResponseSpec(ErrorBody, description="A bearer token is required for writes."),
+    404: ResponseSpec(ErrorBody, description="No live instance has that name."),
+    409: ResponseSpec(ErrorBody, description="Another writer changed the instance meanwhile."),
+    422: ResponseSpec(ErrorBody, description="The registration breaks the registry's rules."),
+    503: ResponseSpec(ErrorBody, description="Redis is unreachable; nothing was changed."),
+}
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: _ERR[c] for c in codes}
+
+
+def _error(status: int, reason: str, detail: str) -> Response[ErrorBody]:
+    return Response(ErrorBody(status_code=status, error=reason, detail=detail), status_code=status)
+
+
+def build_app(gw: Gateway) -> Litestar:
+    """The Litestar application of gateway ``gw``."""
+
+    def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if not gw.authorized(connection.headers.get("authorization")):
+            raise NotAuthorizedException(
+                "this gateway requires 'Authorization: Bearer <token>' for writes "
+                f"(the token set in {TOKEN_ENV})"
+            )
+
+    write_security: list[dict[str, list[str]]] | None = [{"bearer": []}] if gw.token else None
+
+    @post(
+        "/api/v1/services/register",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 409, 422, 503),
+        security=write_security,
+        summary="Register (or re-register) an instance",
+        description=(
+            "Without service_id the id is derived from (service_name, service_url), so "
+            "registering again refreshes the same instance. The registration expires after "
+            "ttl_seconds (default 60) unless heartbeated."
+        ),
+    )
+    async def register(
+        data: Annotated[RegisterRequest, Body(description="The instance to register.")],
+    ) -> ServiceInfo:
+        gw.stats.received += 1
+        return await gw.register(data)
+
+    @post(
+        "/api/v1/services/{name:str}/heartbeat",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 503),
+        security=write_security,
+        summary="Keep every live instance of a service alive",
+        description=(
+            "Moves the deadline of every instance of the service (or only ?service_id=). "
+            "404 when none is live: the client should register again."
+        ),
+    )
+    async def heartbeat(
+        name: PathName, service_id: QueryId = None
+    ) -> HeartbeatResult | Response[ErrorBody]:
+        gw.stats.received += 1
+        result = await gw.heartbeat(name, service_id)
+        if result is None:
+            return _not_found(name, service_id)
+        return result
+
+    @delete(
+        "/api/v1/services/{name:str}",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 503),
+        security=write_security,
+        summary="Deregister every instance of a service",
+        description="Removes every instance of the service, or only ?service_id=.",
+    )
+    async def deregister(
+        name: PathName, service_id: QueryId = None
+    ) -> DeregisterResult | Response[ErrorBody]:
+        gw.stats.received += 1
+        result = await gw.deregister(name, service_id)
+        if result is None:
+            return _not_found(name, service_id)
+        return result
+
+    @get(
+        "/api/v1/services/{name:str}",
+        responses=_errors(400, 404),
+        summary="Discover one live instance of a service",
+        description="Round-robin over the live, non-draining instances.",
+    )
+    async def discover(name: PathName) -> ServiceInfo | Response[ErrorBody]:
+        inst = gw.choose(name)
+        if inst is None:
+            return _not_found(name, None)
+        return (await gw.describe([inst]))[0]
+
+    @get("/api/v1/services", summary="List every service and its instances")
+    async def list_services() -> ServiceList:
+        services = gw.mirror.services()
+        flat = [i for insts in services.values() for i in insts]
+        infos = iter(await gw.describe(flat))
+        return ServiceList(
+            services={name: [next(infos) for _ in insts] for name, insts in services.items()},
+            count=len(flat),
+            stale=gw.mirror.stale,
+        )
+
+    @get(
+        "/health",
+        responses={503: ResponseSpec(Health, description="Redis is unreachable.")},
+        summary="Redis, registrar and view state",
+    )
+    async def health() -> Response[Health]:
+        status, body = await gw.health()
+        return Response(body, status_code=status)
+
+    @get("/metrics", media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
+    async def metrics() -> str:
+        return gw.metrics_text()
+
+    def _not_found(name: str, service_id: str | None) -> Response[ErrorBody]:
+        what = f"instance {service_id!r} of service {name!r}" if service_id else f"service {name!r}"
+        return _error(404, "not_found", f"no live {what}")
+
+    def on_validation(
+        request: Request[Any, Any, Any], exc: ValidationException
+    ) -> Response[ErrorBody]:
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        parts: list[str] = []
+        reason = ""
+        for item in extra:
+            if isinstance(item, dict):
+                key = item.get("key")
+                msg = str(item.get("message", ""))
+                if key == "data" and msg == "'data'":  # Litestar's words for "no body"
+                    msg = "JSON body is missing: expected an object with service_name, service_url"
+                elif "matching regex" in msg:
+                    msg += f" ({_NAME_RULE})"
+                parts.append(f"{key}: {msg}" if key else msg)
+                reason = reason or _reason_of_validation(key, msg)
+        detail = "; ".join(parts) or str(exc.detail)
+        reason = reason or _reason_of_validation(None, str(exc.detail))
+        gw.stats.rejected[reason] += 1
+        return _error(400, reason, f"{exc.detail}: {detail}" if parts else detail)
+
+    def on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+        status = exc.status_code
+        if status == 413:  # the body limit: bad input like any other (issue 3)
+            gw.stats.rejected["oversized"] += 1
+            return _error(400, "oversized", f"request body exceeds {gw.max_body_bytes} bytes")
+        reason = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
+            status, "bad_request" if status < 500 else "internal"
+        )
+        if status == 401:
+            gw.stats.rejected["unauthorized"] += 1
+            response = _error(401, reason, str(exc.detail))
+            response.headers["WWW-Authenticate"] = 'Bearer realm="saga-events"'
+            return response
+        if status == 400:
+            gw.stats.rejected["bad_json"] += 1
+            reason = "bad_json"
+        return _error(status, reason, str(exc.detail))
+
+    def on_rejected(request: Request[Any, Any, Any], exc: _Rejected) -> Response[ErrorBody]:
+        gw.stats.rejected[exc.reason] += 1
+        return _error(exc.status, exc.reason, exc.detail)
+
+    def on_redis(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+        gw.stats.unavailable += 1
+        return _error(
+            503,
+            "redis_unavailable",
+            f"Redis is unreachable ({type(exc).__name__}); nothing was changed",
+        )
+
+    def on_other(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+        if isinstance(exc, TRANSIENT):
+            return on_redis(request, exc)
+        log.exception("HTTP gateway bug on %s %s", request.method, request.url.path)
+        return _error(500, "internal", f"internal error: {type(exc).__name__}")
+
+    app = Litestar(
+        route_handlers=[register, heartbeat, deregister, discover, list_services, health, metrics],
+        exception_handlers={
+            ValidationException: on_validation,
+            HTTPException: on_http,
+            _Rejected: on_rejected,
+            Exception: on_other,
+        },
+        request_max_body_size=gw.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="saga-events HTTP gateway",
+            version=__version__,
+            description=(
+                "The Saga REST API served by a saga-events registrar. Writes become registry "
+                "events; reads come from the gateway's live view of the registry."
+            ),
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", description=TOKEN_ENV)
+                }
+            ),
+        ),
+        debug=False,
+        logging_config=None,  # the host process owns logging
+    )
+    return app
