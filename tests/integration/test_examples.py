@@ -1,0 +1,239 @@
+"""The programs in examples/, run as users run them, against ``saga-events up`` (a subprocess).
+
+Each example runs as its own process; the tests check through the REST API and
+a push mirror that it registered, served, and left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from saga_events import SyncMirror
+from saga_events.embedded import free_port
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+STARTUP = 30.0  # seconds: bound for a process to import FastAPI and answer
+# uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit too.
+CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+@dataclass
+class SagaUp:
+    process: subprocess.Popen[str]
+    redis_url: str
+    saga_url: str
+    mirror: SyncMirror
+
+
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
+    """Lines of stdout up to one matching ``pattern`` (bounded by ``timeout``)."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    if not found.wait(timeout):
+        raise AssertionError(f"no line matching {pattern!r} in {timeout} s: {''.join(lines)}")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def saga_up() -> Iterator[SagaUp]:
+    """``saga-events up`` on free ports, with a mirror on its Redis for the checks."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saga_events", "up", "--redis-port", "0", "--http", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        text = "".join(_read_until(proc, r"Press Ctrl-C", STARTUP))
+        redis_url = re.search(r"Redis:\s+(\S+)", text)
+        saga_url = re.search(r"HTTP API:\s+(\S+)", text)
+        assert redis_url and saga_url, text
+        with SyncMirror(redis_url.group(1)) as mirror:
+            yield SagaUp(proc, redis_url.group(1), saga_url.group(1), mirror)
+    finally:
+        assert _stop(proc, signal.SIGINT) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextmanager
+def example(script: str, env: dict[str, str], *args: str) -> Iterator[subprocess.Popen[str]]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    full_env.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / script), *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        _stop(proc)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition in another process (no event to await); bounded."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def service_env(saga_up: SagaUp, mode: str, name: str, port: int) -> dict[str, str]:
+    env = {"SERVICE_NAME": name, "HOST": "127.0.0.1", "PORT": str(port)}
+    if mode == "rest":
+        env["SAGA_SERVICE_URL"] = saga_up.saga_url
+    else:
+        env["SAGA_REDIS_URL"] = saga_up.redis_url
+    return env
+
+
+def check_registered_serves_and_leaves(saga_up: SagaUp, script: str, mode: str, name: str) -> None:
+    port = free_port()
+    with example(script, service_env(saga_up, mode, name, port)) as proc:
+        inst = saga_up.mirror.wait_for(name, STARTUP)
+        assert inst.service_url == f"http://127.0.0.1:{port}"
+        assert inst.capabilities == ("rest",)
+        rest = httpx.get(f"{saga_up.saga_url}/api/v1/services/{name}", timeout=5)
+        assert rest.status_code == 200
+        assert rest.json()["service_id"] == inst.service_id
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), STARTUP, "health")
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["registered"] is True
+        assert _stop(proc) in CLEAN_EXIT
+        assert proc.stderr is not None
+        assert f"unregistered {name}" in proc.stderr.read()
+        # It said leave: gone at once, not after its 60 s TTL.
+        wait_until(lambda: not saga_up.mirror.instances(name), 5, f"{name} left")
+        rest = httpx.get(f"{saga_up.saga_url}/api/v1/services/{name}", timeout=5)
+        assert rest.status_code == 404
+
+
+def test_fastapi_service_registers_in_lifespan_and_leaves_on_sigterm(saga_up: SagaUp) -> None:
+    """The FastAPI example (REST mode) registers, answers /health, and leaves on SIGTERM."""
+    check_registered_serves_and_leaves(saga_up, "fastapi_service.py", "rest", unique("orders"))
+
+
+def test_flask_service_with_sync_client_registers_and_leaves(saga_up: SagaUp) -> None:
+    """The Flask example (sync client, Redis mode) registers, serves, and leaves on SIGTERM."""
+    check_registered_serves_and_leaves(saga_up, "flask_service.py", "redis", unique("inventory"))
+
+
+def test_gateway_routes_to_discovered_service_and_falls_back(saga_up: SagaUp) -> None:
+    """The gateway example forwards to a discovered instance, else to its static fallback."""
+    orders, orders_port, gw_port = unique("orders"), free_port(), free_port()
+    gw_env = service_env(saga_up, "redis", "gateway", gw_port)
+    gw_env["SAGA_FALLBACKS"] = f"legacy=http://127.0.0.1:{orders_port}"
+    gw = f"http://127.0.0.1:{gw_port}"
+    with (
+        example("fastapi_service.py", service_env(saga_up, "rest", orders, orders_port)),
+        example("gateway.py", gw_env) as gw_proc,
+    ):
+        saga_up.mirror.wait_for(orders, STARTUP)
+        gw_inst = saga_up.mirror.wait_for("gateway", STARTUP)
+        assert set(gw_inst.capabilities) == {"rest", "graphql", "grpc"}
+        wait_until(lambda: answers(f"{gw}/health"), STARTUP, "gateway health")
+
+        routed = httpx.get(f"{gw}/{orders}/orders/7", timeout=10)
+        assert routed.status_code == 200
+        assert routed.json() == {"order_id": 7, "status": "shipped", "served_by": orders}
+        assert routed.headers["x-saga-source"] == "registry"
+
+        fallback = httpx.get(f"{gw}/legacy/orders/8", timeout=10)
+        assert fallback.status_code == 200
+        assert fallback.json()["order_id"] == 8
+        assert fallback.headers["x-saga-source"] == "fallback"
+
+        unknown = httpx.get(f"{gw}/nowhere/x", timeout=10)
+        assert unknown.status_code == 502
+        assert "nowhere" in unknown.json()["error"]
+        assert _stop(gw_proc) in CLEAN_EXIT
+        wait_until(lambda: not saga_up.mirror.instances("gateway"), 5, "gateway left")
+
+
+def test_discovery_with_retries_waits_for_a_late_service(saga_up: SagaUp) -> None:
+    """The script keeps retrying until the service registers, then calls it."""
+    name, port = unique("late"), free_port()
+    args = ("--attempts", "30", "--base-delay", "0.1", "--max-delay", "0.5")
+    env = {"SAGA_SERVICE_URL": saga_up.saga_url}
+    with example("discover_with_retries.py", env, name, "/health", *args) as script:
+        assert script.stderr is not None
+        for line in script.stderr:  # wait until the first failed attempt is logged
+            if "attempt 1/30" in line:
+                break
+        else:
+            raise AssertionError("the script ended before its first retry")
+        with example("fastapi_service.py", service_env(saga_up, "redis", name, port)):
+            out, err = script.communicate(timeout=STARTUP)
+        assert script.returncode == 0, err
+    result = json.loads(out)
+    assert result["service_url"] == f"http://127.0.0.1:{port}"
+    assert result["status"] == 200
+    assert result["body"]["service"] == name
+
+
+def test_discovery_with_retries_gives_up_with_a_clear_error(saga_up: SagaUp) -> None:
+    """When every attempt fails the script exits 1 and says why."""
+    name = unique("never")
+    env = {"SAGA_REDIS_URL": saga_up.redis_url}
+    args = (name, "--attempts", "3", "--base-delay", "0.05")
+    with example("discover_with_retries.py", env, *args) as script:
+        out, err = script.communicate(timeout=STARTUP)
+    assert script.returncode == 1
+    assert out == ""
+    assert f"giving up on {name} after 3 attempts" in err
+    assert f"no live instance of service '{name}'" in err
