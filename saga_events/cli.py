@@ -321,5 +321,27 @@ def acl_command(
         click.echo(role.acl_file_line(password) if acl_file else role.setuser_line(password))
 
 
+@main.command(
+    name="bench",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("scenario", default="all")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(scenario: str, args: tuple[str, ...]) -> None:
+    """Run benchmark SCENARIO (cache, propagation, heartbeat, throughput, scale, peers, all).
+
+    Extra arguments go to the script, e.g. `saga-events bench cache --quick`.
+    Needs a source checkout and the bench extra.
+    """
+    from .bench import BenchError, run
+
+    try:
+        status = run(scenario, args)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    if status:
+        raise SystemExit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
