@@ -76,17 +76,22 @@ _WRITE_RETRIES: Final = 3
 
 _NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
+# The OpenAPI document states the rules in ECMA-262 regex syntax (``$``, not
+# Python's ``\Z``); saga_events.model then applies the exact rules to every
+# write, so a name with a trailing newline still gets a 422.
+_NAME_DOC_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
 PathName = Annotated[
     str,
     Parameter(
-        pattern=model.NAME_PATTERN,
+        pattern=_NAME_DOC_PATTERN,
         description=f"Service name: {_NAME_RULE}.",
     ),
 ]
 QueryId = Annotated[
     str | None,
     Parameter(
-        pattern=model.NAME_PATTERN,
+        pattern=_NAME_DOC_PATTERN,
         required=False,
         description="Only this instance of the service (default: every instance).",
     ),
@@ -100,17 +105,65 @@ class GatewayError(SagaError):
 # -- wire shapes -------------------------------------------------------------------
 
 
+_URL_DOC_PATTERN: Final = (
+    r"^(https?|grpcs?|tcp|redis)://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][!-~]*)?$"
+)
+
+HttpName = Annotated[
+    str, Meta(pattern=_NAME_DOC_PATTERN, description=f"{_NAME_RULE}.", examples=["gateway"])
+]
+HttpUrl = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=2048,
+        description=(
+            "Absolute URL with a host; scheme one of http, https, grpc, grpcs, tcp, redis "
+            "(the registrar's allow-list)."
+        ),
+        examples=["http://localhost:8000"],
+        extra_json_schema={"extra": {"pattern": _URL_DOC_PATTERN}},
+    ),
+]
+HttpCapabilities = Annotated[
+    list[HttpName],
+    Meta(
+        description="What the instance offers, e.g. rest, graphql, grpc.",
+        examples=[["rest", "graphql", "grpc"]],
+        extra_json_schema={"extra": {"items": {"type": "string", "pattern": _NAME_DOC_PATTERN}}},
+    ),
+]
+
+HttpMetadata = Annotated[
+    dict[model.MetaKey, model.MetaValue],
+    Meta(
+        description="Free-form string labels (keys 1-128, values up to 2048 characters).",
+        extra_json_schema={
+            "extra": {
+                "propertyNames": {"minLength": 1, "maxLength": 128},
+                "additionalProperties": {"type": "string", "maxLength": 2048},
+            }
+        },
+    ),
+]
+
+
 class RegisterRequest(msgspec.Struct, kw_only=True):
     """Body of ``POST /api/v1/services/register``; unknown fields are ignored."""
 
-    service_name: model.Name
-    service_url: model.Url
-    capabilities: list[model.Capability] = []
-    service_id: model.Name | None = None
-    metadata: dict[model.MetaKey, model.MetaValue] = {}
-    ttl_seconds: Annotated[float, Meta(ge=model.MIN_TTL_MS / 1000, le=model.MAX_TTL_MS / 1000)] = (
-        model.DEFAULT_TTL_MS / 1000
-    )
+    service_name: HttpName
+    service_url: HttpUrl
+    capabilities: HttpCapabilities = []
+    service_id: HttpName | None = None
+    metadata: HttpMetadata = {}
+    ttl_seconds: Annotated[
+        float,
+        Meta(
+            ge=model.MIN_TTL_MS / 1000,
+            le=model.MAX_TTL_MS / 1000,
+            description="Seconds until the instance expires unless heartbeated (default 60).",
+        ),
+    ] = model.DEFAULT_TTL_MS / 1000
 
 
 class ServiceInfo(msgspec.Struct, kw_only=True):
@@ -293,11 +346,14 @@ class _QuietServer(uvicorn.Server):
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    """An error answer; ``counted`` ones are bad input and show in the rejected metrics."""
+
+    def __init__(self, status: int, reason: str, detail: str, *, counted: bool = True) -> None:
         super().__init__(detail)
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.counted = counted
 
 
 # -- the gateway ------------------------------------------------------------------------
@@ -840,12 +896,30 @@ def render_metrics(gw: Gateway) -> str:
 # -- the Litestar application -------------------------------------------------------------------
 
 _ERR: Final = {
-    400: ResponseSpec(ErrorBody, description="The request cannot be read: says what is wrong."),
-    401: ResponseSpec(ErrorBody, description="A bearer token is required for writes."),
-    404: ResponseSpec(ErrorBody, description="No live instance has that name."),
-    409: ResponseSpec(ErrorBody, description="Another writer changed the instance meanwhile."),
-    422: ResponseSpec(ErrorBody, description="The registration breaks the registry's rules."),
-    503: ResponseSpec(ErrorBody, description="Redis is unreachable; nothing was changed."),
+    400: ResponseSpec(
+        ErrorBody,
+        generate_examples=False,
+        description="The request cannot be read: says what is wrong.",
+    ),
+    401: ResponseSpec(
+        ErrorBody, generate_examples=False, description="A bearer token is required for writes."
+    ),
+    404: ResponseSpec(
+        ErrorBody, generate_examples=False, description="No live instance has that name."
+    ),
+    409: ResponseSpec(
+        ErrorBody,
+        generate_examples=False,
+        description="Another writer changed the instance meanwhile.",
+    ),
+    422: ResponseSpec(
+        ErrorBody,
+        generate_examples=False,
+        description="The registration breaks the registry's rules.",
+    ),
+    503: ResponseSpec(
+        ErrorBody, generate_examples=False, description="Redis is unreachable; nothing was changed."
+    ),
 }
 
 
@@ -900,13 +974,11 @@ def build_app(gw: Gateway) -> Litestar:
             "404 when none is live: the client should register again."
         ),
     )
-    async def heartbeat(
-        name: PathName, service_id: QueryId = None
-    ) -> HeartbeatResult | Response[ErrorBody]:
+    async def heartbeat(name: PathName, service_id: QueryId = None) -> HeartbeatResult:
         gw.stats.received += 1
         result = await gw.heartbeat(name, service_id)
         if result is None:
-            return _not_found(name, service_id)
+            raise _not_found(name, service_id)
         return result
 
     @delete(
@@ -918,13 +990,11 @@ def build_app(gw: Gateway) -> Litestar:
         summary="Deregister every instance of a service",
         description="Removes every instance of the service, or only ?service_id=.",
     )
-    async def deregister(
-        name: PathName, service_id: QueryId = None
-    ) -> DeregisterResult | Response[ErrorBody]:
+    async def deregister(name: PathName, service_id: QueryId = None) -> DeregisterResult:
         gw.stats.received += 1
         result = await gw.deregister(name, service_id)
         if result is None:
-            return _not_found(name, service_id)
+            raise _not_found(name, service_id)
         return result
 
     @get(
@@ -933,10 +1003,10 @@ def build_app(gw: Gateway) -> Litestar:
         summary="Discover one live instance of a service",
         description="Round-robin over the live, non-draining instances.",
     )
-    async def discover(name: PathName) -> ServiceInfo | Response[ErrorBody]:
+    async def discover(name: PathName) -> ServiceInfo:
         inst = gw.choose(name)
         if inst is None:
-            return _not_found(name, None)
+            raise _not_found(name, None)
         return (await gw.describe([inst]))[0]
 
     @get("/api/v1/services", summary="List every service and its instances")
@@ -952,7 +1022,9 @@ def build_app(gw: Gateway) -> Litestar:
 
     @get(
         "/health",
-        responses={503: ResponseSpec(Health, description="Redis is unreachable.")},
+        responses={
+            503: ResponseSpec(Health, generate_examples=False, description="Redis is unreachable.")
+        },
         summary="Redis, registrar and view state",
     )
     async def health() -> Response[Health]:
@@ -963,9 +1035,9 @@ def build_app(gw: Gateway) -> Litestar:
     async def metrics() -> str:
         return gw.metrics_text()
 
-    def _not_found(name: str, service_id: str | None) -> Response[ErrorBody]:
+    def _not_found(name: str, service_id: str | None) -> _Rejected:
         what = f"instance {service_id!r} of service {name!r}" if service_id else f"service {name!r}"
-        return _error(404, "not_found", f"no live {what}")
+        return _Rejected(404, "not_found", f"no live {what}", counted=False)
 
     def on_validation(
         request: Request[Any, Any, Any], exc: ValidationException
@@ -1004,10 +1076,14 @@ def build_app(gw: Gateway) -> Litestar:
         if status == 400:
             gw.stats.rejected["bad_json"] += 1
             reason = "bad_json"
-        return _error(status, reason, str(exc.detail))
+        response = _error(status, reason, str(exc.detail))
+        for key, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+            response.headers[key] = value
+        return response
 
     def on_rejected(request: Request[Any, Any, Any], exc: _Rejected) -> Response[ErrorBody]:
-        gw.stats.rejected[exc.reason] += 1
+        if exc.counted:
+            gw.stats.rejected[exc.reason] += 1
         return _error(exc.status, exc.reason, exc.detail)
 
     def on_redis(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

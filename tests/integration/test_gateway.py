@@ -5,17 +5,16 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 
 from saga_events import Agent, Mirror, Registrar, Removed
 from saga_events.embedded import RedisServer
 from saga_events.gateway import Gateway, derived_service_id
 from saga_events.testing import registry_truth
+from tests.gateway_helpers import Served, serve_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -28,33 +27,15 @@ SEED_BODY = {
 }
 
 
-@dataclass
-class Served:
-    gateway: Gateway
-    client: httpx.AsyncClient
-    redis_url: str
-
-
-async def _serve(
-    registrar: Registrar, mirror: Mirror, redis_url: str, token: str | None = None
-) -> AsyncIterator[Served]:
-    gateway = Gateway(registrar, mirror, redis_url, token=token)
-    async with anyio.create_task_group() as tg:
-        host, port = await tg.start(gateway.run, "127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as client:
-            yield Served(gateway, client, redis_url)
-        tg.cancel_scope.cancel()
-
-
 @pytest.fixture
 async def served(registrar: Registrar, mirror: Mirror, redis_url: str) -> AsyncIterator[Served]:
-    async for s in _serve(registrar, mirror, redis_url):
+    async with serve_gateway(registrar, mirror, redis_url) as s:
         yield s
 
 
 @pytest.fixture
 async def guarded(registrar: Registrar, mirror: Mirror, redis_url: str) -> AsyncIterator[Served]:
-    async for s in _serve(registrar, mirror, redis_url, token="s3cret-token"):
+    async with serve_gateway(registrar, mirror, redis_url, token="s3cret-token") as s:
         yield s
 
 
