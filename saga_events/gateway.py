@@ -408,6 +408,11 @@ class Gateway:
             await self.app(scope, receive, send)
             return
 
+        if scope["method"] in ("POST", "DELETE") and str(scope["path"]).startswith(
+            "/api/v1/services"
+        ):
+            self.stats.received += 1  # every write request, accepted or not
+
         async def counting_send(message: Any) -> None:
             if message["type"] == "http.response.start":
                 self.stats.responses[(str(scope["method"]), int(message["status"]))] += 1
@@ -959,7 +964,6 @@ def build_app(gw: Gateway) -> Litestar:
     async def register(
         data: Annotated[RegisterRequest, Body(description="The instance to register.")],
     ) -> ServiceInfo:
-        gw.stats.received += 1
         return await gw.register(data)
 
     @post(
@@ -975,7 +979,6 @@ def build_app(gw: Gateway) -> Litestar:
         ),
     )
     async def heartbeat(name: PathName, service_id: QueryId = None) -> HeartbeatResult:
-        gw.stats.received += 1
         result = await gw.heartbeat(name, service_id)
         if result is None:
             raise _not_found(name, service_id)
@@ -991,7 +994,6 @@ def build_app(gw: Gateway) -> Litestar:
         description="Removes every instance of the service, or only ?service_id=.",
     )
     async def deregister(name: PathName, service_id: QueryId = None) -> DeregisterResult:
-        gw.stats.received += 1
         result = await gw.deregister(name, service_id)
         if result is None:
             raise _not_found(name, service_id)
@@ -1073,10 +1075,13 @@ def build_app(gw: Gateway) -> Litestar:
             response = _error(401, reason, str(exc.detail))
             response.headers["WWW-Authenticate"] = 'Bearer realm="saga-events"'
             return response
+        detail = str(exc.detail)
         if status == 400:
             gw.stats.rejected["bad_json"] += 1
             reason = "bad_json"
-        response = _error(status, reason, str(exc.detail))
+            if "json" not in detail.lower():
+                detail = f"request body is not valid JSON: {detail}"
+        response = _error(status, reason, detail)
         for key, value in (exc.headers or {}).items():  # e.g. Allow on a 405
             response.headers[key] = value
         return response
