@@ -53,18 +53,38 @@ async def _serve_registrar(
     from .registrar import Registrar
 
     registrar = Registrar(url, namespace=namespace, manage_config=manage_config)
-    async with anyio.create_task_group() as tg:
-        await tg.start(registrar.run)
-        address = None
-        if http is not None:
-            # Imported only here: the web stack costs ~1 s of start-up.
-            from .gateway import run_gateway
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registrar.run)
+            address = None
+            if http is not None:
+                # Imported only here: the web stack costs ~1 s of start-up.
+                from .gateway import run_gateway
 
-            address = await tg.start(run_gateway, registrar, url, http[0], http[1], api_token)
-        on_ready(registrar, address)
-        await _until_signal()
-        tg.cancel_scope.cancel()
-    await registrar.aclose()
+                address = await tg.start(run_gateway, registrar, url, http[0], http[1], api_token)
+            on_ready(registrar, address)
+            await _until_signal()
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A part that fails to start (a refused CONFIG, a taken HTTP port)
+        # arrives wrapped by the task group: surface it for a one-line message.
+        first = _first_saga_error(group)
+        if first is None:
+            raise
+        raise first from None
+    finally:
+        await registrar.aclose()
+
+
+def _first_saga_error(group: BaseExceptionGroup[Any]) -> SagaError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, SagaError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_saga_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 def _echo_ready(url: str, namespace: str, started_redis: bool) -> Any:

@@ -19,7 +19,9 @@ Ordering of HTTP writes (they have no agent incarnation):
   treats an unchanged record as a refresh (only the deadline moves,
   ``registered_at`` is kept, mirrors see nothing) and a changed one as an
   update. A write that loses a race with another writer (the script answers
-  ``stale``) is retried from what Redis holds now, at most three times.
+  ``stale``) is retried from what Redis holds now, up to eight attempts
+  with a short random pause; within one gateway, writes to one instance
+  take turns.
 
 The web stack (Litestar, uvicorn) is imported only with this module, which
 the CLI imports only when HTTP is on.
@@ -34,11 +36,12 @@ import hashlib
 import hmac
 import logging
 import os
+import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
@@ -72,7 +75,7 @@ log = logging.getLogger("saga_events.gateway")
 DEFAULT_HTTP_PORT: Final = 8030
 DEFAULT_HTTP_HOST: Final = "127.0.0.1"
 TOKEN_ENV: Final = "SAGA_API_TOKEN"
-_WRITE_RETRIES: Final = 3
+_WRITE_RETRIES: Final = 8
 
 _NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
@@ -391,6 +394,7 @@ class Gateway:
         self._view_changed = anyio.Event()
         self._stale_since: float | None = None
         self._app: Litestar | None = None
+        self._locks: dict[tuple[str, str], tuple[anyio.Lock, int]] = {}
         self.address: tuple[str, int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -522,6 +526,23 @@ class Gateway:
         self.stats.view_timeouts += 1
         return False
 
+    @asynccontextmanager
+    async def _serialized(self, name: str, service_id: str) -> AsyncIterator[None]:
+        """One write at a time per instance within this gateway: concurrent
+        registers of one instance would otherwise keep losing races to each other."""
+        key = (name, service_id)
+        lock, users = self._locks.get(key, (anyio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
     def _viewed(self, name: str, service_id: str) -> model.Instance | None:
         for inst in self.mirror.instances(name):
             if inst.service_id == service_id:
@@ -626,28 +647,31 @@ class Gateway:
         ttl_ms = round(req.ttl_seconds * 1000)
         result: ApplyResult | None = None
         event: model.Announce | None = None
-        for _attempt in range(_WRITE_RETRIES):
-            stored, tomb_inc = await self._stored(name, sid)
-            if stored is not None:
-                inc, seq = stored.incarnation, stored.seq + 1
-            else:
-                inc, seq = max(self.clock.tick(), tomb_inc + 1), 1
-            candidate = model.Register(
-                service_name=name,
-                service_id=sid,
-                incarnation=inc,
-                seq=seq,
-                service_url=req.service_url,
-                capabilities=tuple(req.capabilities),
-                metadata=dict(req.metadata),
-                ttl_ms=ttl_ms,
-            )
-            checked = self.check(candidate)
-            assert isinstance(checked, model.Register)
-            event = checked
-            result = await self.registrar.apply(event)
-            if result.status != "stale":
-                break
+        async with self._serialized(name, sid):
+            for attempt in range(_WRITE_RETRIES):
+                if attempt:
+                    await anyio.sleep(random.uniform(0, 0.002 * attempt))  # let the winner finish
+                stored, tomb_inc = await self._stored(name, sid)
+                if stored is not None:
+                    inc, seq = stored.incarnation, stored.seq + 1
+                else:
+                    inc, seq = max(self.clock.tick(), tomb_inc + 1), 1
+                candidate = model.Register(
+                    service_name=name,
+                    service_id=sid,
+                    incarnation=inc,
+                    seq=seq,
+                    service_url=req.service_url,
+                    capabilities=tuple(req.capabilities),
+                    metadata=dict(req.metadata),
+                    ttl_ms=ttl_ms,
+                )
+                checked = self.check(candidate)
+                assert isinstance(checked, model.Register)
+                event = checked
+                result = await self.registrar.apply(event)
+                if result.status != "stale":
+                    break
         if result is None or event is None or result.status == "stale":
             raise _Rejected(
                 409, "conflict", f"instance {name}/{sid} is being changed by another writer; retry"
@@ -702,8 +726,10 @@ class Gateway:
         removed: list[str] = []
         for inst in targets:
             current: model.Instance | None = inst
-            for _attempt in range(_WRITE_RETRIES):
+            for attempt in range(_WRITE_RETRIES):
                 assert current is not None
+                if attempt:
+                    await anyio.sleep(random.uniform(0, 0.002 * attempt))
                 leave = model.Leave(
                     service_name=name,
                     service_id=current.service_id,
@@ -742,7 +768,15 @@ class Gateway:
     # -- metrics --------------------------------------------------------------------------
 
     def metrics_text(self) -> str:
+        from .metrics import render_metrics
+
         return render_metrics(self)
+
+    def stale_seconds(self) -> float:
+        """How long the gateway's view has been stale; 0.0 while it is current."""
+        if self._stale_since is None or not self.mirror.stale:
+            return 0.0
+        return time.monotonic() - self._stale_since
 
 
 async def run_gateway(
@@ -780,122 +814,6 @@ def _bind(host: str, port: int) -> socket.socket:
         raise GatewayError(f"HTTP gateway cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
-
-
-# -- metrics ---------------------------------------------------------------------------------
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def render_metrics(gw: Gateway) -> str:
-    """Prometheus text format (version 0.0.4) of the registrar, mirror and gateway counters."""
-    reg = gw.registrar.stats
-    mirror = gw.mirror
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {value:g}")
-
-    metric(
-        "saga_events_received_total",
-        "counter",
-        "Events received, by source (pubsub: from agents; http: write requests).",
-        [('{source="pubsub"}', reg.received), ('{source="http"}', gw.stats.received)],
-    )
-    metric(
-        "saga_events_applied_total",
-        "counter",
-        "Events applied by the Lua script, by outcome.",
-        [(f'{{status="{_esc(k)}"}}', v) for k, v in sorted(reg.applied.items())],
-    )
-    rejected = [
-        (f'{{source="pubsub",reason="{_esc(k)}"}}', v) for k, v in sorted(reg.rejected.items())
-    ]
-    rejected += [
-        (f'{{source="http",reason="{_esc(k)}"}}', v) for k, v in sorted(gw.stats.rejected.items())
-    ]
-    metric(
-        "saga_events_rejected_total",
-        "counter",
-        "Events and requests rejected as invalid, by source and reason.",
-        rejected,
-    )
-    metric(
-        "saga_registry_instances",
-        "gauge",
-        "Live instances in the gateway's view.",
-        [("", len(mirror))],
-    )
-    metric(
-        "saga_registry_services",
-        "gauge",
-        "Services with at least one instance in the gateway's view.",
-        [("", len(mirror.services()))],
-    )
-    metric(
-        "saga_registry_reaped_total",
-        "counter",
-        "Instances removed by this registrar's reaper after their deadline (expiries).",
-        [("", reg.reaped)],
-    )
-    metric(
-        "saga_mirror_stale",
-        "gauge",
-        "1 while the gateway's view may lag Redis.",
-        [("", 1 if mirror.stale else 0)],
-    )
-    since = gw._stale_since
-    metric(
-        "saga_mirror_stale_seconds",
-        "gauge",
-        "How long the gateway's view has been stale (0 when current).",
-        [("", 0.0 if since is None or not mirror.stale else round(time.monotonic() - since, 3))],
-    )
-    metric(
-        "saga_mirror_resyncs_total",
-        "counter",
-        "Resyncs of the gateway's view.",
-        [("", mirror.stats.resyncs)],
-    )
-    metric(
-        "saga_redis_reconnects_total",
-        "counter",
-        "Reconnects after a lost Redis connection, by part.",
-        [('{part="registrar"}', reg.reconnects), ('{part="mirror"}', mirror.stats.reconnects)],
-    )
-    metric(
-        "saga_registrar_rebuilds_total",
-        "counter",
-        "Rebuilds of an empty or restarted Redis led by this registrar.",
-        [("", reg.rebuilds)],
-    )
-    metric(
-        "saga_registrar_flags_reapplied_total",
-        "counter",
-        "Times the keyspace notification flags had been reset and were re-applied.",
-        [("", reg.flags_reapplied)],
-    )
-    metric(
-        "saga_http_responses_total",
-        "counter",
-        "HTTP answers by method and status code.",
-        [
-            (f'{{method="{_esc(m)}",code="{c}"}}', v)
-            for (m, c), v in sorted(gw.stats.responses.items())
-        ],
-    )
-    metric(
-        "saga_http_redis_unavailable_total",
-        "counter",
-        "Requests answered 503 because Redis was unreachable.",
-        [("", gw.stats.unavailable)],
-    )
-    return "\n".join(lines) + "\n"
 
 
 # -- the Litestar application -------------------------------------------------------------------

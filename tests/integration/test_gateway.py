@@ -8,12 +8,13 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from saga_events import Agent, Mirror, Registrar, Removed
 from saga_events.embedded import RedisServer
 from saga_events.gateway import Gateway, derived_service_id
-from saga_events.testing import registry_truth
+from saga_events.testing import registry_truth, wait_mirror_matches
 from tests.gateway_helpers import Served, serve_gateway
 
 pytestmark = pytest.mark.anyio
@@ -414,3 +415,30 @@ async def test_openapi_document_is_served(served: Served) -> None:
     assert set(paths["/api/v1/services/{name}"]) == {"get", "delete"}
     for p in ("/api/v1/services", "/health", "/metrics"):
         assert "get" in paths[p]
+
+
+async def test_concurrent_writes_from_two_gateways_converge(served: Served, redis_url: str) -> None:
+    """Two registrars with gateways on one Redis, 40 concurrent writes to one instance:
+    every answer is 200, Redis holds exactly one record, and both views agree with it."""
+    async with (
+        Registrar(redis_url, rebuild_wait=0.2) as registrar2,
+        Mirror(redis_url) as mirror2,
+        serve_gateway(registrar2, mirror2, redis_url) as other,
+    ):
+        statuses: list[int] = []
+
+        async def write(client: httpx.AsyncClient, i: int) -> None:
+            body = {**SEED_BODY, "capabilities": [f"cap{i % 5}"], "service_id": "shared"}
+            statuses.append((await client.post(REGISTER, json=body)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(write, (served.client, other.client)[i % 2], i)
+        assert sorted(statuses) == [200] * 40, sorted(statuses)[-5:]
+        truth = await registry_truth(redis_url)
+        (inst,) = truth.values()
+        for view in (served.gateway.mirror, mirror2):
+            await wait_mirror_matches(view, redis_url, expected=set(truth))
+        for client in (served.client, other.client):
+            got = (await client.get("/api/v1/services/gateway")).json()
+            assert got["capabilities"] == list(inst.capabilities)

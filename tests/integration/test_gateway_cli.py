@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,8 +20,10 @@ from click.testing import CliRunner, Result
 
 from saga_events import Mirror, Registrar
 from saga_events.cli import main
+from saga_events.embedded import free_port
 from saga_events.testing import registry_truth
 from tests.gateway_helpers import Served, pid_alive, saga_up, serve_gateway
+from tests.helpers import registrar_process
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +163,40 @@ def test_registrar_without_http_never_imports_the_web_stack(redis_url: str) -> N
     assert "saga_events.registrar" in imports  # the trace is there...
     for module in ("litestar", "uvicorn", "saga_events.gateway"):  # ...without the web stack
         assert not re.search(rf"\|\s+{re.escape(module)}$", imports, re.M), f"{module} imported"
+
+
+def test_registrar_with_http_serves_the_api(redis_url: str) -> None:
+    """``saga-events registrar --redis URL --http HOST:PORT`` serves the same API."""
+    port = free_port()
+    with registrar_process(redis_url, "--http", f"127.0.0.1:{port}") as proc:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:  # bounded by the test timeout
+            banner.append(line)
+            if "Press Ctrl-C to stop." in line:
+                break
+        assert f"HTTP API:  http://127.0.0.1:{port}" in "".join(banner), banner
+        body = {"service_name": "inventory", "service_url": "grpc://10.0.0.3:50051"}
+        reg = httpx.post(f"http://127.0.0.1:{port}/api/v1/services/register", json=body, timeout=10)
+        assert reg.status_code == 200, reg.text
+        got = httpx.get(f"http://127.0.0.1:{port}/api/v1/services/inventory", timeout=10)
+        assert got.json()["service_url"] == "grpc://10.0.0.3:50051"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_up_on_a_busy_http_port_fails_clearly_and_cleans_up() -> None:
+    """A taken HTTP port stops ``up`` with a one-line reason, and its redis-server with it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "saga_events", "up", "--redis-port", "0",
+             "--http", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "stopped redis-server" in proc.stdout + proc.stderr
