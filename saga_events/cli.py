@@ -508,5 +508,204 @@ def bench_command(scenario: str, args: tuple[str, ...]) -> None:
         raise SystemExit(status)
 
 
+# -- security and reliability commands (acl, doctor) --------------------------------
+
+
+@main.command(name="acl")
+@namespace_option
+@click.option(
+    "--service", "-s", "services", multiple=True,
+    help="A service that gets its own publisher user (repeat the option).",
+)  # fmt: skip
+@click.option("--db", default=0, show_default=True, help="Database number of the registry.")
+@click.option(
+    "--generate-passwords", is_flag=True, help="Fill in random passwords instead of <password>."
+)
+@click.option("--acl-file", is_flag=True, help="Print aclfile lines (user ...), not ACL SETUSER.")
+def acl_command(
+    namespace: str, services: tuple[str, ...], db: int, generate_passwords: bool, acl_file: bool
+) -> None:
+    """Print least-privilege ACL users: registrar, reader, one publisher per service."""
+    import secrets
+
+    from .acl import PASSWORD_PLACEHOLDER, roles
+
+    try:
+        chosen = roles(namespace, services, db)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    for role in chosen:
+        password = secrets.token_urlsafe(24) if generate_passwords else PASSWORD_PLACEHOLDER
+        click.echo(f"# {role.user}: {role.purpose}")
+        click.echo(role.acl_file_line(password) if acl_file else role.setuser_line(password))
+
+
+# -- operator commands over the HTTP API (register, deregister) -------------------------
+
+saga_url_option = click.option(
+    "--saga-url", envvar="SAGA_SERVICE_URL", default="http://localhost:8030", show_default=True,
+    help="Base URL of the HTTP API (env SAGA_SERVICE_URL).",
+)  # fmt: skip
+token_option = click.option(
+    "--token", envvar="SAGA_API_TOKEN", default=None,
+    help="Bearer token for writes, if the API requires one (env SAGA_API_TOKEN).",
+)  # fmt: skip
+
+
+def _call_api(
+    method: str, base: str, path: str, token: str | None, body: Any = None
+) -> tuple[int, Any]:
+    """One request to the HTTP API with the standard library; (status, decoded JSON)."""
+    import urllib.error
+    import urllib.request
+
+    url = base.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = {"error": "http_error", "detail": raw.decode(errors="replace")[:500]}
+        return int(exc.code), payload
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(
+            f"cannot reach the HTTP API at {base}: {reason}. Is `saga-events up` running? "
+            "(set --saga-url or SAGA_SERVICE_URL)"
+        ) from None
+
+
+def _api_failed(what: str, status: int, payload: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(payload))
+        raise SystemExit(1)
+    detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+    raise click.ClickException(f"{what} failed with HTTP {status}: {detail}")
+
+
+@main.command(name="register")
+@click.argument("name")
+@click.argument("url")
+@click.option("--capability", "-c", "capabilities", multiple=True, help="A capability (repeat).")
+@click.option(
+    "--ttl", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+    help="Seconds until the registration expires unless heartbeated or registered again.",
+)  # fmt: skip
+@click.option(
+    "--id", "service_id", default=None, help="Instance id (default: derived from NAME, URL)."
+)
+@click.option("--meta", "-m", "meta", multiple=True, help="Metadata KEY=VALUE (repeat).")
+@saga_url_option
+@token_option
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+def register_command(
+    name: str,
+    url: str,
+    capabilities: tuple[str, ...],
+    ttl: float,
+    service_id: str | None,
+    meta: tuple[str, ...],
+    saga_url: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Register instance URL of service NAME through the HTTP API (for operators).
+
+    Registering the same NAME and URL again refreshes the same instance.
+    """
+    metadata: dict[str, str] = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
+        metadata[key] = value
+    body: dict[str, Any] = {
+        "service_name": name,
+        "service_url": url,
+        "capabilities": list(capabilities),
+        "ttl_seconds": ttl,
+    }
+    if metadata:
+        body["metadata"] = metadata
+    if service_id:
+        body["service_id"] = service_id
+    status, payload = _call_api("POST", saga_url, "/api/v1/services/register", token, body)
+    if status != 200:
+        _api_failed("register", status, payload, as_json)
+    if as_json:
+        click.echo(json.dumps(payload))
+        return
+    caps = ",".join(payload.get("capabilities", [])) or "-"
+    click.echo(
+        f"registered {payload['service_name']}/{payload['service_id']}  "
+        f"{payload['service_url']}  capabilities: {caps}"
+    )
+    click.echo(
+        f"  since {payload['registered_at']}; expires {ttl:g} s after the last heartbeat "
+        f"(POST {saga_url.rstrip('/')}/api/v1/services/{name}/heartbeat)"
+    )
+
+
+@main.command(name="deregister")
+@click.argument("name")
+@click.argument("service_id", required=False)
+@saga_url_option
+@token_option
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+def deregister_command(
+    name: str, service_id: str | None, saga_url: str, token: str | None, as_json: bool
+) -> None:
+    """Remove every instance of service NAME, or only instance SERVICE_ID (for operators).
+
+    An instance kept by a running Agent announces itself again at its next heartbeat.
+    """
+    import urllib.parse
+
+    path = f"/api/v1/services/{urllib.parse.quote(name, safe='')}"
+    if service_id:
+        path += "?service_id=" + urllib.parse.quote(service_id, safe="")
+    status, payload = _call_api("DELETE", saga_url, path, token)
+    if status != 200:
+        _api_failed("deregister", status, payload, as_json)
+    if as_json:
+        click.echo(json.dumps(payload))
+        return
+    removed = payload.get("removed", [])
+    noun = "instance" if len(removed) == 1 else "instances"
+    click.echo(f"deregistered {name}: {len(removed)} {noun} ({', '.join(removed)})")
+
+
+@main.command(
+    name="bench",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("scenario", default="all")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(scenario: str, args: tuple[str, ...]) -> None:
+    """Run benchmark SCENARIO (cache, propagation, heartbeat, throughput, scale, peers, all).
+
+    Extra arguments go to the script, e.g. `saga-events bench cache --quick`.
+    Needs a source checkout and the bench extra.
+    """
+    from .bench import BenchError, run
+
+    try:
+        status = run(scenario, args)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    if status:
+        raise SystemExit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

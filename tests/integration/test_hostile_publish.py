@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import pytest
 import redis.asyncio as aioredis
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from saga_events import Registrar, model
+from saga_events.chaos import eventually
 from saga_events.embedded import RedisServer
 from saga_events.keys import NAME_RE, Keys
 from saga_events.testing import registry_truth
@@ -86,15 +87,6 @@ channels = st.one_of(
 )
 
 
-async def poll_until(check: Callable[[], Awaitable[Any] | bool]) -> None:
-    """Poll state that has no event to await (Redis keys, counters); bound it by the caller."""
-    while True:
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        await anyio.sleep(0.005)
-
-
 def assert_valid_record(key: str, inst: model.Instance) -> None:
     assert KEYS.parse_inst(key) == (inst.service_name, inst.service_id), key
     assert NAME_RE.fullmatch(inst.service_name) and NAME_RE.fullmatch(inst.service_id)
@@ -103,39 +95,57 @@ def assert_valid_record(key: str, inst: model.Instance) -> None:
     assert all(NAME_RE.fullmatch(c) for c in inst.capabilities)
 
 
-async def publish_and_check(url: str, messages: list[tuple[bytes | str, bytes]]) -> None:
-    client = aioredis.Redis.from_url(url)
-    try:
-        async with Registrar(client, rebuild_wait=0.05) as registrar:
-            for channel, data in messages:
-                await client.publish(channel, data)
-            # A sentinel after the barrage: the registrar is alive and still applying.
-            sid = f"sentinel-{next(_ids)}"
-            sentinel = event(service_name="sentinel", service_id=sid)
-            await client.publish(KEYS.events("sentinel"), json.dumps(sentinel).encode())
-            with anyio.fail_after(10):
-                await poll_until(lambda: client.exists(KEYS.inst("sentinel", sid)))
-            stats = registrar.stats
-            assert stats.received == len(messages) + 1
-            assert stats.received == sum(stats.applied.values()) + sum(stats.rejected.values())
-        for key, inst in (await registry_truth(client)).items():
-            assert_valid_record(key, inst)
-    finally:
-        await client.aclose()
+@dataclass
+class Live:
+    """One registrar for the whole module, on an event loop in a background thread."""
+
+    portal: BlockingPortal
+    client: aioredis.Redis
+    registrar: Registrar
+
+
+@pytest.fixture(scope="module")
+def live(server: RedisServer) -> Iterator[Live]:
+    # One loop for every example: a loop per example would leave connections to
+    # be collected after their loop closed.
+    with start_blocking_portal("asyncio") as portal:
+        client = portal.call(lambda: aioredis.Redis.from_url(server.url))
+        registrar = Registrar(client, rebuild_wait=0.05)
+        try:
+            with portal.wrap_async_context_manager(registrar):
+                yield Live(portal, client, registrar)
+        finally:
+            portal.call(client.aclose)
+
+
+async def publish_and_check(live: Live, messages: list[tuple[bytes | str, bytes]]) -> None:
+    client, stats = live.client, live.registrar.stats
+    received = stats.received
+    for channel, data in messages:
+        await client.publish(channel, data)
+    # A sentinel after the barrage: the registrar is alive and still applying.
+    sid = f"sentinel-{next(_ids)}"
+    sentinel = event(service_name="sentinel", service_id=sid)
+    await client.publish(KEYS.events("sentinel"), json.dumps(sentinel).encode())
+    await eventually(lambda: client.exists(KEYS.inst("sentinel", sid)), 10)
+    assert stats.received == received + len(messages) + 1
+    assert stats.received == sum(stats.applied.values()) + sum(stats.rejected.values())
+    for key, inst in (await registry_truth(client)).items():
+        assert_valid_record(key, inst)
 
 
 @settings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(st.lists(st.tuples(channels, payloads()), min_size=1, max_size=40))
 def test_registrar_applies_or_rejects_anything_published(
-    server: RedisServer, messages: list[tuple[bytes | str, bytes]]
+    live: Live, messages: list[tuple[bytes | str, bytes]]
 ) -> None:
     """Any bytes on any events channel are applied or rejected; the registrar never dies
     and never writes a record that fails validation."""
-    anyio.run(publish_and_check, server.url, messages)
+    live.portal.call(publish_and_check, live, messages)
 
 
 @pytest.mark.anyio
@@ -150,8 +160,7 @@ async def test_a_flood_from_one_publisher_is_rate_limited(redis_url: str) -> Non
                 pipe.publish(channel, json.dumps(event(type="heartbeat", seq=seq)).encode())
             pipe.publish(channel, json.dumps(event(service_id="p-2")).encode())
             await pipe.execute()
-            with anyio.fail_after(10):
-                await poll_until(lambda: reg.stats.received >= 2001)
+            await eventually(lambda: reg.stats.received >= 2001, 10)
             assert reg.stats.rejected["rate_limited"] >= 1900
             truth = await registry_truth(client)
             assert set(truth) == {KEYS.inst("payment", "p-1"), KEYS.inst("payment", "p-2")}
