@@ -189,14 +189,17 @@ class Agent:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
-            await self.leave()
-        await self.aclose()
+        try:
+            await self._tg.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                await self.leave()
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         if self._owns_client:
-            await self._redis.aclose()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._redis.aclose()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Announce and heartbeat until cancelled (does not send ``leave``).

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -32,7 +32,7 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import model
 from ._redis import TRANSIENT, Backoff, RedisLike, close_quietly, connect, db_of
@@ -89,6 +89,42 @@ class MirrorStats:
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class ChangeStream:
+    """The async iterator returned by :meth:`Mirror.changes`; close it with ``aclose()``
+    or use it as an async context manager."""
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        send: MemoryObjectSendStream[Change],
+        receive: MemoryObjectReceiveStream[Change],
+    ) -> None:
+        self._mirror = mirror
+        self._send = send
+        self._receive = receive
+
+    def __aiter__(self) -> ChangeStream:
+        return self
+
+    async def __anext__(self) -> Change:
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            if self._send in self._mirror._overflowed:
+                raise ChangesOverflow(f"consumer fell {CHANGE_BUFFER} changes behind") from None
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._mirror._forget(self._send)
+        self._receive.close()
+
+    async def __aenter__(self) -> ChangeStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 class _Resync(Exception):
@@ -215,21 +251,29 @@ class Mirror:
                 await self._changed.wait()
         raise ServiceNotFound(name, capability)
 
-    async def changes(self) -> AsyncIterator[Change]:
-        """Yield every change applied to the view from now on."""
+    async def wait_until(
+        self,
+        predicate: Callable[[Mirror], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - mirrors wait_for
+    ) -> None:
+        """Wait until ``predicate(mirror)`` holds, re-checking after every change of the
+        view and of ``stale``.
+
+        Raises TimeoutError after ``timeout`` seconds.
+        """
+        with anyio.fail_after(timeout):
+            while not predicate(self):
+                await self._changed.wait()
+
+    def changes(self) -> ChangeStream:
+        """Every change applied to the view from this call on, as an async iterator.
+
+        A consumer that falls :data:`CHANGE_BUFFER` changes behind gets
+        :class:`ChangesOverflow`; the stream ends when the mirror closes.
+        """
         send, receive = anyio.create_memory_object_stream[Change](CHANGE_BUFFER)
         self._subscribers.append(send)
-        try:
-            async with receive:
-                async for change in receive:
-                    yield change
-            if send in self._overflowed:
-                raise ChangesOverflow(f"consumer fell {CHANGE_BUFFER} changes behind")
-        finally:
-            self._overflowed.discard(send)
-            if send in self._subscribers:
-                self._subscribers.remove(send)
-            send.close()
+        return ChangeStream(self, send, receive)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -249,15 +293,18 @@ class Mirror:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        await self.aclose()
+        try:
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         for send in self._subscribers:
             send.close()
         self._subscribers.clear()
         if self._owns_client:
-            await self._redis.aclose()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._redis.aclose()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """List, then watch, forever; reconnect and resync on any failure."""
@@ -281,7 +328,7 @@ class Mirror:
                     log.warning("mirror lost Redis (%s); serving the last view as stale", exc)
             finally:
                 self._connected = False
-                self._stale = True
+                self._set_stale(True)
                 await close_quietly(pubsub)
             await anyio.sleep(backoff.next())
 
@@ -342,7 +389,7 @@ class Mirror:
             if now - self._last_canary > self.canary_timeout:
                 if not self._canary_lost:
                     self._canary_lost = True
-                    self._stale = True
+                    self._set_stale(True)
                     log.warning(
                         "no registrar liveness for %.1f s: notifications may be off or no "
                         "registrar runs; resyncing and serving as stale",
@@ -387,7 +434,7 @@ class Mirror:
                 await self._check_health(pubsub, now)
 
     async def _after_epoch_change(self, pubsub: aioredis.client.PubSub, reason: str) -> None:
-        self._stale = True
+        self._set_stale(True)
         pending: list[Any] = []
         await self._wait_until_epoch_ready(pubsub, pending)
         await self._resync(reason)
@@ -467,7 +514,7 @@ class Mirror:
             self._store(key, inst)
         self._synced = True
         if not keep_stale:
-            self._stale = False
+            self._set_stale(False)
         log.debug("mirror synced (%s): %d instances", reason, len(fresh))
 
     # -- applying to the view ----------------------------------------------------
@@ -525,6 +572,21 @@ class Mirror:
         else:
             self._live.pop(name, None)
 
+    def _set_stale(self, stale: bool) -> None:
+        if stale != self._stale:
+            self._stale = stale
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def _forget(self, send: MemoryObjectSendStream[Change]) -> None:
+        if send in self._subscribers:
+            self._subscribers.remove(send)
+        self._overflowed.discard(send)
+        send.close()
+
     def _emit(self, change: Change) -> None:
         for send in list(self._subscribers):
             try:
@@ -536,8 +598,7 @@ class Mirror:
                 self._overflowed.add(send)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.remove(send)
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._wake_waiters()
 
 
 class SyncMirror:

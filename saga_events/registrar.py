@@ -129,6 +129,14 @@ end
 return due
 """
 
+FINISH_REBUILD_LUA: Final = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
@@ -238,18 +246,22 @@ class Registrar:
         except BaseException:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
+            await self.aclose()
             raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        await self.aclose()
+        try:
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         if self._owns_client:
-            await self._redis.aclose()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._redis.aclose()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Raises NotificationConfigError if CONFIG is refused."""
@@ -414,6 +426,7 @@ class Registrar:
 
     async def _consume_loop(self, ready: anyio.Event) -> None:
         backoff = Backoff()
+        reconnected = False
         while True:
             pubsub = self._redis.pubsub()
             try:
@@ -424,10 +437,17 @@ class Registrar:
                         raise TimeoutError("no PSUBSCRIBE confirmation")
                     if reply[0] == b"psubscribe":
                         break
+                if reconnected:
+                    # Redis may have restarted: its flags and script cache are
+                    # gone, and it may be empty. Flags first, so that mirrors
+                    # are notified of the epoch the rebuild sets.
+                    await self._recheck_config()
+                    await self._load_scripts()
                 self.subscribed = True
                 ready.set()
                 backoff.reset()
                 await self.check_epoch()
+                reconnected = True
                 await self._consume(pubsub)
             except TRANSIENT as exc:
                 self.subscribed = False
@@ -521,6 +541,8 @@ class Registrar:
                 log.debug("housekeeping: %s", exc)
 
     async def _recheck_config(self) -> None:
+        if not self.manage_config:
+            return
         try:
             changed = await self.ensure_notifications()
         except NotificationConfigError as exc:
@@ -544,11 +566,16 @@ class Registrar:
 
     # -- epochs and rebuilds -------------------------------------------------
 
-    async def bump_epoch(self) -> str:
-        """Tell mirrors to resync: set a new epoch in state ``ready``."""
+    async def bump_epoch(self) -> str | None:
+        """Tell mirrors to resync: replace the epoch by a new one in state ``ready``.
+
+        Does nothing (returns None) when there is no epoch: that calls for a
+        rebuild (:meth:`check_epoch`), not a resync.
+        """
         value = f"{now_ms()}-{secrets.token_hex(4)}:ready"
-        await self._redis.set(self.keys.epoch, value)
-        return value
+        if await self._redis.set(self.keys.epoch, value, xx=True):
+            return value
+        return None
 
     async def check_epoch(self) -> None:
         """Start a rebuild if Redis has no epoch (first start, or restarted empty)."""
@@ -585,8 +612,14 @@ class Registrar:
             receivers = await self._redis.publish(self.keys.control, b"reannounce")
             log.info("asked %d agents to re-announce", receivers)
             await anyio.sleep(self.rebuild_wait)
-            await self._redis.set(self.keys.epoch, f"{epoch}:ready")
-            log.info("rebuild %s done", epoch)
+            # Only if the epoch is still ours: Redis may have restarted meanwhile.
+            done = await self._redis.eval(
+                FINISH_REBUILD_LUA, 1, self.keys.epoch, f"{epoch}:rebuilding", f"{epoch}:ready"
+            )
+            if done:
+                log.info("rebuild %s done", epoch)
+            else:
+                log.warning("rebuild %s superseded (Redis changed under it)", epoch)
         except TRANSIENT as exc:
             log.warning("rebuild %s interrupted (%s); will retry", epoch, exc)
         finally:

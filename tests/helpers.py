@@ -69,7 +69,11 @@ def registrar_process(url: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
                 stream.close()
 
 
-async def read_line_until(proc: subprocess.Popen[str], needle: str, timeout: float = 15.0) -> str:
+async def read_line_until(
+    proc: subprocess.Popen[str],
+    needle: str,
+    timeout: float = 15.0,  # noqa: ASYNC109 - a plain bound
+) -> str:
     """Read the process's stdout until a line containing ``needle``; bounded."""
     stdout = proc.stdout
     assert stdout is not None

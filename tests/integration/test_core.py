@@ -21,7 +21,7 @@ from saga_events import (
     Updated,
 )
 from saga_events.keys import Keys
-from saga_events.testing import registry_truth, wait_mirror_matches
+from saga_events.testing import eventually, registry_truth, wait_mirror_matches
 from tests.helpers import agent_process, read_line_until
 
 pytestmark = pytest.mark.anyio
@@ -40,9 +40,7 @@ async def test_registered_instance_is_visible_in_mirror(
         assert inst.capabilities == ("rest",)
         assert mirror.pick("payment").service_id == agent.service_id
         await wait_mirror_matches(mirror, redis_url, expected={K.inst("payment", agent.service_id)})
-    with anyio.fail_after(1):
-        while mirror.instances("payment"):
-            await anyio.sleep(0.005)
+    await mirror.wait_until(lambda m: not m.instances("payment"), 1)
     with pytest.raises(ServiceNotFound):
         mirror.pick("payment")
     await wait_mirror_matches(mirror, redis_url, expected=set())
@@ -54,24 +52,24 @@ async def test_changes_stream_reports_added_updated_removed(
     """changes() yields Added, then Updated on a record change, then Removed on leave."""
     seen: list[object] = []
 
-    async def consume() -> None:
-        async for change in mirror.changes():
-            seen.append(change)
-            if isinstance(change, Removed):
-                return
+    stream = mirror.changes()  # subscribed from here on
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(consume)
-        await anyio.lowlevel.checkpoint()  # let the consumer subscribe
-        async with Agent(redis_url, "search", "http://10.0.0.9:9000", service_id="s1") as agent:
-            await mirror.wait_for("search", 2)
-            await agent.update(service_url="http://10.0.0.9:9001")
-            with anyio.fail_after(2):
-                while mirror.pick("search").service_url != "http://10.0.0.9:9001":
-                    await anyio.sleep(0.005)
-        with anyio.fail_after(2):
-            while not any(isinstance(c, Removed) for c in seen):
-                await anyio.sleep(0.005)
+    async def consume() -> None:
+        async with stream:
+            async for change in stream:
+                seen.append(change)
+                if isinstance(change, Removed):
+                    return
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            async with Agent(redis_url, "search", "http://10.0.0.9:9000", service_id="s1") as agent:
+                await mirror.wait_for("search", 2)
+                await agent.update(service_url="http://10.0.0.9:9001")
+                await mirror.wait_until(
+                    lambda m: m.pick("search").service_url == "http://10.0.0.9:9001", 2
+                )
     kinds = [type(c) for c in seen]
     assert kinds == [Added, Updated, Removed]
     assert isinstance(seen[1], Updated)
@@ -87,17 +85,13 @@ async def test_pick_round_robins_and_skips_draining(
         Agent(redis_url, "auth", "http://10.0.0.1:80", service_id="a", capabilities=["rest"]),
         Agent(redis_url, "auth", "http://10.0.0.2:80", service_id="b", capabilities=["grpc"]) as b,
     ):
-        with anyio.fail_after(2):
-            while len(mirror.instances("auth")) < 2:
-                await anyio.sleep(0.005)
+        await mirror.wait_until(lambda m: len(m.instances("auth")) == 2, 2)
         assert {mirror.pick("auth").service_id for _ in range(4)} == {"a", "b"}
         assert mirror.pick("auth", capability="grpc").service_id == "b"
         with pytest.raises(ServiceNotFound):
             mirror.pick("auth", capability="graphql")
         await b.drain()
-        with anyio.fail_after(2):
-            while not mirror.instances("auth")[1].draining:
-                await anyio.sleep(0.005)
+        await mirror.wait_until(lambda m: m.instances("auth")[1].draining, 2)
         assert {mirror.pick("auth").service_id for _ in range(4)} == {"a"}
         assert len(mirror.instances("auth")) == 2
         await wait_mirror_matches(mirror, redis_url)
@@ -124,8 +118,8 @@ async def test_crashed_agent_disappears_within_ttl_plus_one_second(
             proc.send_signal(signal.SIGKILL)
             proc.wait(5)
             with anyio.fail_after(ttl + 1.0):
-                while mirror.instances("worker") or second.instances("worker"):
-                    await anyio.sleep(0.01)
+                await mirror.wait_until(lambda m: not m.instances("worker"))
+                await second.wait_until(lambda m: not m.instances("worker"))
         assert registrar.stats.reaped == 1
         await wait_mirror_matches(mirror, redis_url, expected=set())
         await wait_mirror_matches(second, redis_url, expected=set())
@@ -145,14 +139,10 @@ async def test_heartbeats_of_unchanged_record_cost_mirrors_nothing(
             refreshed = registrar.stats.applied["refreshed"]
             for _ in range(5):
                 assert await agent.announce("heartbeat")
-            with anyio.fail_after(2):
-                while registrar.stats.applied["refreshed"] < refreshed + 5:
-                    await anyio.sleep(0.005)
+            await eventually(lambda: registrar.stats.applied["refreshed"] >= refreshed + 5, 2)
             # The canary proves the subscription still delivers while we look.
             canary = mirror.stats.canary_notifications
-            with anyio.fail_after(3):
-                while mirror.stats.canary_notifications == canary:
-                    await anyio.sleep(0.01)
+            await eventually(lambda: mirror.stats.canary_notifications > canary, 3)
             assert mirror.stats.gets == gets
             assert mirror.stats.record_notifications == notes
             score_after = await client.zscore(K.deadlines, K.inst("quiet", "q"))

@@ -1,0 +1,86 @@
+"""The registrar merges the keyspace-notification flags it needs into the server's config."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from saga_events import Agent, Mirror, NotificationConfigError, Registrar
+from saga_events.embedded import RedisServer
+from saga_events.registrar import flags_cover, merge_flags
+from saga_events.testing import eventually, wait_mirror_matches
+
+pytestmark = pytest.mark.anyio
+
+
+async def config(url: str) -> str:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        return str((await client.config_get("notify-keyspace-events"))["notify-keyspace-events"])
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("existing", ["", "Elh", "KEA", "Ez", "Kl"])
+async def test_registrar_adds_flags_without_dropping_others(redis_url: str, existing: str) -> None:
+    """Whatever flags the server has, they stay, and the registrar's are added."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.config_set("notify-keyspace-events", existing)
+    before = await config(redis_url)
+    await client.aclose()
+    async with Registrar(redis_url, rebuild_wait=0.1):
+        after = await config(redis_url)
+    assert flags_cover(after)
+    for flag in before:
+        if flag == "A":
+            assert flags_cover(after, "g$lshzxet")
+        else:
+            assert flag in after, f"flag {flag!r} of {before!r} was dropped: {after!r}"
+
+
+def test_merge_flags_expands_all_before_checking() -> None:
+    """'AKE' already covers everything; 'Elh' gains exactly the missing letters."""
+    assert flags_cover("AKE")
+    assert merge_flags("AKE") == "AKE"
+    assert sorted(merge_flags("Elh")) == sorted("ElhKg$xe")
+
+
+async def test_config_refused_names_the_setting(redis_url: str) -> None:
+    """Without CONFIG rights the registrar stops with the exact setting to make."""
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.execute_command(
+        "ACL", "SETUSER", "noconfig", "on", ">secret", "~*", "&*", "+@all", "-config"
+    )
+    await admin.aclose()
+    host_port = redis_url.removeprefix("redis://")
+    url = f"redis://noconfig:secret@{host_port}"
+    with pytest.raises(NotificationConfigError) as info:
+        async with Registrar(url):
+            pass
+    message = str(info.value)
+    assert "notify-keyspace-events" in message
+    assert "Kg$xe" in message
+    assert info.value.setting == "notify-keyspace-events"
+
+
+async def test_reset_flags_are_reapplied_and_mirrors_resync(redis_server: RedisServer) -> None:
+    """Someone resets the flags: the registrar re-applies them and bumps the epoch; the
+    mirror resyncs over the gap and sees what changed while notifications were off."""
+    url = redis_server.url
+    async with (
+        Registrar(url, rebuild_wait=0.1, config_check_interval=0.2, liveness_interval=0.2) as reg,
+        Mirror(url) as mirror,
+    ):
+        await eventually(lambda: mirror.epoch is not None and mirror.epoch.endswith(":ready"))
+        admin = aioredis.Redis.from_url(url)
+        try:
+            await admin.config_set("notify-keyspace-events", "")
+            async with Agent(url, "silent", "http://10.0.0.2:80", service_id="s"):
+                # Registered while notifications were off; only a resync can show it.
+                await mirror.wait_for("silent", 5)
+                assert reg.stats.flags_reapplied >= 1
+                assert flags_cover(await config(url))
+                assert mirror.stats.resyncs >= 1
+                await wait_mirror_matches(mirror, url)
+        finally:
+            await admin.aclose()
