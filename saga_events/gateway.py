@@ -386,7 +386,8 @@ class Gateway:
         self.mirror = mirror
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
-        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        # An empty token (e.g. SAGA_API_TOKEN="") means no token, not "match the empty string".
+        self.token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
         self.write_timeout = write_timeout
         self.max_body_bytes = max_body_bytes
         self.clock = HybridClock()

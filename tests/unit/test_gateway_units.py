@@ -1,0 +1,66 @@
+"""The gateway's pure parts: its clock, its derived ids, its token check."""
+
+from __future__ import annotations
+
+import pytest
+
+from saga_events import Mirror, Registrar, model
+from saga_events.gateway import Gateway, HybridClock, derived_service_id
+from saga_events.keys import is_valid_name
+
+
+def test_hybrid_clock_never_goes_back_when_the_wall_clock_does() -> None:
+    """Ticks grow strictly even when the injected wall clock steps back or stands still."""
+    wall = iter([1_000, 1_000, 999, 5_000, 4_000])
+    clock = HybridClock(now_ms=lambda: next(wall))
+    ticks = [clock.tick() for _ in range(5)]
+    assert ticks == [1_000_000, 1_000_001, 1_000_002, 5_000_000, 5_000_001]
+
+
+def test_hybrid_clock_fits_the_events_counter_field() -> None:
+    """A tick of today's clock is a valid incarnation (< 2**53)."""
+    tick = HybridClock().tick()
+    assert 0 < tick < 2**53
+    event = model.Register(
+        service_name="a", service_id="b", incarnation=tick, seq=1, service_url="http://x"
+    )
+    assert model.decode_event(model.encode(event)) == event
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("gateway", "http://localhost:8000"),
+        ("a" * 128, "https://example.com/" + "p" * 2000),
+        ("x.y_z-1", "grpc://[::1]:50051"),
+    ],
+)
+def test_derived_ids_are_stable_valid_names(name: str, url: str) -> None:
+    """The same (name, url) gives the same id, a valid name; another url another id."""
+    sid = derived_service_id(name, url)
+    assert sid == derived_service_id(name, url)
+    assert is_valid_name(sid)
+    assert sid != derived_service_id(name, url + "/other")
+    assert sid.startswith(name[:100])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("env", "explicit", "expected"),
+    [("", None, None), ("from-env", None, "from-env"), ("from-env", "given", "given"),
+     ("from-env", "", None)],
+)  # fmt: skip
+async def test_token_comes_from_argument_or_environment_and_empty_means_none(
+    monkeypatch: pytest.MonkeyPatch, env: str, explicit: str | None, expected: str | None
+) -> None:
+    """SAGA_API_TOKEN='' leaves writes open instead of demanding an empty bearer token."""
+    monkeypatch.setenv("SAGA_API_TOKEN", env)
+    nowhere = "redis://127.0.0.1:9/0"  # never contacted: constructors do no I/O
+    gateway = Gateway(Registrar(nowhere), Mirror(nowhere), nowhere, token=explicit)
+    assert gateway.token == expected
+    assert gateway.authorized(None) is (expected is None)
+    if expected:
+        assert gateway.authorized(f"Bearer {expected}")
+        assert gateway.authorized(f"bearer  {expected} ")
+        assert not gateway.authorized(f"Bearer {expected}x")
+        assert not gateway.authorized(f"Basic {expected}")
