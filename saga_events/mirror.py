@@ -510,8 +510,15 @@ class Mirror:
         for key in list(self._records):
             if key not in fresh:
                 self._remove(key)
+        # Reindex each service once, not once per instance: a snapshot of N
+        # instances would otherwise sort every service's group N times.
+        touched: set[str] = set()
         for key, inst in fresh.items():
-            self._store(key, inst)
+            self._store(key, inst, touched)
+        for name in touched:
+            self._reindex(name)
+        if touched:
+            self._wake_waiters()
         self._synced = True
         if not keep_stale:
             self._set_stale(False)
@@ -539,14 +546,19 @@ class Mirror:
         else:
             self._store(key, inst)
 
-    def _store(self, key: str, inst: Instance) -> None:
+    def _store(self, key: str, inst: Instance, touched: set[str] | None = None) -> None:
+        """Put ``inst`` in the view; with ``touched``, leave reindexing and waking
+        waiters to the caller and add the service name to ``touched``."""
         old = self._records.get(key)
         if old == inst:
             return
         self._records[key] = inst
         self._by_service.setdefault(inst.service_name, {})[inst.service_id] = inst
-        self._reindex(inst.service_name)
-        self._emit(Added(inst) if old is None else Updated(inst, old))
+        if touched is None:
+            self._reindex(inst.service_name)
+        else:
+            touched.add(inst.service_name)
+        self._emit(Added(inst) if old is None else Updated(inst, old), wake=touched is None)
 
     def _remove(self, key: str) -> None:
         old = self._records.pop(key, None)
@@ -587,7 +599,7 @@ class Mirror:
         self._overflowed.discard(send)
         send.close()
 
-    def _emit(self, change: Change) -> None:
+    def _emit(self, change: Change, *, wake: bool = True) -> None:
         for send in list(self._subscribers):
             try:
                 send.send_nowait(change)
@@ -598,7 +610,8 @@ class Mirror:
                 self._overflowed.add(send)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.remove(send)
-        self._wake_waiters()
+        if wake:
+            self._wake_waiters()
 
 
 class SyncMirror:
