@@ -21,6 +21,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -115,6 +116,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    load_start: list[float] = field(default_factory=lambda: [round(x, 2) for x in os.getloadavg()])
 
     def add(
         self, name: str, unit: str, values: Sequence[float], low_tail: bool = False, **extra: Any
@@ -140,7 +142,7 @@ class Report:
             "scenario": self.scenario,
             "started": datetime.fromtimestamp(self.started, tz=UTC).isoformat(),
             "duration_s": round(time.time() - self.started, 2),
-            "machine": machine_info(),
+            "machine": {**machine_info(), "loadavg_start": self.load_start},
             "params": self.params,
             "rows": [r.as_json() for r in self.rows],
             "targets": [t.as_json() for t in self.targets],
@@ -183,6 +185,11 @@ class Report:
             out.append(f"target [{mark}] {t.text}: {t.measured}")
         for n in self.notes:
             out.append(f"note: {n}")
+        m = machine_info()
+        out.append(
+            f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; load average "
+            f"{self.load_start[0]:.1f} at start, {m['loadavg'][0]:.1f} at end"
+        )
         return "\n".join(out)
 
     def finish(self, out_dir: Path, plot: Callable[[Report, Any], None] | None) -> Path:
@@ -287,6 +294,12 @@ _PROGRESS_ENABLED = True
 def configure(args: argparse.Namespace) -> None:
     global _PROGRESS_ENABLED
     _PROGRESS_ENABLED = not args.no_progress
+    # SIGTERM unwinds like Ctrl-C, so the servers this script started are stopped.
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def progress(total: int, desc: str) -> tqdm[Any]:

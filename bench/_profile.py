@@ -79,7 +79,8 @@ class Sampler:
 
         def pct(c: Counter[str]) -> list[tuple[str, float]]:
             # Frames on (nearly) every stack are the event loop's roots: no news.
-            hot = [(f, n) for f, n in c.most_common() if n < 0.9 * samples][:top]
+            roots = 0.9 * max(total.values(), default=0)
+            hot = [(f, n) for f, n in c.most_common() if n < roots][:top]
             return [(f, round(100 * n / samples, 1)) for f, n in hot] if samples else []
 
         return {

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         incarnation=inc,
                         seq=1,
                         url=_roles.instance_url(60000 + i),
+                        ttl_ms=3_600_000,
                     ),
                 )
                 for i in range(3)

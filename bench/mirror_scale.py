@@ -24,9 +24,15 @@ import _harness as h
 import _roles
 
 
-def cold_start_role(url: str, traced: bool, queue: Any) -> None:
-    """One cold start of a Mirror; put (seconds, rss growth, traced bytes, instances)."""
+def cold_start_role(url: str, mode: str, queue: Any) -> None:
+    """One cold start of a Mirror; put (seconds, rss growth, traced bytes, instances, details).
+
+    ``mode``: ``timed`` (plain), ``traced`` (tracemalloc on: bytes and the top
+    allocation sites) or ``profiled`` (cProfile on: the top functions).
+    """
+    import cProfile
     import gc
+    import pstats
     import time
     import tracemalloc
 
@@ -37,26 +43,45 @@ def cold_start_role(url: str, traced: bool, queue: Any) -> None:
 
     _roles._quiet()
     proc = psutil.Process()
+    details: dict[str, Any] = {}
 
     async def main() -> None:
         gc.collect()
         rss0 = proc.memory_info().rss
-        if traced:
+        profiler = cProfile.Profile() if mode == "profiled" else None
+        if mode == "traced":
             tracemalloc.start()
+        if profiler is not None:
+            profiler.enable()
         t0 = time.perf_counter()
         async with Mirror(url) as mirror:
             elapsed = time.perf_counter() - t0
+            if profiler is not None:
+                profiler.disable()
+                stats = pstats.Stats(profiler)
+                rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
+                details["profile_tottime_s"] = [
+                    (f"{fn} ({Path(file).name}:{line})", round(tt, 4), round(ct, 4), nc)
+                    for (file, line, fn), (_cc, nc, tt, ct, _callers) in rows[:15]
+                ]
+                details["profile_total_s"] = round(sum(v[2] for v in stats.stats.values()), 4)  # type: ignore[attr-defined]
             gc.collect()
-            traced_bytes = tracemalloc.get_traced_memory()[0] if traced else 0
-            if traced:
+            traced_bytes = 0
+            if mode == "traced":
+                traced_bytes = tracemalloc.get_traced_memory()[0]
+                snap = tracemalloc.take_snapshot()
+                details["top_allocations"] = [
+                    (str(stat.traceback[0]), stat.size, stat.count)
+                    for stat in snap.statistics("lineno")[:10]
+                ]
                 tracemalloc.stop()
             rss1 = proc.memory_info().rss
-            queue.put((elapsed, rss1 - rss0, traced_bytes, len(mirror)))
+            queue.put((elapsed, rss1 - rss0, traced_bytes, len(mirror), details))
 
     anyio.run(main)
 
 
-def measure(n: int, repeats: int, bar: Any) -> dict[str, Any]:
+def measure(n: int, repeats: int, profile: bool, bar: Any) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(h.redis_server())
         counters, _procs = _roles.start_registrars(server.url, 1, stack)
@@ -84,20 +109,24 @@ def measure(n: int, repeats: int, bar: Any) -> dict[str, Any]:
         h.wait_until(lambda: _roles.index_size(server.url) >= n, 60, "registry")
         bar.set_description(f"N={n}: cold starts")
         q = h.mp().Queue()
-        out: list[tuple[float, int, int, int]] = []
-        for i in range(repeats + 1):
-            proc = h.mp().Process(target=cold_start_role, args=(server.url, i == repeats, q))
+        out: list[tuple[float, int, int, int, dict[str, Any]]] = []
+        modes = ["timed"] * repeats + ["traced"] + (["profiled"] if profile else [])
+        for mode in modes:
+            proc = h.mp().Process(target=cold_start_role, args=(server.url, mode, q))
             proc.start()
             out.append(q.get(timeout=300))
             proc.join(30)
             bar.update(1)
     timed = out[:repeats]
+    traced = out[repeats]
     return {
+        "top_allocations": traced[4].get("top_allocations", []),
+        "profile": out[-1][4] if profile else None,
         "n": n,
-        "cold_start_ms": [t * 1000 for t, _, _, _ in timed],
-        "rss_bytes_per_instance": [rss / n for _, rss, _, _ in timed],
-        "traced_bytes_per_instance": out[-1][2] / n,
-        "instances_seen": [k for _, _, _, k in out],
+        "cold_start_ms": [t * 1000 for t, _, _, _, _ in timed],
+        "rss_bytes_per_instance": [rss / n for _, rss, _, _, _ in timed],
+        "traced_bytes_per_instance": traced[2] / n,
+        "instances_seen": [k for _, _, _, k, _ in out],
     }
 
 
@@ -105,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p = h.parser(__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default=None, help="comma-separated N (default 1000,10000,100000)")
     p.add_argument("--repeats", type=int, default=None, help="cold starts per size (5)")
+    p.add_argument("--profile", action="store_true", help="cProfile a cold start at the largest N")
     args = p.parse_args(argv)
     h.configure(args)
     q = args.quick
@@ -112,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if q else 5)
     report = h.Report("mirror_scale", {"sizes": sizes, "repeats": repeats, "quick": q})
     results = []
-    with h.progress(len(sizes) * (repeats + 1), "mirror scale") as bar:
+    with h.progress(len(sizes) * (repeats + 2), "mirror scale") as bar:
         for n in sizes:
-            results.append(measure(n, repeats, bar))
+            results.append(measure(n, repeats, args.profile and n == max(sizes), bar))
     for res in results:
         n = res["n"]
         report.add(
@@ -144,6 +174,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{rss:.0f} B RSS growth, {traced:.0f} B allocated (tracemalloc)",
         rss <= 1024 and traced <= 1024,
     )
+    lines = [f"tracemalloc, top allocation sites at N={big['n']:,} (bytes per instance):"]
+    lines += [f"  {size / big['n']:7.1f}  {site}" for site, size, _count in big["top_allocations"]]
+    report.note("\n".join(lines))
+    if big["profile"]:
+        prof = big["profile"]
+        lines = [
+            f"cProfile of one cold start at N={big['n']:,} "
+            f"({prof['profile_total_s']:.2f} s of profiled time), top functions by own time:"
+        ]
+        lines += [
+            f"  {tt:7.3f} s own {ct:7.3f} s cumulative {nc:>8} calls  {fn}"
+            for fn, tt, ct, nc in prof["profile_tottime_s"]
+        ]
+        report.note("\n".join(lines))
     if q:
         report.note("--quick: tiny sizes, the figures mean nothing")
     report.finish(args.out, _plot)

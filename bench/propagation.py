@@ -55,7 +55,13 @@ def staleness(url: str, clients: int, cache_ttl: float, bar: Any) -> dict[str, A
                     _roles.publish_cmd(
                         MOVING,
                         _roles.announce(
-                            "register", MOVING, "mover", incarnation=inc, seq=1, url=old
+                            "register",
+                            MOVING,
+                            "mover",
+                            incarnation=inc,
+                            seq=1,
+                            url=old,
+                            ttl_ms=3_600_000,
                         ),
                     )
                 ]
@@ -105,7 +111,13 @@ def staleness(url: str, clients: int, cache_ttl: float, bar: Any) -> dict[str, A
                             _roles.publish_cmd(
                                 MOVING,
                                 _roles.announce(
-                                    "heartbeat", MOVING, "mover", incarnation=inc, seq=2, url=new
+                                    "heartbeat",
+                                    MOVING,
+                                    "mover",
+                                    incarnation=inc,
+                                    seq=2,
+                                    url=new,
+                                    ttl_ms=3_600_000,
                                 ),
                             )
                         ]

@@ -140,6 +140,8 @@ def run(registrars: int, workload: str, events: int, profile: bool, bar: Any) ->
         "lua_calls_per_s": registrars * n / elapsed,
         "window_rates": steady,
         "registrar_cpu_pct": [100 * c / elapsed for c in cpu],
+        # Load-independent capacity: Lua applies per second of registrar CPU.
+        "applies_per_cpu_s": registrars * n / max(1e-9, sum(cpu)),
         "redis_cpu_pct": 100 * rcpu / elapsed,
         "rejected": rejected,
         "profile": summary,
@@ -179,15 +181,18 @@ def main(argv: list[str] | None = None) -> int:
             low_tail=True,
             overall=res["events_per_s"],
             lua_calls_per_s=res["lua_calls_per_s"],
+            per_registrar_cpu_s=res["applies_per_cpu_s"],
             registrar_cpu=max(res["registrar_cpu_pct"]),
             redis_cpu=res["redis_cpu_pct"],
             rejected=res["rejected"],
         )
         report.data[f"{res['registrars']}x{res['workload']}"] = res
-    one = min(r["events_per_s"] for r in results if r["registrars"] == 1)
+    slower = min((r for r in results if r["registrars"] == 1), key=lambda r: r["events_per_s"])
+    one = slower["events_per_s"]
     report.target(
         "one registrar sustains >= 20k events/s",
-        f"{one:,.0f} events/s (slower workload, overall)",
+        f"{one:,.0f} events/s ({slower['workload']}s, overall; "
+        f"{slower['applies_per_cpu_s']:,.0f} per second of registrar CPU)",
         one >= 20_000,
     )
     report.note(
