@@ -670,14 +670,14 @@ class Gateway:
                 checked = self.check(candidate)
                 assert isinstance(checked, model.Register)
                 event = checked
-                result = await self.registrar.apply(event)
+                result = await self.registrar.apply(event, after_newest=True)
                 if result.status != "stale":
                     break
         if result is None or event is None or result.status == "stale":
             raise _Rejected(
                 409, "conflict", f"instance {name}/{sid} is being changed by another writer; retry"
             )
-        written = (event.incarnation, event.seq)
+        written = (result.incarnation, result.seq)
 
         def shown() -> bool:
             inst = self._viewed(name, sid)
@@ -713,7 +713,7 @@ class Gateway:
             self.check(_announce_like(i, model.Heartbeat, i.incarnation, i.seq + 1))
             for i in targets
         ]
-        results = await self.registrar.apply_many(events)
+        results = await self.registrar.apply_many(events, after_newest=True)
         return HeartbeatResult(
             service_name=name,
             service_ids=[i.service_id for i in targets],
@@ -737,7 +737,7 @@ class Gateway:
                     incarnation=current.incarnation,
                     seq=current.seq + 1,
                 )
-                result = await self.registrar.apply(self.check(leave))
+                result = await self.registrar.apply(self.check(leave), after_newest=True)
                 if result.status != "stale":
                     removed.append(current.service_id)
                     break

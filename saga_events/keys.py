@@ -55,6 +55,11 @@ class Keys:
         return f"{self.prefix}deadlines"
 
     @property
+    def order(self) -> str:
+        """Hash: instance key → newest applied ``incarnation:seq``."""
+        return f"{self.prefix}order"
+
+    @property
     def epoch(self) -> str:
         return f"{self.prefix}epoch"
 

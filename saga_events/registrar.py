@@ -38,23 +38,36 @@ _ALL_CLASSES: Final = "g$lshzxet"  # what "A" stands for in notify-keyspace-even
 NOTIFY_SETTING: Final = "notify-keyspace-events"
 
 APPLY_LUA: Final = r"""
--- KEYS: record, tombstone, index, deadlines
+-- KEYS: record, tombstone, index, deadlines, order
 -- ARGV: kind ('announce'|'leave'), incarnation, seq, body (record JSON without
---       its leading '{'), ttl_ms, backstop_ms, tomb_ttl_ms
+--       its leading '{'), ttl_ms, backstop_ms, tomb_ttl_ms, next ('1': ignore the
+--       given incarnation and seq when something is stored and use the stored
+--       incarnation with the next seq: for writers without their own sequence)
+-- Replies {status, registered_at_ms, now_ms, incarnation, seq}.
+-- The newest (incarnation, seq) applied to an instance lives in the order hash
+-- (or, after a leave, in the tombstone): an event not newer than it changes
+-- nothing. The record keeps the (incarnation, seq) of its last change.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nows = string.format('%.0f', now)
 local inc = tonumber(ARGV[2])
 local seq = tonumber(ARGV[3])
-local function not_newer(i, s)
-  return inc < i or (inc == i and seq <= s)
+local incs, seqs = ARGV[2], ARGV[3]
+local function pair(s)
+  if not s then return nil, nil end
+  local i, q = string.match(s, '^(%d+):(%d+)$')
+  if not i then return nil, nil end
+  return tonumber(i), tonumber(q)
 end
-local tomb = redis.call('GET', KEYS[2])
-if tomb then
-  local ti, ts = string.match(tomb, '^(%d+):(%d+)$')
-  if ti and not_newer(tonumber(ti), tonumber(ts)) then
-    return {'stale', 0, nows}
-  end
+-- -1: older than (i, q); 0: the same; 1: newer
+local function cmp(i, q)
+  if inc ~= i then return inc < i and -1 or 1 end
+  if seq ~= q then return seq < q and -1 or 1 end
+  return 0
+end
+local ti, ts = pair(redis.call('GET', KEYS[2]))
+if ti and cmp(ti, ts) <= 0 then
+  return {'stale', '0', nows, incs, seqs}
 end
 local cur = redis.call('GET', KEYS[1])
 local ci, cs, creg, crest
@@ -66,54 +79,67 @@ if ci then
   ci = tonumber(ci)
   cs = tonumber(cs)
 end
+local oi, oq = pair(redis.call('HGET', KEYS[5], KEYS[1]))
+if not oi and ci then
+  oi, oq = ci, cs
+end
+if ARGV[8] == '1' and oi then
+  inc, seq = oi, oq + 1
+  incs, seqs = string.format('%.0f', inc), string.format('%.0f', seq)
+end
+local order = oi and cmp(oi, oq) or 1
 if ARGV[1] == 'leave' then
-  if ci and not_newer(ci, cs) then
-    return {'stale', creg, nows}
+  if order <= 0 then
+    return {'stale', creg or '0', nows, incs, seqs}
   end
-  redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[7])
+  redis.call('SET', KEYS[2], incs .. ':' .. seqs, 'PX', ARGV[7])
+  redis.call('HDEL', KEYS[5], KEYS[1])
   if cur then
     redis.call('DEL', KEYS[1])
     redis.call('SREM', KEYS[3], KEYS[1])
     redis.call('ZREM', KEYS[4], KEYS[1])
-    return {'removed', creg or '0', nows}
+    return {'removed', creg or '0', nows, incs, seqs}
   end
-  return {'absent', '0', nows}
+  return {'absent', '0', nows, incs, seqs}
+end
+if order < 0 then
+  return {'stale', creg or '0', nows, incs, seqs}
 end
 local ttl = tonumber(ARGV[5])
-if ci then
-  if inc < ci or (inc == ci and seq < cs) then
-    return {'stale', creg, nows}
+if ci and inc == ci and crest == ARGV[4] then
+  -- Unchanged record (a heartbeat, or a duplicate): move the deadline only;
+  -- mirrors see nothing.
+  redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
+  if order > 0 then
+    redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
   end
-  if inc == ci and crest == ARGV[4] then
-    -- Unchanged record: move the deadline only; mirrors see nothing.
-    redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
-    local backstop = tonumber(ARGV[6])
-    if redis.call('PTTL', KEYS[1]) < backstop / 2 then
-      redis.call('PEXPIRE', KEYS[1], backstop)
-    end
-    return {'refreshed', creg, nows}
+  local backstop = tonumber(ARGV[6])
+  if redis.call('PTTL', KEYS[1]) < backstop / 2 then
+    redis.call('PEXPIRE', KEYS[1], backstop)
   end
-  if inc == ci and seq == cs then
-    return {'stale', creg, nows}
-  end
+  return {'refreshed', creg, nows, incs, seqs}
+end
+if order == 0 then
+  return {'stale', creg or '0', nows, incs, seqs}  -- same (incarnation, seq), other record
 end
 local reg = nows
 if ci and inc == ci then
   reg = creg
 end
 redis.call('SET', KEYS[1],
-  '{"incarnation":' .. ARGV[2] .. ',"seq":' .. ARGV[3] .. ',"registered_at_ms":' .. reg
+  '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
   .. ',' .. ARGV[4], 'PX', ARGV[6])
+redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
 redis.call('SADD', KEYS[3], KEYS[1])
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
 if cur then
-  return {'updated', reg, nows}
+  return {'updated', reg, nows, incs, seqs}
 end
-return {'created', reg, nows}
+return {'created', reg, nows, incs, seqs}
 """
 
 REAP_LUA: Final = r"""
--- KEYS: deadlines, index; ARGV: limit
+-- KEYS: deadlines, index, order; ARGV: limit
 -- Touches the record keys named by the deadlines set: sound in Redis Cluster
 -- only because every registry key shares the {ns} hash tag.
 local t = redis.call('TIME')
@@ -125,6 +151,7 @@ for _, k in ipairs(due) do
 end
 if #due > 0 then
   redis.call('ZREM', KEYS[1], unpack(due))
+  redis.call('HDEL', KEYS[3], unpack(due))
 end
 return due
 """
@@ -145,11 +172,15 @@ class ApplyResult:
     ``status`` is one of ``created``, ``updated``, ``refreshed`` (deadline
     moved, record unchanged), ``removed``, ``absent`` (leave of an unknown
     instance, tombstone written) or ``stale`` (not newer than what is stored).
+    ``incarnation`` and ``seq`` are the ordering it was applied with (see
+    ``Registrar.apply``'s ``after_newest``).
     """
 
     status: str
     registered_at_ms: int
     now_ms: int
+    incarnation: int = 0
+    seq: int = 0
 
 
 @dataclass
@@ -332,7 +363,7 @@ class Registrar:
         self._apply_sha = await self._redis.script_load(APPLY_LUA)
         self._reap_sha = await self._redis.script_load(REAP_LUA)
 
-    def _apply_call(self, event: model.AnyEvent) -> tuple[Any, ...]:
+    def _apply_call(self, event: model.AnyEvent, after_newest: bool = False) -> tuple[Any, ...]:
         k = self.keys
         name, sid = event.service_name, event.service_id
         if isinstance(event, model.Leave):
@@ -343,11 +374,12 @@ class Registrar:
         tomb_ttl = max(self.tomb_ttl_ms, 3 * ttl)
         return (
             self._apply_sha,
-            4,
+            5,
             k.inst(name, sid),
             k.tomb(name, sid),
             k.index,
             k.deadlines,
+            k.order,
             kind,
             event.incarnation,
             event.seq,
@@ -355,21 +387,33 @@ class Registrar:
             ttl,
             backstop,
             tomb_ttl,
+            "1" if after_newest else "0",
         )
 
     @staticmethod
     def _result(reply: Any) -> ApplyResult:
-        status, reg, now = reply
+        status, reg, now, inc, seq = reply
         return ApplyResult(
-            status.decode() if isinstance(status, bytes) else str(status), int(reg), int(now)
+            status.decode() if isinstance(status, bytes) else str(status),
+            int(reg),
+            int(now),
+            int(inc),
+            int(seq),
         )
 
-    async def apply(self, event: model.AnyEvent) -> ApplyResult:
-        """Apply one validated event now and return what the script did."""
-        results = await self.apply_many([event])
+    async def apply(self, event: model.AnyEvent, *, after_newest: bool = False) -> ApplyResult:
+        """Apply one validated event now and return what the script did.
+
+        ``after_newest=True`` is for writers without a sequence of their own
+        (the HTTP gateway): when the instance is known, the event takes its
+        stored incarnation and the next seq, so it is always the newest.
+        """
+        results = await self.apply_many([event], after_newest=after_newest)
         return results[0]
 
-    async def apply_many(self, events: list[model.AnyEvent]) -> list[ApplyResult]:
+    async def apply_many(
+        self, events: list[model.AnyEvent], *, after_newest: bool = False
+    ) -> list[ApplyResult]:
         """Apply events in order in one pipeline (one round trip)."""
         if not events:
             return []
@@ -378,7 +422,7 @@ class Registrar:
         for _attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for event in events:
-                pipe.evalsha(*self._apply_call(event))
+                pipe.evalsha(*self._apply_call(event, after_newest))
             replies = await pipe.execute(raise_on_error=False)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: nothing was applied.
@@ -513,7 +557,7 @@ class Registrar:
         while True:
             assert self._reap_sha is not None
             due: list[bytes] = await self._redis.evalsha(
-                self._reap_sha, 2, self.keys.deadlines, self.keys.index, str(limit)
+                self._reap_sha, 3, self.keys.deadlines, self.keys.index, self.keys.order, str(limit)
             )
             total += len(due)
             self.stats.reaped += len(due)
