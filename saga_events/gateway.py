@@ -49,6 +49,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 from msgspec import Meta
+from redis.exceptions import RedisError
 
 try:
     import uvicorn
@@ -1021,6 +1022,10 @@ def build_app(gw: Gateway) -> Litestar:
     def on_other(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
         if isinstance(exc, TRANSIENT):
             return on_redis(request, exc)
+        if isinstance(exc, RedisError):  # e.g. READONLY during a failover, OOM
+            gw.stats.unavailable += 1
+            log.warning("Redis refused a gateway write: %s", exc)
+            return _error(503, "redis_error", f"Redis refused the write: {exc}")
         log.exception("HTTP gateway bug on %s %s", request.method, request.url.path)
         return _error(500, "internal", f"internal error: {type(exc).__name__}")
 

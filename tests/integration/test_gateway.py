@@ -442,3 +442,22 @@ async def test_concurrent_writes_from_two_gateways_converge(served: Served, redi
         for client in (served.client, other.client):
             got = (await client.get("/api/v1/services/gateway")).json()
             assert got["capabilities"] == list(inst.capabilities)
+
+
+async def test_redis_refusing_writes_gets_503_not_500(served: Served, redis_url: str) -> None:
+    """When Redis is up but refuses writes (out of memory), writes answer 503 and change nothing."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")
+        r = await served.client.post(REGISTER, json=SEED_BODY)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "redis_error"
+        assert "OOM" in r.json()["detail"]
+        await admin.config_set("maxmemory", "0")
+        assert (await served.client.post(REGISTER, json=SEED_BODY)).status_code == 200
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
