@@ -441,6 +441,7 @@ class Gateway:
             self.asgi,
             interface="asgi3",
             lifespan="off",
+            log_config=None,  # the host process owns logging
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
