@@ -328,6 +328,12 @@ class _RedisBackend:
 # -- REST: the seed's HTTP API --------------------------------------------------------------
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as text, with its type (httpx's timeouts have an empty message)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class _RestRegistration:
     def __init__(self, reg: Registration, scope: anyio.CancelScope) -> None:
         self.reg = reg
@@ -386,11 +392,18 @@ class _RestBackend:
             resp = await self._http.post("/api/v1/services/register", json=body)
         except self._httpx_errors as exc:
             log.warning(
-                "%s: cannot reach %s to register (%s)", reg.service_name, self.saga_url, exc
+                "%s: cannot reach %s to register (%s)", reg.service_name, self.saga_url, _why(exc)
             )
             return None
         if resp.status_code in (400, 413, 422):
             raise InvalidEvent("rejected", f"the gateway refused the registration: {resp.text}")
+        if resp.status_code in (401, 403):
+            log.error(
+                "%s: the gateway refused the API token (%d); set api_token or SAGA_API_TOKEN",
+                reg.service_name,
+                resp.status_code,
+            )
+            return None
         if resp.status_code != 200:
             log.warning(
                 "%s: registration answered %d: %s",
@@ -413,7 +426,7 @@ class _RestBackend:
                 params={"service_id": reg.service_id},
             )
         except self._httpx_errors as exc:
-            log.warning("%s: heartbeat failed (%s)", reg.service_name, exc)
+            log.warning("%s: heartbeat failed (%s)", reg.service_name, _why(exc))
             return False
         if resp.status_code != 200:
             log.info(
@@ -487,7 +500,9 @@ class _RestBackend:
                     f"/api/v1/services/{name}", params={"service_id": entry.reg.service_id}
                 )
             except self._httpx_errors as exc:
-                log.warning("%s: cannot reach %s to unregister (%s)", name, self.saga_url, exc)
+                log.warning(
+                    "%s: cannot reach %s to unregister (%s)", name, self.saga_url, _why(exc)
+                )
                 return False
         if resp.status_code == 404 or 200 <= resp.status_code < 300:
             return True
@@ -506,7 +521,7 @@ class _RestBackend:
         try:
             resp = await self._http.get(f"/api/v1/services/{name}")
         except self._httpx_errors as exc:
-            return self._stale_or_raise(name, cached, f"cannot reach {self.saga_url}: {exc}")
+            return self._stale_or_raise(name, cached, f"cannot reach {self.saga_url}: {_why(exc)}")
         if resp.status_code == 404:
             self._cache.pop(name, None)
             raise ServiceNotFound(name)

@@ -17,7 +17,7 @@ from saga_events import (
     ServiceNotFound,
 )
 from saga_events.embedded import free_port
-from saga_events.testing import SagaTestRegistry, eventually
+from saga_events.testing import SagaTestRegistry, eventually, registry_truth
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +111,22 @@ def test_sync_client_registers_discovers_and_leaves_on_close(
     saga.close()
     _wait_sync(lambda: _discoverable(watcher, "flask-svc") is None)
     saga_registry.wait_gone("flask-svc")
+
+
+def test_registration_comes_back_after_redis_restarts_empty(
+    saga_registry: SagaTestRegistry, saga_client: SagaServiceDiscovery
+) -> None:
+    """Redis loses everything: the registrar rebuilds and the client's agent re-announces."""
+    info = saga_client.register_service("durable", "http://10.0.0.9:80", ["rest"])
+    before = saga_registry.wait_for("durable").registered_at_ms
+    saga_registry.restart_redis()
+
+    def rebuilt() -> bool:
+        # A record written after the restart has a later registered_at than the lost one.
+        truth = anyio.run(registry_truth, saga_registry.redis_url)
+        return [(i.service_id, i.registered_at_ms > before) for i in truth.values()] == [
+            (info.service_id, True)
+        ]
+
+    _wait_sync(rebuilt, 20)
+    assert saga_client.is_registered("durable")

@@ -1,0 +1,125 @@
+"""The client in REST mode against the real HTTP gateway (in this event loop) and registrar."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import pytest
+
+from saga_events import (
+    Agent,
+    AsyncSagaServiceDiscovery,
+    Mirror,
+    Registrar,
+    SagaServiceDiscovery,
+    ServiceNotFound,
+)
+from saga_events.gateway import run_gateway
+from saga_events.testing import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+async def _serve(
+    registrar: Registrar, redis_url: str, token: str | None = None
+) -> AsyncIterator[str]:
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(run_gateway, registrar, redis_url, "127.0.0.1", 0, token)
+        yield f"http://{host}:{port}"
+        tg.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def saga_url(
+    registrar: Registrar, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    monkeypatch.delenv("SAGA_API_TOKEN", raising=False)
+    async for url in _serve(registrar, redis_url):
+        yield url
+
+
+async def test_rest_client_registers_discovers_and_unregisters_only_its_own(
+    saga_url: str, redis_url: str, mirror: Mirror
+) -> None:
+    """Register through the gateway, discover it, and DELETE only this client's instance."""
+    async with Agent(redis_url, "search", "http://10.0.0.1:9200", service_id="peer-1"):
+        await mirror.wait_for("search", 2)
+        async with AsyncSagaServiceDiscovery(saga_url) as saga:
+            assert saga.mode == "rest"
+            info = await saga.register_service("search", "http://10.0.0.2:9200", ["rest"])
+            assert info.source == "registry"
+            assert info.registered_at is not None and info.last_heartbeat is not None
+            assert saga.is_registered("search")
+            await mirror.wait_until(lambda m: len(m.instances("search")) == 2, 2)
+            found = await saga.discover_service("search")
+            assert found.service_id in {"peer-1", info.service_id}
+            assert await saga.unregister_service("search")
+            assert [i.service_id for i in mirror.instances("search")] == ["peer-1"]
+
+
+async def test_rest_client_registers_again_when_the_registry_forgot_it(
+    saga_url: str, mirror: Mirror
+) -> None:
+    """A heartbeat answered 404 (instance deleted behind its back) leads to a new registration."""
+    async with AsyncSagaServiceDiscovery(saga_url, heartbeat_interval=0.2) as saga:
+        info = await saga.register_service("billing", "http://10.0.0.3:80")
+        await mirror.wait_for("billing", 2)
+        async with httpx.AsyncClient(base_url=saga_url) as http:
+            resp = await http.delete("/api/v1/services/billing")
+            assert resp.status_code == 200
+        assert not mirror.instances("billing")
+        # The background keep-alive notices on its next heartbeat and registers again.
+        back = await mirror.wait_for("billing", 5)
+        assert back.service_id == info.service_id
+        assert await saga.refresh_registration("billing")
+
+
+async def test_rest_discovery_answers_from_cache_within_cache_ttl(
+    saga_url: str, mirror: Mirror
+) -> None:
+    """A cached answer is served until cache_ttl passes; with cache_ttl=0 every call asks."""
+    async with (
+        AsyncSagaServiceDiscovery(saga_url, cache_ttl=300) as cached,
+        AsyncSagaServiceDiscovery(saga_url, cache_ttl=0) as uncached,
+        AsyncSagaServiceDiscovery(saga_url) as owner,
+    ):
+        await owner.register_service("quotes", "http://10.0.0.4:80")
+        assert (await cached.discover_service("quotes")).source == "registry"
+        assert (await uncached.discover_service("quotes")).source == "registry"
+        assert await owner.unregister_service("quotes")
+        assert (await cached.discover_service("quotes")).source == "cache"
+        with pytest.raises(ServiceNotFound):
+            await uncached.discover_service("quotes")
+
+
+async def test_rest_client_with_wrong_token_keeps_the_host_running(
+    registrar: Registrar, redis_url: str, mirror: Mirror
+) -> None:
+    """A gateway that requires a token: the right one registers, a wrong one only logs."""
+    async for url in _serve(registrar, redis_url, token="s3cret"):
+        async with (
+            AsyncSagaServiceDiscovery(url, api_token="s3cret") as good,
+            AsyncSagaServiceDiscovery(url, api_token="wrong") as bad,
+        ):
+            assert (await good.register_service("ok", "http://10.0.0.5:80")).source == "registry"
+            info = await bad.register_service("nope", "http://10.0.0.6:80")
+            assert info.source == "local"
+            assert not bad.is_registered("nope")
+            assert mirror.instances("nope") == []
+            assert (await bad.discover_service("ok")).service_url == "http://10.0.0.5:80"
+
+
+async def test_sync_rest_client_from_a_worker_thread(saga_url: str, mirror: Mirror) -> None:
+    """The blocking twin in REST mode, called from a thread as a Flask handler would."""
+
+    def work() -> str:
+        with SagaServiceDiscovery(saga_url) as saga:
+            info = saga.register_service("flask-rest", "http://10.0.0.7:80", ["rest"])
+            assert saga.discover_service("flask-rest").service_id == info.service_id
+            return info.service_id
+
+    sid = await anyio.to_thread.run_sync(work)
+    assert sid
+    await eventually(lambda: not mirror.instances("flask-rest"), 2)
