@@ -468,7 +468,7 @@ def deregister_command(
 ) -> None:
     """Remove every instance of service NAME, or only instance SERVICE_ID (for operators).
 
-    An instance kept by a running Agent announces itself again at its next heartbeat.
+    An instance kept by a running Agent comes back within its next two heartbeats.
     """
     import urllib.parse
 

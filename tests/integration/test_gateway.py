@@ -461,3 +461,21 @@ async def test_redis_refusing_writes_gets_503_not_500(served: Served, redis_url:
     finally:
         await admin.config_set("maxmemory", "0")
         await admin.aclose()
+
+
+async def test_delete_cannot_evict_a_live_agent_for_long(
+    served: Served, redis_url: str, mirror: Mirror
+) -> None:
+    """DELETE removes an Agent's instance at once; the agent's next heartbeats bring it back."""
+    async with Agent(redis_url, "search", "http://10.2.2.2:80", ttl=30) as agent:
+        await mirror.wait_for("search", timeout=5)
+        gone = await served.client.delete("/api/v1/services/search")
+        assert gone.json()["removed"] == [agent.service_id]
+        assert (await served.client.get("/api/v1/services/search")).status_code == 404
+        # The leave took the stored seq + 1; the agent's seq has to pass it.
+        await agent.announce()
+        await agent.announce()
+        await mirror.wait_for("search", timeout=5)
+        back = await served.client.get("/api/v1/services/search")
+        assert back.status_code == 200
+        assert back.json()["service_id"] == agent.service_id
