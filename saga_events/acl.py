@@ -41,11 +41,13 @@ _READER_COMMANDS = (
     "unsubscribe",
     "ping",
 )
-_PUBLISHER_COMMANDS = ("publish", "subscribe", "unsubscribe", "ping")
+# TIME: agents base their incarnation on Redis's clock (see Agent.run).
+_PUBLISHER_COMMANDS = ("publish", "subscribe", "unsubscribe", "ping", "time")
 # Everything the registrar sends, including the commands inside its Lua
 # scripts (Redis checks those against the caller's ACL too).
 _REGISTRAR_COMMANDS = (
     "evalsha",
+    "eval",
     "script|load",
     "config|get",
     "config|set",
@@ -57,6 +59,9 @@ _REGISTRAR_COMMANDS = (
     "zadd",
     "zrem",
     "zrangebyscore",
+    "hget",
+    "hset",
+    "hdel",
     "pttl",
     "pexpire",
     "time",
