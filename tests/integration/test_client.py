@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -130,3 +132,31 @@ def test_registration_comes_back_after_redis_restarts_empty(
 
     _wait_sync(rebuilt, 20)
     assert saga_client.is_registered("durable")
+
+
+FORGETFUL_SCRIPT = """
+import sys
+from saga_events import SagaServiceDiscovery
+
+saga = SagaServiceDiscovery(redis_url=sys.argv[1])
+info = saga.register_service("forgetful", "http://10.0.0.10:80", ["rest"])
+print(info.source, flush=True)
+# no close(): the client's atexit hook must still say leave
+"""
+
+
+def test_sync_client_leaves_at_interpreter_exit_without_close(
+    saga_registry: SagaTestRegistry,
+) -> None:
+    """A script that never calls close() still unregisters when it exits, and does not hang."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORGETFUL_SCRIPT, saga_registry.redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "registry"
+    # Gone from Redis well before its 60 s TTL could have removed it.
+    _wait_sync(lambda: not anyio.run(registry_truth, saga_registry.redis_url), 5)
+    saga_registry.wait_gone("forgetful", timeout=5)
