@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -45,6 +46,7 @@ log = logging.getLogger("saga_events.mirror")
 _REMOVE_EVENTS: Final = frozenset({b"del", b"expired", b"evicted"})
 _SUBSCRIBE_REPLIES: Final = frozenset({b"subscribe", b"psubscribe"})
 CHANGE_BUFFER: Final = 10_000
+MAX_SHARED_CAPABILITY_SETS: Final = 4096
 
 
 class Added(msgspec.Struct, frozen=True):
@@ -181,6 +183,7 @@ class Mirror:
         self._by_service: dict[str, dict[str, Instance]] = {}
         self._live: dict[str, tuple[Instance, ...]] = {}
         self._rr: dict[str, itertools.count[int]] = {}
+        self._shared_caps: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._synced = False
         self._stale = True
         self._connected = False
@@ -537,7 +540,20 @@ class Mirror:
         if self.keys.parse_inst(key) != (inst.service_name, inst.service_id):
             log.warning("ignoring record %s that names another instance", key)
             return None
-        return inst
+        return self._share(inst)
+
+    def _share(self, inst: Instance) -> Instance:
+        """Let instances share one copy of their (immutable) service name and
+        capability tuple: ~200 bytes less per instance in a large view."""
+        name = sys.intern(inst.service_name)
+        caps = self._shared_caps.get(inst.capabilities)
+        if caps is None:
+            caps = tuple(sys.intern(c) for c in inst.capabilities)
+            if len(self._shared_caps) < MAX_SHARED_CAPABILITY_SETS:
+                self._shared_caps[caps] = caps
+        if name is inst.service_name and caps is inst.capabilities:
+            return inst
+        return msgspec.structs.replace(inst, service_name=name, capabilities=caps)
 
     def _put(self, key: str, raw: bytes | None) -> None:
         inst = self._decode(key, raw)
