@@ -113,6 +113,7 @@ class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
     def to_dict(self) -> dict[str, Any]:
         """The seed's JSON shape (ISO-8601 UTC times), plus ``metadata`` and ``source``."""
         out: dict[str, Any] = msgspec.to_builtins(self)
+        out["capabilities"] = list(self.capabilities)
         for field in ("registered_at", "last_heartbeat"):
             value = getattr(self, field)
             out[field] = _iso(value) if value is not None else None

@@ -160,3 +160,17 @@ def test_sync_client_leaves_at_interpreter_exit_without_close(
     # Gone from Redis well before its 60 s TTL could have removed it.
     _wait_sync(lambda: not anyio.run(registry_truth, saga_registry.redis_url), 5)
     saga_registry.wait_gone("forgetful", timeout=5)
+
+
+async def test_async_client_on_the_plugin_registry_with_registrar_stopped_and_restarted(
+    saga_registry: SagaTestRegistry,
+) -> None:
+    """The plugin's fault injection: no registrar, then one again; the client catches up."""
+    saga_registry.stop_registrar()
+    async with saga_registry.async_client(timeout=0.5) as saga:
+        info = await saga.register_service("patient", "http://10.0.0.11:80")
+        assert info.source == "local"
+        saga_registry.start_registrar()
+        found = await anyio.to_thread.run_sync(saga_registry.wait_for, "patient", 10.0)
+        assert found.service_id == info.service_id
+        await eventually(lambda: saga.is_registered("patient"), 5)

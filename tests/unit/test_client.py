@@ -346,3 +346,30 @@ async def test_rest_refused_registration_raises_invalid_event() -> None:
     async with rest_client(gateway, clock) as saga:
         with pytest.raises(InvalidEvent, match="refused"):
             await saga.register_service("refused", "http://svc:1")
+
+
+def test_service_info_to_dict_has_the_seed_shape() -> None:
+    """ServiceInfo.to_dict() gives the seed's field names and ISO-8601 UTC times."""
+    from datetime import UTC, datetime
+
+    from saga_events import ServiceInfo
+
+    when = datetime(2025, 1, 1, tzinfo=UTC)
+    info = ServiceInfo(
+        service_id="id-1",
+        service_name="gateway",
+        service_url="http://localhost:8000",
+        capabilities=("rest", "graphql"),
+        registered_at=when,
+        last_heartbeat=None,
+    )
+    assert info.to_dict() == {
+        "service_id": "id-1",
+        "service_name": "gateway",
+        "service_url": "http://localhost:8000",
+        "capabilities": ["rest", "graphql"],
+        "registered_at": "2025-01-01T00:00:00.000Z",
+        "last_heartbeat": None,
+        "metadata": {},
+        "source": "registry",
+    }
