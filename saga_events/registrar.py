@@ -634,7 +634,11 @@ class Registrar:
             return  # another registrar leads this rebuild
         self._rebuilding = True
         self.stats.rebuilds += 1
-        log.warning("registry has no epoch (new or restarted Redis): rebuilding as %s", epoch)
+        log.info(
+            "registry has no epoch (a new or restarted Redis): rebuild %s asks agents to "
+            "re-announce",
+            epoch,
+        )
         self._tg_for_rebuild.start_soon(self._finish_rebuild, epoch)
 
     _tg_for_rebuild: anyio.abc.TaskGroup | None = None
