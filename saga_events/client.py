@@ -229,6 +229,7 @@ class _RedisBackend:
         self._agents: dict[str, tuple[Agent, anyio.CancelScope]] = {}
         self._mirror: Mirror | None = None
         self._mirror_synced = anyio.Event()
+        self._waited_for_sync = False
         self._tg: TaskGroup | None = None
 
     async def start(self, tg: TaskGroup) -> None:
@@ -241,9 +242,24 @@ class _RedisBackend:
         task_status: TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                await tg.start(agent.run)
-                task_status.started(scope)
+            started = False
+            backoff = Backoff(base=1.0, cap=30.0)
+            while True:
+                try:
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(agent.run)
+                        if not started:
+                            started = True
+                            task_status.started(scope)
+                except Exception as exc:
+                    # The agent survives outages by itself; anything else (an ACL that
+                    # forbids PUBLISH, a bug) must not take the host service down either.
+                    agent.registered = False
+                    log.error("%s: agent stopped (%s); restarting it", agent.service_name, exc)
+                    if not started:
+                        started = True
+                        task_status.started(scope)
+                    await anyio.sleep(backoff.next())
 
     async def register(self, reg: Registration) -> tuple[ServiceInfo, bool]:
         assert self._tg is not None
@@ -286,7 +302,11 @@ class _RedisBackend:
         if entry is None:
             return False
         agent = entry[0]
-        ok = await agent.announce()
+        try:
+            ok = await agent.announce()
+        except Exception as exc:  # e.g. NOPERM; outages are handled inside announce()
+            log.error("%s: heartbeat failed (%s)", name, exc)
+            ok = False
         if not ok:
             agent.request_announce()  # the agent's loop registers again, with backoff
         return ok
@@ -298,7 +318,10 @@ class _RedisBackend:
         agent, scope = entry
         scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
-            return await agent.leave()
+            try:
+                return await agent.leave()
+            except Exception as exc:  # e.g. NOPERM: the instance then expires after its TTL
+                log.error("%s: could not send leave (%s)", name, exc)
         return False
 
     def is_registered(self, name: str) -> bool:
@@ -306,17 +329,27 @@ class _RedisBackend:
         return entry is not None and entry[0].registered
 
     async def _run_mirror(self, mirror: Mirror) -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(mirror.run)  # retries by itself until Redis answers
-            self._mirror_synced.set()
+        backoff = Backoff(base=1.0, cap=30.0)
+        while True:
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(mirror.run)  # retries outages by itself until synced
+                    self._mirror_synced.set()
+            except Exception as exc:  # e.g. an ACL without the mirror's grants
+                log.error("the client's mirror stopped (%s); restarting it", exc)
+                await anyio.sleep(backoff.next())
 
     async def discover(self, name: str) -> ServiceInfo:
         assert self._tg is not None
         if self._mirror is None:
             self._mirror = Mirror(self._redis, namespace=self._namespace)
             self._tg.start_soon(self._run_mirror, self._mirror)
-        with anyio.move_on_after(self._discovery_timeout):
-            await self._mirror_synced.wait()
+        if not self._mirror_synced.is_set() and not self._waited_for_sync:
+            # Only the first lookup waits for the first snapshot; later ones answer
+            # at once (fallback or RegistryUnavailable) while Redis stays unreachable.
+            self._waited_for_sync = True
+            with anyio.move_on_after(self._discovery_timeout):
+                await self._mirror_synced.wait()
         if not self._mirror_synced.is_set():
             raise RegistryUnavailable(name, "the mirror has not synced with Redis yet")
         inst = self._mirror.pick(name)  # raises ServiceNotFound
@@ -447,7 +480,12 @@ class _RestBackend:
                 await anyio.sleep(interval * random.uniform(0.9, 1.1))
             else:
                 await anyio.sleep(backoff.next())
-            entry.confirmed = await self._refresh_entry(entry)
+            try:
+                entry.confirmed = await self._refresh_entry(entry)
+            except Exception:
+                # Never let the keep-alive die, nor take the host service with it.
+                log.exception("%s: unexpected error in the heartbeat loop", name)
+                entry.confirmed = False
 
     async def _refresh_entry(self, entry: _RestRegistration) -> bool:
         if entry.confirmed and await self._post_heartbeat(entry.reg):

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from saga_events import (
+    Agent,
     AsyncSagaServiceDiscovery,
     Mirror,
     Registrar,
@@ -174,3 +175,28 @@ async def test_async_client_on_the_plugin_registry_with_registrar_stopped_and_re
         found = await anyio.to_thread.run_sync(saga_registry.wait_for, "patient", 10.0)
         assert found.service_id == info.service_id
         await eventually(lambda: saga.is_registered("patient"), 5)
+
+
+async def test_redis_user_without_publish_right_never_breaks_the_host(
+    redis_url: str, registrar: Registrar, mirror: Mirror
+) -> None:
+    """An ACL that forbids PUBLISH: registration only logs; discovery still works."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "nopub", "on", ">pw", "~*", "&*", "+@all", "-publish"
+        )
+    finally:
+        await admin.aclose()
+    limited = redis_url.replace("redis://", "redis://nopub:pw@")
+    async with Agent(redis_url, "peer", "http://10.0.0.12:80"):
+        await mirror.wait_for("peer", 2)
+        async with AsyncSagaServiceDiscovery(redis_url=limited, timeout=1) as saga:
+            info = await saga.register_service("muted", "http://10.0.0.13:80")
+            assert info.source == "local"
+            assert not saga.is_registered("muted")
+            assert not await saga.refresh_registration("muted")
+            assert (await saga.discover_service("peer")).service_url == "http://10.0.0.12:80"
+        assert mirror.instances("muted") == []
