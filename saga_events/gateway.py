@@ -14,12 +14,16 @@ Ordering of HTTP writes (they have no agent incarnation):
   incarnation taken from the gateway's clock: ``max(last + 1, now_ms * 1000)``
   (a hybrid clock: never goes back, even if the wall clock does), and above
   the instance's tombstone if one is left from a recent DELETE.
-* Any other write to an instance (re-register, heartbeat, DELETE) keeps the
-  stored incarnation and uses the stored ``seq + 1``. The apply script then
-  treats an unchanged record as a refresh (only the deadline moves,
-  ``registered_at`` is kept, mirrors see nothing) and a changed one as an
-  update. A write that loses a race with another writer (the script answers
-  ``stale``) is retried from what Redis holds now, up to eight attempts
+* A re-register or a DELETE of an instance Redis holds is applied with
+  ``after_newest``: the script gives it the instance's newest applied
+  incarnation and the next ``seq``, so it outranks everything before it.
+  An unchanged record is then a refresh (only the deadline moves,
+  ``registered_at`` is kept, mirrors see nothing), a changed one an update.
+* A heartbeat carries exactly the newest applied ``(incarnation, seq)``
+  (read from the registrar's order hash), so it only moves the deadline and
+  never outranks the owner's own next event (an Agent's update).
+* A write the script still answers ``stale`` (it lost a race with a
+  tombstone) is retried from what Redis holds now, up to eight attempts
   with a short random pause; within one gateway, writes to one instance
   take turns.
 
@@ -701,6 +705,23 @@ class Gateway:
             )
         return _info(inst, result.now_ms)
 
+    async def _newest_pairs(self, insts: list[model.Instance]) -> list[tuple[int, int]]:
+        """The newest (incarnation, seq) applied to each instance: the registrar's
+        order hash, or the record's own pair where the hash has none."""
+        keys = self.registrar.keys
+        raw = await self._redis.hmget(
+            keys.order, [keys.inst(i.service_name, i.service_id) for i in insts]
+        )
+        pairs: list[tuple[int, int]] = []
+        for inst, value in zip(insts, raw, strict=True):
+            text = value.decode() if isinstance(value, bytes) else (value or "")
+            inc, sep, seq = text.partition(":")
+            if sep and inc.isdigit() and seq.isdigit():
+                pairs.append((int(inc), int(seq)))
+            else:
+                pairs.append((inst.incarnation, inst.seq))
+        return pairs
+
     def _targets(self, name: str, service_id: str | None) -> list[model.Instance]:
         insts = self.mirror.instances(name)
         if service_id is not None:
@@ -711,11 +732,16 @@ class Gateway:
         targets = self._targets(name, service_id)
         if not targets:
             return None
+        # A heartbeat carries exactly the newest (incarnation, seq) applied to
+        # the instance: the script then only moves its deadline. A newer pair
+        # would outrank the owner's own next events (an Agent's update would
+        # be dropped as stale); an older one would be ignored.
+        pairs = await self._newest_pairs(targets)
         events = [
-            self.check(_announce_like(i, model.Heartbeat, i.incarnation, i.seq + 1))
-            for i in targets
+            self.check(_announce_like(i, model.Heartbeat, inc, seq))
+            for i, (inc, seq) in zip(targets, pairs, strict=True)
         ]
-        results = await self.registrar.apply_many(events, after_newest=True)
+        results = await self.registrar.apply_many(events)
         return HeartbeatResult(
             service_name=name,
             service_ids=[i.service_id for i in targets],

@@ -479,3 +479,20 @@ async def test_delete_cannot_evict_a_live_agent_for_long(
         back = await served.client.get("/api/v1/services/search")
         assert back.status_code == 200
         assert back.json()["service_id"] == agent.service_id
+
+
+async def test_http_heartbeats_do_not_outrank_an_agents_own_events(
+    served: Served, redis_url: str, mirror: Mirror
+) -> None:
+    """HTTP heartbeats by name only move deadlines: an Agent's next change still applies."""
+    async with Agent(redis_url, "ledger", "http://10.3.3.3:80", ttl=30) as agent:
+        await mirror.wait_for("ledger", timeout=5)
+        refreshed = served.gateway.registrar.stats.applied["refreshed"]
+        for _ in range(3):
+            beat = await served.client.post("/api/v1/services/ledger/heartbeat")
+            assert beat.status_code == 200
+        assert served.gateway.registrar.stats.applied["refreshed"] == refreshed + 3
+        await agent.update(capabilities=["rest", "v2"])
+        await mirror.wait_until(
+            lambda m: m.instances("ledger")[0].capabilities == ("rest", "v2"), timeout=5
+        )
