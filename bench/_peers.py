@@ -128,7 +128,7 @@ class ZooKeeperServer:
         self._tmp.cleanup()
 
 
-def zk_watcher_role(hosts: str, idx: int, queue: Any, target: str) -> None:
+def zk_watcher_role(hosts: str, idx: int, out: Any, target: str) -> None:
     """A kazoo ChildrenWatch on ``/services/<target>`` that reports each change."""
     logging.basicConfig(level=logging.ERROR)
     from kazoo.client import KazooClient
@@ -145,16 +145,16 @@ def zk_watcher_role(hosts: str, idx: int, queue: Any, target: str) -> None:
         current = set(children)
         if first.is_set():
             for sid in current - known:
-                queue.put(("add", idx, sid, now))
+                out.send(("add", idx, sid, now))
             for sid in known - current:
-                queue.put(("remove", idx, sid, now))
+                out.send(("remove", idx, sid, now))
         known.clear()
         known.update(current)
         first.set()
 
     client.ChildrenWatch(path, on_children)
     first.wait(30)
-    queue.put(("ready", idx, str(len(known)), time.monotonic_ns()))
+    out.send(("ready", idx, str(len(known)), time.monotonic_ns()))
     threading.Event().wait()
 
 
@@ -284,7 +284,7 @@ class EtcdClient:
         self.http.close()
 
 
-def etcd_watcher_role(url: str, idx: int, queue: Any, target: str) -> None:
+def etcd_watcher_role(url: str, idx: int, out: Any, target: str) -> None:
     """A watch on the prefix ``/services/<target>/`` that reports each change."""
     import httpx
 
@@ -300,7 +300,7 @@ def etcd_watcher_role(url: str, idx: int, queue: Any, target: str) -> None:
                 continue
             result = json.loads(line).get("result", {})
             if result.get("created"):
-                queue.put(("ready", idx, "0", now))
+                out.send(("ready", idx, "0", now))
             for ev in result.get("events", ()):
                 kv = ev.get("kv", {})
                 sid = base64.b64decode(kv.get("key", "")).decode()[len(prefix) :]
@@ -310,7 +310,7 @@ def etcd_watcher_role(url: str, idx: int, queue: Any, target: str) -> None:
                     kind = "add"
                 else:
                     kind = "update"
-                queue.put((kind, idx, sid, now))
+                out.send((kind, idx, sid, now))
 
 
 def etcd_victim_role(url: str, target: str, sids: Iterable[str], ttl: float, ready: Any) -> None:

@@ -77,17 +77,17 @@ class Sampler:
             for f in set(frames):
                 total[f] += count
 
-        def pct(c: Counter[str]) -> list[tuple[str, float]]:
+        def pct(c: Counter[str], skip_roots: bool) -> list[tuple[str, float]]:
             # Frames on (nearly) every stack are the event loop's roots: no news.
-            roots = 0.9 * max(total.values(), default=0)
+            roots = 0.9 * max(total.values(), default=0) if skip_roots else float("inf")
             hot = [(f, n) for f, n in c.most_common() if n < roots][:top]
             return [(f, round(100 * n / samples, 1)) for f, n in hot] if samples else []
 
         return {
             "samples": samples,
             "busy_pct": round(100 * samples / self.expected, 1),
-            "self_pct": pct(own),
-            "total_pct": pct(total),
+            "self_pct": pct(own, False),
+            "total_pct": pct(total, True),
         }
 
 

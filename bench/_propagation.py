@@ -15,6 +15,7 @@ TTL". Each watcher is its own process, as in a real deployment.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue as queue_mod
@@ -23,6 +24,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
 from typing import Any, Protocol
 
 import _harness as h
@@ -244,13 +246,20 @@ class Samples:
     all_ms: dict[str, list[float]] = field(default_factory=dict)  # kind → to every watcher
     copy_ms: dict[str, list[float]] = field(default_factory=dict)  # kind → each watcher
     lost: dict[str, int] = field(default_factory=dict)
+    cpu_ms_per_change: list[float] = field(default_factory=list)  # one per watcher
+    profile: dict[str, Any] | None = None  # py-spy of watcher 0, when asked
 
 
 class Collector:
     """Reads watcher reports; waits until M watchers have reported one change."""
 
-    def __init__(self, q: Any) -> None:
-        self.q = q
+    def __init__(self, readers: list[Any]) -> None:
+        # One pipe per watcher: a send is one write(2), no feeder thread to
+        # wake (a multiprocessing.Queue would add a thread switch per report
+        # to the very processes being measured).
+        self.readers = readers
+        self.buffered: collections.deque[Any] = collections.deque()
+        self.pids: list[int] = []
         self.early: dict[tuple[str, str], dict[int, int]] = {}
 
     def ready(self, m: int, timeout: float) -> list[str]:
@@ -261,12 +270,25 @@ class Collector:
             if left <= 0:
                 raise TimeoutError(f"only {len(seen)} of {m} watchers became ready")
             try:
-                kind, idx, info, _t = self.q.get(timeout=left)
+                kind, idx, info, _t = self._get(left)
             except queue_mod.Empty:
                 continue
             if kind == "ready":
                 seen[idx] = info
         return [seen[i] for i in sorted(seen)]
+
+    def _get(self, timeout: float) -> Any:
+        """The next report from any watcher; raises queue.Empty after ``timeout``."""
+        if not self.buffered:
+            for r in mp_connection.wait(self.readers, timeout):
+                try:
+                    while r.poll():
+                        self.buffered.append(r.recv())
+                except EOFError:
+                    self.readers.remove(r)  # that watcher died; its copies count as lost
+        if not self.buffered:
+            raise queue_mod.Empty
+        return self.buffered.popleft()
 
     def wait(self, kinds: set[str], sids: set[str], m: int, timeout: float) -> dict[str, list[int]]:
         """Times at which each watcher saw each of ``sids`` change (kind in ``kinds``)."""
@@ -281,7 +303,7 @@ class Collector:
             if left <= 0:
                 break
             try:
-                kind, idx, sid, t = self.q.get(timeout=min(left, 0.5))
+                kind, idx, sid, t = self._get(min(left, 0.5))
             except queue_mod.Empty:
                 continue
             if kind in kinds and sid in got:
@@ -293,17 +315,21 @@ class Collector:
 
 @contextlib.contextmanager
 def watchers(backend: Backend, m: int) -> Iterator[Collector]:
-    q = h.mp().Queue()
-    procs = [backend.watcher(i, q) for i in range(m)]
+    pipes = [h.mp().Pipe(duplex=False) for _ in range(m)]
+    procs = [backend.watcher(i, w) for i, (_r, w) in enumerate(pipes)]
     try:
         for p in procs:
             p.start()
-        collector = Collector(q)
+        for _r, w in pipes:
+            w.close()  # the child has its copy
+        collector = Collector([r for r, _w in pipes])
+        collector.pids = [p.pid for p in procs]
         collector.ready(m, timeout=60 + 2 * m)
         yield collector
     finally:
         h.stop_processes(procs)
-        q.close()
+        for r, _w in pipes:
+            r.close()
 
 
 def measure(
@@ -314,12 +340,23 @@ def measure(
     crash_victims: int,
     bar: Any,
     tag: str,
+    profile: bool = False,
 ) -> Samples:
     """Register/leave ``pairs`` instances one at a time, then crash some; M watchers."""
+    import psutil
+
     out = Samples()
     for kind in ("register", "leave", "crash"):
         out.all_ms[kind], out.copy_ms[kind], out.lost[kind] = [], [], 0
     with watchers(backend, m) as col:
+        procs = [psutil.Process(pid) for pid in col.pids]
+        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+        sampler = None
+        if profile:
+            import _profile
+
+            if _profile.py_spy_missing() is None:
+                sampler = _profile.Sampler(col.pids[0], 5)
         for i in range(pairs):
             sid = f"{tag}-m{m}-{i}"
             for kind, call, seen in (
@@ -331,6 +368,12 @@ def measure(
                 _record(out, kind, t0, times, m)
                 time.sleep(random.uniform(0.001, 0.004))
             bar.update(1)
+        cpu1 = [sum(p.cpu_times()[:2]) for p in procs]
+        out.cpu_ms_per_change = [
+            (b - a) * 1000 / (2 * pairs) for a, b in zip(cpu0, cpu1, strict=True)
+        ]
+        if sampler is not None:
+            out.profile = sampler.summary()
         ttl_ns = int(backend.crash_ttl * 1e9)
         for r in range(crash_rounds):
             sids = [f"{tag}-m{m}-crash{r}-{k}" for k in range(crash_victims)]
@@ -370,6 +413,7 @@ def run_backend(
     crash_rounds: int,
     crash_victims: int,
     bar: Any,
+    profile: bool = False,
 ) -> dict[int, Samples]:
     results: dict[int, Samples] = {}
     with contextlib.ExitStack() as stack:
@@ -385,6 +429,7 @@ def run_backend(
                 crash_victims,
                 bar,
                 tag=backend.name.lower().replace("-", ""),
+                profile=profile and m == max(m_values),
             )
     return results
 
@@ -400,6 +445,12 @@ def add_rows(report: h.Report, backend: str, results: dict[int, Samples]) -> Non
                 lost=s.lost[kind],
                 per_copy_median=h.summarize(s.copy_ms[kind])["median"],
             )
+        # CPU a watcher process spends per change (register or leave): load-independent.
+        report.add(f"{backend} watcher CPU per change M={m}", "ms CPU", s.cpu_ms_per_change)
+        if s.profile:
+            import _profile
+
+            report.note(_profile.format_summary(s.profile, f"a {backend} watcher at M={m}"))
 
 
 def plot(report: h.Report, fig: Any, backends: list[str]) -> None:

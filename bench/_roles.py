@@ -2,7 +2,7 @@
 
 Roles run in their own processes (started by :func:`_harness.mp`), as the
 registrar, the mirrors and the agents of a real deployment would. They
-report through ``multiprocessing`` queues, events and shared counters,
+report through ``multiprocessing`` pipes, events and shared counters,
 never through the Redis being measured.
 """
 
@@ -206,7 +206,7 @@ def registrar_role(url: str, ready: Any, counters: Any, slot: int, batch_size: i
     anyio.run(main)
 
 
-def watcher_role(url: str, idx: int, queue: Any, target: str) -> None:
+def watcher_role(url: str, idx: int, out: Any, target: str) -> None:
     """A Mirror that reports each change to ``target`` with the time it saw it."""
     _quiet()
 
@@ -226,11 +226,11 @@ def watcher_role(url: str, idx: int, queue: Any, target: str) -> None:
                         if isinstance(change, Removed)
                         else "update"
                     )
-                    queue.put((kind, idx, inst.service_id, now))
+                    out.send((kind, idx, inst.service_id, now))
 
             tg.start_soon(consume)
             await anyio.sleep(0.05)  # let consume() subscribe to changes()
-            queue.put(("ready", idx, str(len(mirror)), time.monotonic_ns()))
+            out.send(("ready", idx, str(len(mirror)), time.monotonic_ns()))
 
     anyio.run(main)
 

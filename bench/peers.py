@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirrors", default=None, help="comma-separated M values (default 1,10,50)")
     p.add_argument("--pairs", type=int, default=None, help="register+leave samples per M (100)")
     p.add_argument("--background", type=int, default=None, help="instances registered (1000)")
+    p.add_argument("--profile", action="store_true", help="py-spy one watcher at the largest M")
     p.add_argument("--crash-rounds", type=int, default=None, help="crash rounds per M (2)")
     p.add_argument("--only", default=None, help="comma-separated: saga-events,zookeeper,etcd")
     args = p.parse_args(argv)
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     total = len(runnable) * len(m_values) * (pairs + crash_rounds)
     with h.progress(total, "peers") as bar:
         for b in runnable:
-            results = prop.run_backend(b, m_values, background, pairs, crash_rounds, victims, bar)
+            results = prop.run_backend(
+                b, m_values, background, pairs, crash_rounds, victims, bar, args.profile
+            )
             prop.add_rows(report, b.name, results)
             ran.append(b.name)
     report.data["ran"] = ran
