@@ -9,6 +9,8 @@ are available in any test of a project that installs saga-events:
 * ``saga_registry`` -- ``saga_redis`` plus a running registrar, as a
   :class:`SagaTestRegistry` (clients, peers, bounded waits, fault injection).
 * ``saga_redis_url`` -- the URL of that registry's Redis.
+* ``saga_http_url`` -- that registry's HTTP API (the seed's REST API), started
+  on a free port for the test.
 * ``saga_client`` -- a blocking :class:`SagaServiceDiscovery` on that registry.
 * ``saga_mirror`` -- a started :class:`SyncMirror` on that registry.
 
@@ -26,6 +28,8 @@ Also here, for tests against a real Redis:
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -54,6 +58,7 @@ __all__ = [
     "registry_truth",
     "saga_client",
     "saga_fake",
+    "saga_http_url",
     "saga_mirror",
     "saga_redis",
     "saga_redis_url",
@@ -152,6 +157,9 @@ class SagaTestRegistry:
         self._mirror_cm: AbstractContextManager[Mirror] | None = None
         self._mirror: Mirror | None = None
         self._peers: dict[str, AbstractContextManager[Agent]] = {}
+        self._registrar: Registrar | None = None
+        self._http_task: concurrent.futures.Future[Any] | None = None
+        self._http_url: str | None = None
 
     @property
     def redis_url(self) -> str:
@@ -187,11 +195,13 @@ class SagaTestRegistry:
         if self._registrar_cm is None:
             registrar = self.portal.call(self._make_registrar)
             cm = self.portal.wrap_async_context_manager(registrar)
-            cm.__enter__()
+            self._registrar = cm.__enter__()
             self._registrar_cm = cm
 
     def stop_registrar(self) -> None:
         """Stop the registrar: events go unheard, clients report not registered."""
+        self.stop_http()
+        self._registrar = None
         cm, self._registrar_cm = self._registrar_cm, None
         if cm is not None:
             cm.__exit__(None, None, None)
@@ -200,7 +210,39 @@ class SagaTestRegistry:
         """Kill Redis and start an empty one on the same port (a crash and restart)."""
         self.server.restart()
 
+    def start_http(self, token: str | None = None) -> str:
+        """Serve the HTTP API (the seed's REST API) on a free port; return its base URL.
+
+        Needs the ``server`` extra (Litestar, uvicorn). ``token`` makes writes
+        require ``Authorization: Bearer <token>``.
+        """
+        if self._http_url is None:
+            if self._registrar is None:
+                raise RuntimeError("the registrar is stopped: start_registrar() first")
+            from .gateway import run_gateway
+
+            future, (host, port) = self.portal.start_task(
+                run_gateway, self._registrar, self.redis_url, "127.0.0.1", 0, token
+            )
+            self._http_task, self._http_url = future, f"http://{host}:{port}"
+        return self._http_url
+
+    def stop_http(self) -> None:
+        """Stop serving the HTTP API (clients in REST mode then see an outage)."""
+        task, self._http_task, self._http_url = self._http_task, None, None
+        if task is not None:
+            task.cancel()
+            done = threading.Event()
+            task.add_done_callback(lambda _: done.set())
+            done.wait(10)
+
+    @property
+    def http_url(self) -> str | None:
+        """The base URL of the HTTP API while :meth:`start_http` serves it."""
+        return self._http_url
+
     def close(self) -> None:
+        self.stop_http()
         for name in list(self._peers):
             self.remove(name)
         for attr in ("_mirror_cm", "_registrar_cm"):
@@ -324,6 +366,12 @@ def saga_redis_url(saga_registry: SagaTestRegistry) -> str:
 
 
 @pytest.fixture
+def saga_http_url(saga_registry: SagaTestRegistry) -> str:
+    """The HTTP API (the seed's REST API) of ``saga_registry``, on a free port."""
+    return saga_registry.start_http()
+
+
+@pytest.fixture
 def saga_client(saga_registry: SagaTestRegistry) -> Iterator[SagaServiceDiscovery]:
     """A blocking client in Redis mode on ``saga_registry``, closed after the test."""
     with saga_registry.client() as client:
@@ -335,3 +383,17 @@ def saga_mirror(saga_registry: SagaTestRegistry) -> Iterator[SyncMirror]:
     """A started :class:`SyncMirror` on ``saga_registry``."""
     with SyncMirror(saga_registry.redis_url, namespace=saga_registry.namespace) as mirror:
         yield mirror
+
+
+# -- the chaos harness (saga_events.chaos), re-exported for users' own suites ----------
+# Imported last: chaos imports nothing from here, so there is no import cycle.
+from .chaos import (  # noqa: E402
+    FAULTS,
+    ChaosConfig,
+    ChaosReport,
+    Deployment,
+    Violation,
+    run_chaos,
+)
+
+__all__ += ["FAULTS", "ChaosConfig", "ChaosReport", "Deployment", "Violation", "run_chaos"]

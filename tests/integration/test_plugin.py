@@ -72,6 +72,19 @@ USER_TESTS = textwrap.dedent(
             saga_mirror.pick("search")
 
 
+    def test_rest_api(saga_registry, saga_http_url):
+        import httpx
+        from saga_events import SagaServiceDiscovery
+
+        with SagaServiceDiscovery(saga_http_url) as saga:
+            info = saga.register_service("rest-svc", "http://127.0.0.1:9100", ["rest"])
+            assert info.source == "registry"
+            answer = httpx.get(f"{saga_http_url}/api/v1/services/rest-svc").json()
+            assert answer["service_id"] == info.service_id
+            assert saga_registry.wait_for("rest-svc").service_url == "http://127.0.0.1:9100"
+        saga_registry.wait_gone("rest-svc")
+
+
     def test_a_failing_user_test_fails(saga_fake):
         with saga_fake.sync_client() as saga:
             assert payment_url(saga) == "http://somewhere.else"
@@ -87,7 +100,7 @@ def test_plugin_fixtures_work_in_a_users_project(pytester: pytest.Pytester) -> N
         "import pytest\n\n@pytest.fixture\ndef anyio_backend():\n    return 'asyncio'\n"
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=5, failed=1)
+    result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(["*test_a_failing_user_test_fails*"])
 
 
@@ -95,6 +108,7 @@ def test_plugin_lists_its_fixtures(pytester: pytest.Pytester) -> None:
     """``pytest --fixtures`` shows the plugin's fixtures with their docs."""
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
     result = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")
-    for name in ("saga_fake", "saga_redis", "saga_registry", "saga_redis_url", "saga_client"):
+    names = ("saga_fake", "saga_redis", "saga_registry", "saga_redis_url", "saga_http_url")
+    for name in (*names, "saga_client"):
         result.stdout.fnmatch_lines([f"{name}*"])
     result.stdout.fnmatch_lines(["*saga_mirror*"])
