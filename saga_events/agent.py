@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
+from redis.exceptions import ResponseError
 
 from . import model
 from ._portal import PortalOwner
@@ -209,10 +210,28 @@ class Agent:
         """
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._control_loop)
+            ok = False  # stays False if the first attempt times out
             with anyio.move_on_after(self.first_announce_timeout):
+                await self._incarnation_from_redis_clock()
                 ok = await self.announce("register")
             task_status.started()
             await self._heartbeat_loop(ok)
+
+    async def _incarnation_from_redis_clock(self) -> None:
+        # The incarnation orders this run after every earlier run of the same
+        # service_id, tombstones included. Taken from the host clock, a clock
+        # that stepped back (NTP) would make a restarted instance look older
+        # than its own tombstone and hide it until the tombstone expires; so
+        # use Redis's clock, shared by every run. The host clock stays the
+        # fallback when TIME is refused (an ACL without +time) or Redis is down.
+        if self.seq:
+            return  # already announced: the incarnation must not change mid-run
+        try:
+            sec, usec = await self._redis.time()
+        except (*TRANSIENT, ResponseError) as exc:
+            log.debug("cannot read Redis TIME (%s); incarnation from the host clock", exc)
+            return
+        self.incarnation = model.new_incarnation(sec * 1000 + usec // 1000)
 
     def request_announce(self) -> None:
         """Ask the heartbeat loop to send a full ``register`` now."""

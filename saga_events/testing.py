@@ -29,7 +29,7 @@ Also here, for tests against a real Redis:
 from __future__ import annotations
 
 import concurrent.futures
-import threading
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -139,6 +139,14 @@ async def eventually(
             await anyio.sleep(interval)
 
 
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 class SagaTestRegistry:
     """A registrar on a private Redis, run in a background thread, for tests.
 
@@ -160,6 +168,7 @@ class SagaTestRegistry:
         self._registrar: Registrar | None = None
         self._http_task: concurrent.futures.Future[Any] | None = None
         self._http_url: str | None = None
+        self._http_port = 0
 
     @property
     def redis_url(self) -> str:
@@ -211,10 +220,12 @@ class SagaTestRegistry:
         self.server.restart()
 
     def start_http(self, token: str | None = None) -> str:
-        """Serve the HTTP API (the seed's REST API) on a free port; return its base URL.
+        """Serve the HTTP API (the seed's REST API); return its base URL.
 
-        Needs the ``server`` extra (Litestar, uvicorn). ``token`` makes writes
-        require ``Authorization: Bearer <token>``.
+        The first start picks a free port; a start after :meth:`stop_http`
+        reuses it, so clients find the API again. Needs the ``server`` extra
+        (Litestar, uvicorn). ``token`` makes writes require
+        ``Authorization: Bearer <token>``.
         """
         if self._http_url is None:
             if self._registrar is None:
@@ -222,19 +233,22 @@ class SagaTestRegistry:
             from .gateway import run_gateway
 
             future, (host, port) = self.portal.start_task(
-                run_gateway, self._registrar, self.redis_url, "127.0.0.1", 0, token
+                run_gateway, self._registrar, self.redis_url, "127.0.0.1", self._http_port, token
             )
-            self._http_task, self._http_url = future, f"http://{host}:{port}"
+            self._http_task, self._http_port = future, port
+            self._http_url = f"http://{host}:{port}"
         return self._http_url
 
     def stop_http(self) -> None:
         """Stop serving the HTTP API (clients in REST mode then see an outage)."""
         task, self._http_task, self._http_url = self._http_task, None, None
         if task is not None:
-            task.cancel()
-            done = threading.Event()
-            task.add_done_callback(lambda _: done.set())
-            done.wait(10)
+            task.cancel()  # marks the future at once; the server stops a moment later
+            deadline = time.monotonic() + 10
+            while _accepts("127.0.0.1", self._http_port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the HTTP API still answers on port {self._http_port}")
+                time.sleep(0.01)
 
     @property
     def http_url(self) -> str | None:
