@@ -13,11 +13,12 @@ from saga_events import (
     AsyncSagaServiceDiscovery,
     Mirror,
     Registrar,
+    RegistryUnavailable,
     SagaServiceDiscovery,
     ServiceNotFound,
 )
 from saga_events.gateway import run_gateway
-from saga_events.testing import eventually
+from saga_events.testing import SagaTestRegistry, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -123,3 +124,25 @@ async def test_sync_rest_client_from_a_worker_thread(saga_url: str, mirror: Mirr
     sid = await anyio.to_thread.run_sync(work)
     assert sid
     await eventually(lambda: not mirror.instances("flask-rest"), 2)
+
+
+def test_rest_client_rides_out_a_gateway_outage(saga_registry: SagaTestRegistry) -> None:
+    """Gateway down: the last answer is served as stale, a fallback answers, nothing raises
+    into the host; gateway back on the same port: discovery is live again."""
+    url = saga_registry.start_http()
+    saga_registry.add("ledger", "http://10.0.0.20:80")
+    with SagaServiceDiscovery(
+        url, cache_ttl=0, fallbacks={"audit": "http://localhost:8009"}, timeout=1
+    ) as saga:
+        assert saga.discover_service("ledger").source == "registry"
+        saga_registry.stop_http()
+        stale = saga.discover_service("ledger")
+        assert (stale.service_url, stale.source) == ("http://10.0.0.20:80", "stale")
+        assert saga.discover_service("audit").source == "fallback"
+        with pytest.raises(RegistryUnavailable):
+            saga.discover_service("nothing")
+        assert saga.register_service("late", "http://10.0.0.21:80").source == "local"
+        assert saga_registry.start_http() == url
+        assert saga.discover_service("ledger").source == "registry"
+        assert saga.refresh_registration("late")
+        assert saga_registry.wait_for("late").service_url == "http://10.0.0.21:80"
