@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import logging
 import os
 import random
+import re
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -56,7 +59,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from . import model
 from ._redis import Backoff, connect
-from .agent import Agent, default_service_id
+from .agent import Agent
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
 from .keys import is_valid_name
 from .mirror import Mirror
@@ -155,6 +158,18 @@ def _info_from_wire(raw: bytes, source: Source = "registry") -> ServiceInfo:
         metadata=w.metadata,
         source=source,
     )
+
+
+def stable_service_id(name: str, url: str) -> str:
+    """``<host>-<hash of name and url>``: the same on every start of the same service.
+
+    A service that crashes and starts again therefore replaces its old record at
+    once (a newer incarnation of the same instance) instead of leaving a dead
+    twin in the registry until its TTL runs out.
+    """
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:60] or "host"
+    digest = hashlib.sha256(f"{name}\n{url}".encode()).hexdigest()[:12]
+    return f"{host}-{digest}"
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -744,12 +759,14 @@ class AsyncSagaServiceDiscovery:
         it cannot be reached: then a warning is logged, the returned info has
         ``source == "local"``, and the client keeps trying in the background.
         Registering a name again updates its URL and capabilities. Raises
-        :class:`InvalidEvent` for bad arguments only.
+        :class:`InvalidEvent` for bad arguments only. ``service_id`` defaults
+        to :func:`stable_service_id` (host, name and URL), so a restarted
+        service replaces its old record instead of adding a twin.
         """
         self._check_open()
         if isinstance(capabilities, str):
             raise InvalidEvent("invalid", "capabilities must be a list of names, not a string")
-        sid = service_id or self._service_ids.get(name) or default_service_id()
+        sid = service_id or self._service_ids.get(name) or stable_service_id(name, url)
         reg = Registration(
             service_name=name,
             service_url=url,

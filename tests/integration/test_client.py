@@ -200,3 +200,33 @@ async def test_redis_user_without_publish_right_never_breaks_the_host(
             assert not await saga.refresh_registration("muted")
             assert (await saga.discover_service("peer")).service_url == "http://10.0.0.12:80"
         assert mirror.instances("muted") == []
+
+
+CRASHING_SCRIPT = """
+import os, sys
+from saga_events import SagaServiceDiscovery
+
+saga = SagaServiceDiscovery(redis_url=sys.argv[1])
+print(saga.register_service("phoenix", "http://10.0.0.30:80").source, flush=True)
+os._exit(0)  # a crash: no leave
+"""
+
+
+def test_restarted_service_replaces_its_crashed_record(
+    saga_registry: SagaTestRegistry, saga_client: SagaServiceDiscovery
+) -> None:
+    """After a crash (no leave) the restarted service takes over its record: no dead twin."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_SCRIPT, saga_registry.redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stdout.strip() == "registry", proc.stderr
+    crashed = saga_registry.wait_for("phoenix")
+    info = saga_client.register_service("phoenix", "http://10.0.0.30:80")
+    assert info.service_id == crashed.service_id
+    _wait_sync(
+        lambda: [i.incarnation for i in saga_registry.instances("phoenix")] != [crashed.incarnation]
+    )
+    assert [i.service_id for i in saga_registry.instances("phoenix")] == [crashed.service_id]

@@ -373,3 +373,20 @@ def test_service_info_to_dict_has_the_seed_shape() -> None:
         "metadata": {},
         "source": "registry",
     }
+
+
+async def test_a_restarted_service_replaces_its_record_instead_of_adding_a_twin() -> None:
+    """The default service_id is stable for (host, name, url): a crash leaves no duplicate."""
+    registry = FakeRegistry()
+    crashed = registry.client()
+    async with crashed:
+        first = await crashed.register_service("svc", "http://10.0.0.1:80")
+        registry.available = False  # the crash: its leave never arrives
+    registry.available = True
+    assert len(registry.instances("svc")) == 1
+    async with registry.client() as restarted:
+        second = await restarted.register_service("svc", "http://10.0.0.1:80")
+        assert second.service_id == first.service_id
+        assert len(registry.instances("svc")) == 1
+        other = await restarted.register_service("svc2", "http://10.0.0.1:80")
+        assert other.service_id != first.service_id
