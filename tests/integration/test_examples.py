@@ -133,12 +133,20 @@ def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
 
 
+def service_env_for(saga_url: str, name: str, port: int) -> dict[str, str]:
+    return {
+        "SERVICE_NAME": name,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "SAGA_SERVICE_URL": saga_url,
+    }
+
+
 def service_env(saga_up: SagaUp, mode: str, name: str, port: int) -> dict[str, str]:
-    env = {"SERVICE_NAME": name, "HOST": "127.0.0.1", "PORT": str(port)}
     if mode == "rest":
-        env["SAGA_SERVICE_URL"] = saga_up.saga_url
-    else:
-        env["SAGA_REDIS_URL"] = saga_up.redis_url
+        return service_env_for(saga_up.saga_url, name, port)
+    env = {"SERVICE_NAME": name, "HOST": "127.0.0.1", "PORT": str(port)}
+    env["SAGA_REDIS_URL"] = saga_up.redis_url
     return env
 
 
@@ -237,3 +245,35 @@ def test_discovery_with_retries_gives_up_with_a_clear_error(saga_up: SagaUp) -> 
     assert out == ""
     assert f"giving up on {name} after 3 attempts" in err
     assert f"no live instance of service '{name}'" in err
+
+
+def test_fastapi_service_starts_without_registry_and_registers_when_it_comes() -> None:
+    """Registry down at start: the service still serves; once the registry is up, it registers."""
+    saga_port, port, name = free_port(), free_port(), unique("early")
+    env = service_env_for(f"http://127.0.0.1:{saga_port}", name, port)
+    with example("fastapi_service.py", env) as service:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), STARTUP, "health")
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health == {"status": "healthy", "service": name, "registered": False}
+        up = subprocess.Popen(
+            [sys.executable, "-m", "saga_events", "up", "--redis-port", "0",
+             "--http", f"127.0.0.1:{saga_port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            text = "".join(_read_until(up, r"Press Ctrl-C", STARTUP))
+            redis_url = re.search(r"Redis:\s+(\S+)", text)
+            assert redis_url, text
+            with SyncMirror(redis_url.group(1)) as mirror:
+                # The client retries with backoff; no restart of the service needed.
+                assert mirror.wait_for(name, STARTUP).service_url == f"http://127.0.0.1:{port}"
+            wait_until(
+                lambda: httpx.get(f"http://127.0.0.1:{port}/health").json()["registered"],
+                5,
+                "registered in /health",
+            )
+            assert _stop(service) in CLEAN_EXIT
+        finally:
+            assert _stop(up, signal.SIGINT) == 0
+            if up.stdout is not None:
+                up.stdout.close()
