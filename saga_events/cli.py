@@ -341,6 +341,31 @@ def acl_command(
         click.echo(role.acl_file_line(password) if acl_file else role.setuser_line(password))
 
 
+@main.command(name="doctor")
+@redis_option
+@namespace_option
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option(
+    "--canary-wait", default=3.5, show_default=True,
+    help="Seconds to wait for a registrar's liveness notification.",
+)  # fmt: skip
+def doctor_command(
+    redis_url: str | None, namespace: str, as_json: bool, canary_wait: float
+) -> None:
+    """Check a deployment; exit status 0 when healthy, 1 when not (with the fixes)."""
+    from .doctor import diagnose, healthy, render
+
+    if not redis_url:
+        raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
+    findings = anyio.run(lambda: diagnose(redis_url, namespace, canary_wait=canary_wait))
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy(findings),
+                               "findings": [f.as_dict() for f in findings]}))  # fmt: skip
+    else:
+        click.echo(render(findings))
+    raise SystemExit(0 if healthy(findings) else 1)
+
+
 # -- operator commands over the HTTP API (register, deregister) -------------------------
 
 saga_url_option = click.option(

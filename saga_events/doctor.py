@@ -1,0 +1,295 @@
+"""``saga-events doctor``: check a deployment and say how to fix what is wrong.
+
+Each check gives a status (``ok``, ``warn`` or ``fail``), what it found and,
+when it is not ok, the fix. The deployment is healthy when nothing fails;
+warnings are things to look at (a check this user may not run, a clock a
+little off). Every check works with the least-privilege reader user: what it
+may not do is reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError, ResponseError
+
+from ._redis import TRANSIENT, close_quietly, connect
+from .keys import Keys
+from .registrar import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover, merge_flags
+
+MIN_VERSION: Final = (6, 2)
+SKEW_WARN_S: Final = 1.0
+LATENCY_WARN_MS: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """The outcome of one check."""
+
+    check: str
+    status: str  # "ok" | "warn" | "fail"
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def healthy(findings: list[Finding]) -> bool:
+    """True when no check failed."""
+    return all(f.status != "fail" for f in findings)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+async def _version(client: aioredis.Redis) -> Finding:
+    try:
+        info = await client.info("server")
+    except ResponseError as exc:
+        return Finding(
+            "redis version",
+            "warn",
+            f"cannot read INFO ({exc})",
+            "run doctor as a user that may run INFO to see the version",
+        )
+    version = _text(info.get("redis_version", "?"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if len(parts) == 2 and parts < MIN_VERSION:
+        return Finding(
+            "redis version",
+            "fail",
+            f"Redis {version}",
+            f"upgrade to Redis {'.'.join(map(str, MIN_VERSION))} or newer "
+            "(the registrar's scripts read TIME before writing)",
+        )
+    return Finding("redis version", "ok", f"Redis {version}")
+
+
+async def _flags(client: aioredis.Redis) -> Finding:
+    try:
+        answer = await client.config_get(NOTIFY_SETTING)
+    except ResponseError as exc:
+        return Finding(
+            "notification flags",
+            "warn",
+            f"cannot read {NOTIFY_SETTING} ({exc}); the canary check below shows "
+            "whether notifications flow",
+            "run doctor as the registrar's user to read the setting",
+        )
+    current = _text(next(iter(answer.values()), b""))
+    if flags_cover(current):
+        return Finding("notification flags", "ok", f"{NOTIFY_SETTING} = {current!r}")
+    return Finding(
+        "notification flags",
+        "fail",
+        f"{NOTIFY_SETTING} = {current!r} lacks some of {REQUIRED_FLAGS!r}: mirrors "
+        "hear of no change",
+        f"CONFIG SET {NOTIFY_SETTING} {merge_flags(current)} (a running registrar "
+        "re-applies it within seconds unless started with --no-manage-config)",
+    )
+
+
+async def _acl(client: aioredis.Redis, keys: Keys) -> Finding:
+    try:
+        user = _text(await client.execute_command("ACL", "WHOAMI"))  # type: ignore[no-untyped-call]
+    except ResponseError:
+        user = "(ACL WHOAMI refused)"
+    can: list[str] = []
+    cannot: list[str] = []
+    try:
+        await client.smembers(keys.index)
+        can.append("read the registry")
+    except NoPermissionError:
+        cannot.append("read the registry")
+    try:
+        await client.config_get(NOTIFY_SETTING)
+        can.append("CONFIG")
+    except NoPermissionError:
+        cannot.append("CONFIG (only a registrar needs it)")
+    detail = f"user {user}: can {', '.join(can) or 'nothing probed'}"
+    if cannot:
+        detail += f"; cannot {', '.join(cannot)}"
+    if "read the registry" in cannot:
+        return Finding(
+            "acl",
+            "fail",
+            detail,
+            "mirrors need the reader role: see `saga-events acl` and docs/SECURITY.md",
+        )
+    return Finding("acl", "ok", detail)
+
+
+async def _latency(client: aioredis.Redis, n: int = 20) -> Finding:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await client.ping()
+        samples.append((time.perf_counter() - t0) * 1000)
+    median, worst = statistics.median(samples), max(samples)
+    detail = f"PING round trip median {median:.2f} ms, max {worst:.2f} ms over {n}"
+    if median > LATENCY_WARN_MS:
+        return Finding(
+            "latency",
+            "warn",
+            detail,
+            "put registrars near Redis; agents and mirrors tolerate latency, but "
+            "every change reaches mirrors that much later",
+        )
+    return Finding("latency", "ok", detail)
+
+
+async def _clock(client: aioredis.Redis) -> Finding:
+    try:
+        t0 = time.time()
+        sec, usec = await client.time()
+        t1 = time.time()
+    except ResponseError as exc:
+        return Finding("clock skew", "warn", f"cannot run TIME ({exc})", "")
+    skew = (sec + usec / 1e6) - (t0 + t1) / 2
+    detail = f"Redis clock - host clock = {skew * 1000:+.0f} ms"
+    if abs(skew) > SKEW_WARN_S:
+        return Finding(
+            "clock skew",
+            "warn",
+            detail,
+            "sync both clocks (NTP). Deadlines and incarnations use Redis's clock, "
+            "but registered_at and the HTTP gateway's ordering read host clocks",
+        )
+    return Finding("clock skew", "ok", detail)
+
+
+async def _registrar(client: aioredis.Redis, keys: Keys, wait: float) -> list[Finding]:
+    """Registrar liveness, seen the way a mirror sees it: its canary notifications."""
+    findings = []
+    epoch = await client.get(keys.epoch)
+    if epoch is None:
+        findings.append(
+            Finding(
+                "epoch",
+                "warn",
+                f"no {keys.epoch}: no registrar has run here",
+                "start one: saga-events registrar --redis URL",
+            )
+        )
+    elif _text(epoch).endswith(":rebuilding"):
+        findings.append(
+            Finding(
+                "epoch",
+                "warn",
+                f"{_text(epoch)}: a rebuild is in progress",
+                "wait a few seconds; a rebuild left behind is finished by the "
+                "next registrar that starts",
+            )
+        )
+    else:
+        findings.append(Finding("epoch", "ok", _text(epoch)))
+    seen = 0
+    pubsub = client.pubsub()
+    try:
+        await pubsub.psubscribe(keys.registrar_notifications)
+        with anyio.move_on_after(wait):
+            while not seen:
+                reply = await pubsub.get_message(timeout=wait)
+                if reply is not None and reply.get("type") == "pmessage":
+                    seen += 1
+    except NoPermissionError as exc:
+        findings.append(
+            Finding(
+                "registrar",
+                "warn",
+                f"cannot subscribe to the canary ({exc})",
+                "run doctor as the reader or registrar user",
+            )
+        )
+        return findings
+    finally:
+        await close_quietly(pubsub)
+    if seen:
+        findings.append(
+            Finding("registrar", "ok", "a registrar is alive and its notifications reach clients")
+        )
+        return findings
+    registrars: list[str] | None
+    try:
+        registrars = [
+            _text(k) async for k in client.scan_iter(match=f"{keys.prefix}registrar:*", count=1000)
+        ]
+    except NoPermissionError:
+        registrars = None
+    if registrars:
+        findings.append(
+            Finding(
+                "registrar",
+                "fail",
+                f"{len(registrars)} registrar(s) alive but no liveness "
+                f"notification arrived in {wait:.0f} s: notifications are off "
+                "or dropped on the way",
+                f"check {NOTIFY_SETTING} (see above) and any proxy between clients and Redis",
+            )
+        )
+    else:
+        what = (
+            "no registrar is running"
+            if registrars == []
+            else ("no registrar liveness seen (no registrar, or notifications off)")
+        )
+        findings.append(
+            Finding(
+                "registrar",
+                "fail",
+                f"{what} in {wait:.0f} s",
+                "start one: saga-events registrar --redis URL (or saga-events up); "
+                "until then agents cannot register",
+            )
+        )
+    return findings
+
+
+async def diagnose(
+    redis: str, namespace: str = "default", *, canary_wait: float = 3.5
+) -> list[Finding]:
+    """Run every check against ``redis``; never raises for a broken deployment."""
+    keys = Keys(namespace)
+    client = connect(redis)
+    try:
+        try:
+            await client.ping()
+        except (*TRANSIENT, ResponseError) as exc:
+            return [
+                Finding(
+                    "connect",
+                    "fail",
+                    f"cannot reach {redis}: {exc}",
+                    "check the URL, network, password and TLS (rediss://, ?ssl_ca_certs=...)",
+                )
+            ]
+        findings = [Finding("connect", "ok", "PING answered")]
+        findings.append(await _version(client))
+        findings.append(await _flags(client))
+        findings.append(await _acl(client, keys))
+        findings.append(await _latency(client))
+        findings.append(await _clock(client))
+        findings.extend(await _registrar(client, keys, canary_wait))
+        return findings
+    except TRANSIENT as exc:
+        return [Finding("connect", "fail", f"lost {redis} during the checks: {exc}", "")]
+    finally:
+        await client.aclose()
+
+
+def render(findings: list[Finding]) -> str:
+    """Human-readable report, one line per check and its fix."""
+    lines = []
+    for f in findings:
+        lines.append(f"{f.status.upper():5} {f.check}: {f.detail}")
+        if f.fix and f.status != "ok":
+            lines.append(f"      fix: {f.fix}")
+    lines.append("healthy" if healthy(findings) else "NOT healthy")
+    return "\n".join(lines)
