@@ -199,8 +199,8 @@ def _plot(report: h.Report, fig: Any) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("µs per discovery call (log scale)")
     for yi, m in zip(y, med, strict=True):
-        ax.text(m * 1.1, yi, f"{m:.3g} µs", va="center", fontsize=7)
-    ax.legend(fontsize=7, loc="lower right")
+        ax.text(m * 1.1, yi, f"{h.fmt(m)} µs", va="center", fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     ax.set_title("Cost of one discovery call")
     ax.grid(True, axis="x", alpha=0.3)
 
