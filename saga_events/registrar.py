@@ -164,6 +164,18 @@ end
 return 0
 """
 
+# Replace a 'ready' epoch; leave a missing one (that calls for a rebuild) and a
+# 'rebuilding' one (its rebuild ends with a new epoch anyway) alone: a mirror that
+# saw 'ready' in the middle of a rebuild would resync to a registry not yet rebuilt.
+BUMP_EPOCH_LUA: Final = r"""
+local current = redis.call('GET', KEYS[1])
+if not current or string.sub(current, -11) == ':rebuilding' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
@@ -614,10 +626,11 @@ class Registrar:
         """Tell mirrors to resync: replace the epoch by a new one in state ``ready``.
 
         Does nothing (returns None) when there is no epoch: that calls for a
-        rebuild (:meth:`check_epoch`), not a resync.
+        rebuild (:meth:`check_epoch`), not a resync; nor during a rebuild, which
+        ends with a new epoch of its own.
         """
         value = f"{now_ms()}-{secrets.token_hex(4)}:ready"
-        if await self._redis.set(self.keys.epoch, value, xx=True):
+        if await self._redis.eval(BUMP_EPOCH_LUA, 1, self.keys.epoch, value):
             return value
         return None
 

@@ -194,7 +194,9 @@ class SagaTestRegistry:
         return self
 
     async def _make_registrar(self) -> Registrar:
-        return Registrar(self.redis_url, namespace=self.namespace, rebuild_wait=0.2)
+        # The production rebuild_wait: agents answer a re-announce request after a
+        # random delay of up to 2 s, and a shorter wait would end a rebuild early.
+        return Registrar(self.redis_url, namespace=self.namespace)
 
     async def _make_mirror(self) -> Mirror:
         return Mirror(self.redis_url, namespace=self.namespace, sync_timeout=10)

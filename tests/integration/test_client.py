@@ -230,3 +230,24 @@ def test_restarted_service_replaces_its_crashed_record(
         lambda: [i.incarnation for i in saga_registry.instances("phoenix")] != [crashed.incarnation]
     )
     assert [i.service_id for i in saga_registry.instances("phoenix")] == [crashed.service_id]
+
+
+async def _discovered_source(saga: AsyncSagaServiceDiscovery, name: str, want: str) -> None:
+    # Polls: the mirror's staleness has no public event to await.
+    with anyio.fail_after(15):
+        while (await saga.discover_service(name)).source != want:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
+async def test_redis_mode_serves_the_last_view_as_stale_while_redis_is_down(
+    saga_registry: SagaTestRegistry,
+) -> None:
+    """Redis dies: discovery keeps answering from the mirror, marked stale, then live again."""
+    saga_registry.add("peer2", "http://10.0.0.40:80")
+    async with saga_registry.async_client() as saga:
+        assert (await saga.discover_service("peer2")).source == "registry"
+        saga_registry.server.kill()
+        await _discovered_source(saga, "peer2", "stale")
+        assert (await saga.discover_service("peer2")).service_url == "http://10.0.0.40:80"
+        saga_registry.server.start()
+        await _discovered_source(saga, "peer2", "registry")
