@@ -277,3 +277,19 @@ def test_fastapi_service_starts_without_registry_and_registers_when_it_comes() -
             assert _stop(up, signal.SIGINT) == 0
             if up.stdout is not None:
                 up.stdout.close()
+
+
+def test_readme_client_snippet_runs_against_saga_events_up(saga_up: SagaUp) -> None:
+    """The README's client example, pointed at the running gateway, prints what it says."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("## Python client and examples", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the client section should hold exactly one Python block"
+    assert '"http://localhost:8030"' in blocks[0]
+    code = blocks[0].replace("http://localhost:8030", saga_up.saga_url)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=STARTUP
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["registry", "http://10.0.0.5:8002", "fallback"]
+    wait_until(lambda: not saga_up.mirror.instances("payment"), 5, "payment left")
