@@ -21,7 +21,7 @@ from typing import Any, Final
 import anyio
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from . import model
 from ._ratelimit import TokenBuckets
@@ -272,6 +272,7 @@ class Registrar:
         self.started_ms = now_ms()
         self.subscribed = False
         self._rejections = RateLimitedLog(log)
+        self._redis_refusals = RateLimitedLog(log, burst=5)
         # Per-instance flood guard (events/s and burst); None turns it off.
         self._buckets = TokenBuckets(rate_limit, rate_burst) if rate_limit else None
         self._apply_sha: str | None = None
@@ -330,6 +331,9 @@ class Registrar:
                 return
             except TRANSIENT as exc:
                 log.warning("registrar cannot reach Redis (%s); retrying", exc)
+                await anyio.sleep(backoff.next())
+            except RedisError as exc:  # OOM, READONLY, LOADING, NOPERM…: say so, retry
+                log.error("Redis refused the registrar's start-up (%s); retrying", exc)
                 await anyio.sleep(backoff.next())
 
     # -- notification flags ------------------------------------------------
@@ -505,7 +509,9 @@ class Registrar:
                 await self.check_epoch()
                 reconnected = True
                 await self._consume(pubsub)
-            except TRANSIENT as exc:
+            except (*TRANSIENT, RedisError) as exc:
+                # RedisError: a refused command (READONLY after a failover, OOM,
+                # LOADING) must not take the registrar down: start over.
                 self.subscribed = False
                 self.stats.reconnects += 1
                 log.warning("registrar lost its subscription (%s); reconnecting", exc)
@@ -546,7 +552,17 @@ class Registrar:
             if event is not None and self._within_rate(event):
                 events.append(event)
         if events:
-            await self.apply_many(events)
+            try:
+                await self.apply_many(events)
+            except ResponseError as exc:
+                # Redis refused the writes (OOM, READONLY): these events are lost,
+                # the agents' next heartbeats carry the same records again.
+                self.stats.rejected["redis_refused"] += len(events)
+                self._redis_refusals.warning(
+                    "Redis refused %d events (%s); the next heartbeats retry them",
+                    len(events),
+                    exc,
+                )
 
     async def _reap_loop(self) -> None:
         backoff = Backoff()
@@ -560,6 +576,9 @@ class Registrar:
                 await anyio.sleep(backoff.next())
             except NoScriptError:
                 await self._safe_reload()
+            except RedisError as exc:
+                self._redis_refusals.warning("reaper: Redis refused (%s)", exc)
+                await anyio.sleep(backoff.next())
 
     async def reap(self, limit: int = 1000) -> int:
         """Remove the instances whose deadline has passed (Redis clock); return how many."""
@@ -579,7 +598,7 @@ class Registrar:
     async def _safe_reload(self) -> None:
         try:
             await self._load_scripts()
-        except TRANSIENT:
+        except (*TRANSIENT, RedisError):
             pass
 
     async def _housekeeping_loop(self) -> None:
@@ -595,6 +614,8 @@ class Registrar:
                     await self._recheck_config()
             except TRANSIENT as exc:
                 log.debug("housekeeping: %s", exc)
+            except RedisError as exc:
+                self._redis_refusals.warning("housekeeping: Redis refused (%s)", exc)
 
     async def _recheck_config(self) -> None:
         if not self.manage_config:
@@ -681,7 +702,7 @@ class Registrar:
                 log.info("rebuild %s done", epoch)
             else:
                 log.warning("rebuild %s superseded (Redis changed under it)", epoch)
-        except TRANSIENT as exc:
+        except (*TRANSIENT, RedisError) as exc:
             log.warning("rebuild %s interrupted (%s); will retry", epoch, exc)
         finally:
             self._rebuilding = False
