@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import _harness as h
 import _roles
 
+from saga_events.model import new_incarnation
+
 WAIT_S = 10.0  # per sample; a change not seen by then counts as lost
 
 
@@ -66,7 +68,7 @@ class SagaBackend:
         _roles.start_registrars(self.url, 1, stack)
         self._raw = _roles.RawRedis(server.host, server.port)
         stack.callback(self._raw.close)
-        self._inc = _roles.model.new_incarnation()
+        self._inc = new_incarnation()
 
     def preload(self, n: int) -> None:
         assert self._raw is not None
@@ -280,7 +282,8 @@ class Collector:
     def _get(self, timeout: float) -> Any:
         """The next report from any watcher; raises queue.Empty after ``timeout``."""
         if not self.buffered:
-            for r in mp_connection.wait(self.readers, timeout):
+            ready: list[Any] = mp_connection.wait(self.readers, timeout)
+            for r in ready:
                 try:
                     while r.poll():
                         self.buffered.append(r.recv())

@@ -166,7 +166,7 @@ def wait_epoch_ready(url: str, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             raw = r.get(KEYS.epoch)
-            if raw is not None and raw.endswith(b":ready"):
+            if isinstance(raw, bytes) and raw.endswith(b":ready"):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError("registrar did not finish its first rebuild")

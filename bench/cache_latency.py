@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 import _roles
 
+from saga_events.model import new_incarnation
+
 SERVICE = "checkout"
 
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = _roles.RawRedis(server.host, server.port)
         stack.callback(raw.close)
         _roles.preload(raw, background)
-        inc = _roles.model.new_incarnation()
+        inc = new_incarnation()
         raw.send(
             [
                 _roles.publish_cmd(

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 import _roles
 
+from saga_events.model import new_incarnation
+
 
 def _info(r: Any) -> tuple[int, dict[str, int]]:
     stats = r.info("stats")
@@ -42,7 +44,7 @@ def run_size(n: int, interval: float, ttl_ms: int, profile: bool, bar: Any) -> d
         counters, procs = _roles.start_registrars(server.url, 1, stack)
         raw = _roles.RawRedis(server.host, server.port)
         stack.callback(raw.close)
-        inc = _roles.model.new_incarnation()
+        inc = new_incarnation()
         ids = [(f"svc-{i % 500}", f"i-{i}") for i in range(n)]
         urls = [_roles.instance_url(i) for i in range(n)]
 

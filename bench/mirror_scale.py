@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 import _roles
 
+from saga_events.model import new_incarnation
+
 
 def cold_start_role(url: str, mode: str, queue: Any) -> None:
     """One cold start of a Mirror; put (seconds, rss growth, traced bytes, instances, details).
@@ -87,7 +89,7 @@ def measure(n: int, repeats: int, profile: bool, bar: Any) -> dict[str, Any]:
         counters, _procs = _roles.start_registrars(server.url, 1, stack)
         raw = _roles.RawRedis(server.host, server.port)
         stack.callback(raw.close)
-        inc = _roles.model.new_incarnation()
+        inc = new_incarnation()
         bar.set_description(f"N={n}: registering")
         commands = [
             _roles.publish_cmd(

@@ -98,12 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in m_values:
         ours = med(f"saga-events register M={m}")
         ours99 = p99(f"saga-events register M={m}")
-        others = [
-            (n, med(f"{n} register M={m}"), p99(f"{n} register M={m}"))
-            for n in ran
-            if n != "saga-events"
-        ]
-        others = [(n, a, b) for n, a, b in others if a is not None and b is not None]
+        others: list[tuple[str, float, float]] = []
+        for n in ran:
+            a, b = med(f"{n} register M={m}"), p99(f"{n} register M={m}")
+            if n != "saga-events" and a is not None and b is not None:
+                others.append((n, a, b))
         if ours is None or ours99 is None or not others:
             continue
         worse = [n for n, a, b in others if ours > a or ours99 > b]

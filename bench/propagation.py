@@ -26,6 +26,8 @@ import _harness as h
 import _propagation as prop
 import _roles
 
+from saga_events.model import new_incarnation
+
 MOVING = "bench-moving"
 
 
@@ -48,7 +50,7 @@ def staleness(url: str, clients: int, cache_ttl: float, bar: Any) -> dict[str, A
         try:
             r = aioredis.Redis.from_url(url)
             raw = _roles.RawRedis(*_roles.host_port(url))
-            inc = _roles.model.new_incarnation()
+            inc = new_incarnation()
             old, new = "http://10.9.0.1:8080", "http://10.9.0.2:8080"
             raw.send(
                 [

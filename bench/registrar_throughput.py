@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 import _roles
 
+from saga_events.model import new_incarnation
+
 WINDOW = 0.1  # s, for the per-window rates
 
 
@@ -40,7 +42,7 @@ def run(registrars: int, workload: str, events: int, profile: bool, bar: Any) ->
         counters, procs = _roles.start_registrars(server.url, registrars, stack)
         raw = _roles.RawRedis(server.host, server.port)
         stack.callback(raw.close)
-        inc = _roles.model.new_incarnation()
+        inc = new_incarnation()
         # At most 10 events per instance, well inside the per-instance rate limit.
         n_inst = events if workload == "register" else max(1, events // 10)
         ids = [(f"svc-{i % 500}", f"i-{i}") for i in range(n_inst)]
