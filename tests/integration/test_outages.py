@@ -38,7 +38,7 @@ async def test_mirrors_survive_redis_restarted_empty(redis_server: RedisServer) 
                     removals.append(change)
 
     async with (
-        Registrar(url, rebuild_wait=0.5) as registrar,
+        Registrar(url) as registrar,
         Mirror(url) as m1,
         Mirror(url) as m2,
         anyio.create_task_group() as tg,
