@@ -6,11 +6,16 @@ or ``python -m saga_events.chaos --seed <seed>``; soak with ``--soak MINUTES``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import anyio
+import anyio.abc
 import pytest
 
-from saga_events.chaos import FAULTS, ChaosConfig, run_chaos
+from saga_events import Agent, Mirror, Registrar, Removed
+from saga_events.chaos import FAULTS, ChaosConfig, eventually, run_chaos
+from saga_events.embedded import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -29,3 +34,46 @@ async def test_registry_stays_right_under_seeded_faults(capsys: pytest.CaptureFi
     assert report.ok, report.summary()
     assert set(report.injected) == set(FAULTS), f"not every fault kind ran: {report.injected}"
     assert set(report.convergence) == set(FAULTS)
+
+
+async def test_paused_redis_does_not_reap_live_instances(redis_server: RedisServer) -> None:
+    """A Redis paused longer than the TTL comes back with its live instances kept (the
+    reaper grants grace after a stall), and a crash is still detected afterwards."""
+    url = redis_server.url
+    async with (
+        Registrar(url, rebuild_wait=0.2) as registrar,
+        Mirror(url) as mirror,
+        anyio.create_task_group() as tg,
+    ):
+        agent = Agent(url, "pay", "http://10.0.0.1:80", service_id="p-1", ttl=1.5)
+        scope = anyio.CancelScope()
+
+        async def run_agent(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await agent.run(task_status=task_status)
+
+        await tg.start(run_agent)
+        await mirror.wait_for("pay", 5)
+        removed: list[Removed] = []
+
+        async def watch() -> None:
+            async with contextlib.aclosing(mirror.changes()) as changes:
+                async for change in changes:
+                    if isinstance(change, Removed):
+                        removed.append(change)
+
+        tg.start_soon(watch)
+        redis_server.pause()
+        await anyio.sleep(3.0)  # twice the TTL: every deadline passes meanwhile
+        redis_server.resume()
+        # Heartbeats flow again: several deadlines later, nothing was reaped.
+        await eventually(lambda: not mirror.stale, 10, what="mirror fresh")
+        seen = registrar.stats.applied["refreshed"]
+        await eventually(lambda: registrar.stats.applied["refreshed"] >= seen + 4, 10)
+        assert removed == [] and registrar.stats.reaped == 0
+        assert mirror.pick("pay").service_id == "p-1"
+        scope.cancel()  # now a crash: no leave
+        await agent.aclose()
+        await eventually(lambda: bool(removed), 20, what="crashed instance reaped")
+        assert registrar.stats.reaped == 1
+        tg.cancel_scope.cancel()
