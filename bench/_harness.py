@@ -143,6 +143,7 @@ class Report:
             "started": datetime.fromtimestamp(self.started, tz=UTC).isoformat(),
             "duration_s": round(time.time() - self.started, 2),
             "machine": {**machine_info(), "loadavg_start": self.load_start},
+            "code": code_version(),
             "params": self.params,
             "rows": [r.as_json() for r in self.rows],
             "targets": [t.as_json() for t in self.targets],
@@ -232,6 +233,30 @@ def fmt(value: Any) -> str:
     if a >= 1:
         return f"{value:.2f}"
     return f"{value:.3g}"
+
+
+def code_version() -> str:
+    """The git commit of the checkout, with ``+dirty`` when it has uncommitted changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=BENCH_DIR,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=BENCH_DIR,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty.strip() else head or "unknown"
 
 
 _MACHINE: dict[str, Any] | None = None
