@@ -6,6 +6,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -204,3 +205,12 @@ def test_cli_prints_the_tested_roles() -> None:
     assert lines == [r.setuser_line() for r in expected]
     bad = CliRunner().invoke(main, ["acl", "-s", "pay:ment"])
     assert bad.exit_code != 0 and "pay:ment" in bad.output
+
+
+def test_security_doc_shows_the_current_roles() -> None:
+    """docs/SECURITY.md quotes `saga-events acl -s payment` exactly, so it cannot go stale."""
+    result = CliRunner().invoke(main, ["acl", "-s", "payment"])
+    doc = (Path(__file__).parents[2] / "docs" / "SECURITY.md").read_text()
+    for line in result.output.splitlines():
+        if line.startswith("ACL SETUSER"):
+            assert line in doc, f"docs/SECURITY.md lacks: {line}"
