@@ -47,7 +47,7 @@ import anyio.to_thread
 import redis.asyncio as aioredis
 
 from . import model
-from ._redis import TRANSIENT
+from ._redis import TRANSIENT, connect
 from .agent import Agent
 from .embedded import RedisServer
 from .errors import ServiceNotFound
@@ -245,6 +245,7 @@ class Deployment:
         self._tg: anyio.abc.TaskGroup | None = None
         self.admin: aioredis.Redis | None = None
         self.slow_mirror: subprocess.Popen[str] | None = None
+        self._clients: list[aioredis.Redis] = []
         self.slow_dump = os.path.join(self.server.directory, "slow-mirror.json")
 
     @property
@@ -264,8 +265,11 @@ class Deployment:
                     for _ in range(self.config.registrars):
                         self.registrars.append(None)
                         await self.start_registrar(len(self.registrars) - 1)
-                    for _ in range(self.config.mirrors):
-                        mirror = Mirror(self.url, namespace=self.config.namespace)
+                    for i in range(self.config.mirrors):
+                        # Named connections: a fault can target one mirror's subscription.
+                        client = connect(self.url, client_name=f"chaos-mirror-{i}")
+                        self._clients.append(client)
+                        mirror = Mirror(client, namespace=self.config.namespace)
                         await tg.start(mirror.run)
                         self.mirrors.append(mirror)
                     services = ["svc-a", "svc-b", "svc-c"]
@@ -286,6 +290,8 @@ class Deployment:
             with anyio.CancelScope(shield=True):
                 for mirror in self.mirrors:
                     await mirror.aclose()
+                for client in self._clients:
+                    await client.aclose()
                 for slot in self.slots:
                     if slot.agent is not None:
                         await slot.agent.aclose()
@@ -383,11 +389,11 @@ class Deployment:
             return None
         return bool(data["stale"]), dict(data["view"])
 
-    async def mirror_pubsub_clients(self) -> list[dict[str, Any]]:
-        """Connections that look like a mirror's subscription (2 patterns, 1 channel)."""
+    async def subscriptions(self, name: str) -> list[dict[str, Any]]:
+        """The subscription connections (2 patterns, 1 channel) of the mirror named ``name``."""
         assert self.admin is not None
         clients = await self.admin.client_list()
-        return [c for c in clients if str(c.get("psub")) == "2" and str(c.get("sub")) == "1"]
+        return [c for c in clients if c.get("name") == name and str(c.get("psub")) == "2"]
 
 
 # -- the run ---------------------------------------------------------------------
@@ -518,18 +524,15 @@ class ChaosRun:
     async def _fault_mirror_conn_kill(self) -> None:
         dep = self.dep
         assert dep.admin is not None
-        before = [m.stats.reconnects for m in dep.mirrors]
-        clients = await dep.mirror_pubsub_clients()
-        victim = self.rng.choice(sorted(clients, key=lambda c: int(c["id"])))
-        await dep.admin.client_kill_filter(_id=victim["id"])
-
-        def someone_reconnected() -> bool:
-            return any(m.stats.reconnects > b for m, b in zip(dep.mirrors, before, strict=True))
-
+        i = self.rng.randrange(len(dep.mirrors))
+        mirror = dep.mirrors[i]
+        before = mirror.stats.reconnects
+        for victim in await dep.subscriptions(f"chaos-mirror-{i}"):
+            await dep.admin.client_kill_filter(_id=victim["id"])
         try:
-            await eventually(someone_reconnected, 10, what="mirror reconnect")
+            await eventually(lambda: mirror.stats.reconnects > before, 10, what="reconnect")
         except TimeoutError:
-            self.violation("stale", "no mirror noticed its killed connection")
+            self.violation("stale", f"mirror {i} did not notice its killed connection")
 
     async def _fault_registrar_kill(self) -> None:
         i = self.rng.randrange(len(self.dep.registrars))
@@ -575,7 +578,8 @@ class ChaosRun:
         if dep.slow_mirror is None or dep.slow_mirror.poll() is not None:
             dep.slow_mirror = _child("_mirror", dep.url, self.config.namespace, dep.slow_dump)
             await _wait_ready(dep.slow_mirror, "slow mirror")
-        before = len(await dep.mirror_pubsub_clients())
+        name = "chaos-slow-mirror"
+        await eventually(lambda: dep.subscriptions(name), 10, what="slow mirror subscribed")
         proc = dep.slow_mirror
         proc.send_signal(signal.SIGSTOP)
         try:
@@ -588,9 +592,9 @@ class ChaosRun:
                 for i in range(2000):
                     pipe.set(dep.keys.registrar(f"flood-{round_}-{i}-{pad}"), b"1", px=1000)
                 await pipe.execute()
-                if len(await dep.mirror_pubsub_clients()) < before:
+                if not await dep.subscriptions(name):
                     break
-            cut = len(await dep.mirror_pubsub_clients()) < before
+            cut = not await dep.subscriptions(name)
         finally:
             await dep.admin.config_set("client-output-buffer-limit", _text(previous))
             proc.send_signal(signal.SIGCONT)
@@ -599,9 +603,7 @@ class ChaosRun:
             return
         # It must come back by itself: reconnect and resubscribe.
         try:
-            await eventually(
-                lambda: _count_async(dep.mirror_pubsub_clients, before), 15, what="slow mirror back"
-            )
+            await eventually(lambda: dep.subscriptions(name), 15, what="slow mirror back")
         except TimeoutError:
             self.violation("slow_mirror", "the cut-off mirror did not reconnect")
 
@@ -699,10 +701,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _count_async(get: Callable[[], Awaitable[list[Any]]], at_least: int) -> bool:
-    return len(await get()) >= at_least
-
-
 async def run_chaos(config: ChaosConfig) -> ChaosReport:
     """Run the chaos suite once; returns the report (check ``report.ok``)."""
     return await ChaosRun(config).run()
@@ -732,7 +730,8 @@ async def _serve_agent(
 
 async def _serve_mirror(url: str, namespace: str, dump: str) -> None:
     # Writes its view to ``dump`` (atomically) so the harness can compare it.
-    async with Mirror(url, namespace=namespace) as mirror:
+    client = connect(url, client_name="chaos-slow-mirror")
+    async with Mirror(client, namespace=namespace) as mirror:
         print("ready", flush=True)  # noqa: T201
         last = b""
         while True:
