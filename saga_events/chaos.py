@@ -185,14 +185,25 @@ class ChaosReport:
 
 
 def _child(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "saga_events.chaos", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,  # a SIGINT to the harness is not theirs
-    )
+    # SAGA_CHAOS_LOG_DIR=DIR keeps each child's log (INFO) in DIR, for post-mortems.
+    log_dir = os.environ.get("SAGA_CHAOS_LOG_DIR")
+    stderr: Any = subprocess.DEVNULL
+    if log_dir:
+        stderr = open(  # handed to the child, closed below
+            os.path.join(log_dir, f"{args[0].strip('_')}-{time.time_ns()}.log"), "ab"
+        )
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "saga_events.chaos", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # a SIGINT to the harness is not theirs
+        )
+    finally:
+        if log_dir:
+            stderr.close()
 
 
 async def _wait_ready(proc: subprocess.Popen[str], what: str, timeout: float = 20.0) -> None:  # noqa: ASYNC109
@@ -747,6 +758,10 @@ async def _serve_mirror(url: str, namespace: str, dump: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].startswith("_") and os.environ.get("SAGA_CHAOS_LOG_DIR"):
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+        )
     if args and args[0] == "_registrar":
         anyio.run(_serve_registrar, args[1], args[2])
         return 0
