@@ -715,19 +715,34 @@ class Registrar:
             log.warning("finished rebuild %s that its registrar abandoned", epoch)
 
     async def _finish_rebuild(self, epoch: str) -> None:
+        # Retried until done or superseded: given up, the re-announce request
+        # would be lost and mirrors would wait stale for the abandoned-rebuild
+        # timeout (4 x rebuild_wait).
+        backoff = Backoff(cap=1.0)
         try:
-            receivers = await self._redis.publish(self.keys.control, b"reannounce")
-            log.info("asked %d agents to re-announce", receivers)
-            await anyio.sleep(self.rebuild_wait)
-            # Only if the epoch is still ours: Redis may have restarted meanwhile.
-            done = await self._redis.eval(
-                FINISH_REBUILD_LUA, 1, self.keys.epoch, f"{epoch}:rebuilding", f"{epoch}:ready"
-            )
-            if done:
-                log.info("rebuild %s done", epoch)
-            else:
-                log.warning("rebuild %s superseded (Redis changed under it)", epoch)
-        except (*TRANSIENT, RedisError) as exc:
-            log.warning("rebuild %s interrupted (%s); will retry", epoch, exc)
+            while True:
+                try:
+                    current = await self._redis.get(self.keys.epoch)
+                    if isinstance(current, bytes):
+                        current = current.decode("ascii", "replace")
+                    if current != f"{epoch}:rebuilding":
+                        log.warning("rebuild %s superseded (Redis changed under it)", epoch)
+                        return
+                    receivers = await self._redis.publish(self.keys.control, b"reannounce")
+                    log.info("asked %d agents to re-announce", receivers)
+                    await anyio.sleep(self.rebuild_wait)
+                    # Only if the epoch is still ours: Redis may have restarted meanwhile.
+                    done = await self._redis.eval(
+                        FINISH_REBUILD_LUA, 1, self.keys.epoch, f"{epoch}:rebuilding",
+                        f"{epoch}:ready",
+                    )  # fmt: skip
+                    if done:
+                        log.info("rebuild %s done", epoch)
+                    else:
+                        log.warning("rebuild %s superseded (Redis changed under it)", epoch)
+                    return
+                except (*TRANSIENT, RedisError) as exc:
+                    log.warning("rebuild %s interrupted (%s); retrying", epoch, exc)
+                    await anyio.sleep(backoff.next())
         finally:
             self._rebuilding = False

@@ -12,10 +12,13 @@ import os
 import anyio
 import anyio.abc
 import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from saga_events import Agent, Mirror, Registrar, Removed
 from saga_events.chaos import FAULTS, ChaosConfig, eventually, run_chaos
 from saga_events.embedded import RedisServer
+from saga_events.keys import Keys
 
 pytestmark = pytest.mark.anyio
 
@@ -77,3 +80,38 @@ async def test_paused_redis_does_not_reap_live_instances(redis_server: RedisServ
         await eventually(lambda: bool(removed), 20, what="crashed instance reaped")
         assert registrar.stats.reaped == 1
         tg.cancel_scope.cancel()
+
+
+async def test_rebuild_survives_a_failed_reannounce_request(redis_url: str) -> None:
+    """A rebuild whose first request to re-announce hits a broken connection asks again:
+    agents still hear it, and the epoch turns ready without the abandoned-rebuild timeout."""
+    listener = aioredis.Redis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(Keys("default").control)
+    registrar = Registrar(redis_url)  # production rebuild_wait (2.5 s; abandoned after 10 s)
+    real_publish = registrar._redis.publish
+    failures = [RedisConnectionError("injected: connection reset")]
+
+    async def flaky_publish(channel: str, message: bytes) -> int:
+        if failures:
+            raise failures.pop()
+        return await real_publish(channel, message)
+
+    registrar._redis.publish = flaky_publish  # type: ignore[method-assign]
+    try:
+        async with registrar:
+            with anyio.fail_after(8):  # < 10 s: the abandoned-rebuild path is too late
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                    if msg is not None and msg["data"] == b"reannounce":
+                        break
+            await eventually(lambda: _epoch_ready(listener), 8, what="epoch ready")
+            assert failures == []
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+
+
+async def _epoch_ready(client: aioredis.Redis) -> bool:
+    epoch = await client.get(Keys("default").epoch)
+    return epoch is not None and epoch.endswith(b":ready")
