@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from saga_events import Agent, Mirror, Registrar, Removed
+from saga_events import Agent, Mirror, Registrar, Removed, testing
 from saga_events.chaos import FAULTS, ChaosConfig, eventually, run_chaos
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
@@ -37,6 +37,7 @@ async def test_registry_stays_right_under_seeded_faults(capsys: pytest.CaptureFi
     assert report.ok, report.summary()
     assert set(report.injected) == set(FAULTS), f"not every fault kind ran: {report.injected}"
     assert set(report.convergence) == set(FAULTS)
+    assert testing.run_chaos is run_chaos  # reusable from saga_events.testing
 
 
 async def test_paused_redis_does_not_reap_live_instances(redis_server: RedisServer) -> None:
