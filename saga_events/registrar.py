@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from . import model
+from . import _wire, model
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
 from .errors import InvalidEvent, NotificationConfigError
@@ -303,6 +303,9 @@ class Registrar:
         self._reap_sha: str | None = None
         self._rebuilding = False
         self._tg: anyio.abc.TaskGroup | None = None
+        # The connection the apply pipelines go out on (hand-packed, see _wire).
+        self._apply_conn: aioredis.connection.AbstractConnection | None = None
+        self._apply_lock = anyio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -327,6 +330,7 @@ class Registrar:
             await self.aclose()
 
     async def aclose(self) -> None:
+        await self._release_apply_conn()
         if self._owns_client:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._redis.aclose()
@@ -334,15 +338,18 @@ class Registrar:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Raises NotificationConfigError if CONFIG is refused."""
         await self._prepare()
-        async with anyio.create_task_group() as tg:
-            self._tg_for_rebuild = tg
-            ready = anyio.Event()
-            tg.start_soon(self._consume_loop, ready)
-            tg.start_soon(self._reap_loop)
-            tg.start_soon(self._housekeeping_loop)
-            with anyio.fail_after(30):
-                await ready.wait()
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg_for_rebuild = tg
+                ready = anyio.Event()
+                tg.start_soon(self._consume_loop, ready)
+                tg.start_soon(self._reap_loop)
+                tg.start_soon(self._housekeeping_loop)
+                with anyio.fail_after(30):
+                    await ready.wait()
+                task_status.started()
+        finally:
+            await self._release_apply_conn()
 
     async def _prepare(self) -> None:
         backoff = Backoff(cap=2.0)
@@ -413,6 +420,7 @@ class Registrar:
         backstop = max(10 * ttl, 600_000)
         tomb_ttl = max(self.tomb_ttl_ms, 3 * ttl)
         return (
+            "EVALSHA",
             self._apply_sha,
             5,
             k.inst(name, sid),
@@ -429,6 +437,31 @@ class Registrar:
             tomb_ttl,
             "1" if after_newest else "0",
         )
+
+    async def _pipeline(self, packed: bytes, replies: int) -> list[Any]:
+        async with self._apply_lock:
+            conn = self._apply_conn
+            if conn is None:
+                pool = self._redis.connection_pool
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                self._apply_conn = conn
+            try:
+                return await _wire.roundtrip(
+                    conn, packed, replies, getattr(conn, "socket_timeout", None)
+                )
+            except BaseException:
+                # Replies may still be in flight: this connection is done.
+                self._apply_conn = None
+                with anyio.CancelScope(shield=True):
+                    await conn.disconnect()
+                    await self._redis.connection_pool.release(conn)
+                raise
+
+    async def _release_apply_conn(self) -> None:
+        conn, self._apply_conn = self._apply_conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._redis.connection_pool.release(conn)
 
     @staticmethod
     def _result(reply: Any) -> ApplyResult:
@@ -459,11 +492,10 @@ class Registrar:
             return []
         if self._apply_sha is None:
             await self._load_scripts()
+        pack = _wire.pack_command
         for _attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            for event in events:
-                pipe.evalsha(*self._apply_call(event, after_newest))
-            replies = await pipe.execute(raise_on_error=False)
+            packed = b"".join([pack(self._apply_call(event, after_newest)) for event in events])
+            replies = await self._pipeline(packed, len(events))
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: nothing was applied.
                 await self._load_scripts()
@@ -545,12 +577,13 @@ class Registrar:
             await anyio.sleep(backoff.next())
 
     async def _consume(self, pubsub: aioredis.client.PubSub) -> None:
+        subscription = _wire.Subscription(pubsub)
         last_rx = anyio.current_time()
         last_ping = last_rx
         while True:
-            reply = await pubsub.parse_response(block=False, timeout=1.0)
+            batch = await subscription.read(1.0, self.batch_size)
             now = anyio.current_time()
-            if reply is None:
+            if not batch:
                 if now - last_rx > 10.0:
                     raise TimeoutError("events subscription silent for 10 s")
                 if now - last_ping > 3.0:
@@ -558,12 +591,6 @@ class Registrar:
                     last_ping = now
                 continue
             last_rx = now
-            batch = [reply]
-            while len(batch) < self.batch_size:
-                more = await pubsub.parse_response(block=False, timeout=0)
-                if more is None:
-                    break
-                batch.append(more)
             await self._process(batch)
 
     async def _process(self, batch: list[Any]) -> None:

@@ -1,0 +1,136 @@
+"""Raw RESP on redis-py's connections, for the hot paths (internal).
+
+redis-py connects (TLS, AUTH, SELECT, the URL's options); once a connection
+is up, the registrar's and the mirror's message paths read and write its
+socket themselves: a subscription is read in bulk and its replies parsed by
+the connection's own ``hiredis.Reader`` in a tight loop (instead of one
+``parse_response`` per message, each with its timeout context and hooks), and
+a pipeline is sent as one hand-packed buffer and its replies read the same
+way. Where the connection is not the expected hiredis/asyncio kind (another
+redis-py version), the same calls fall back to redis-py's public methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+import anyio
+import hiredis
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+try:  # what the connection's reader returns while a reply is incomplete
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
+except ImportError:  # pragma: no cover - another redis-py layout: generic path
+    _NOT_ENOUGH = None
+
+READ_SIZE: Final = 1 << 17
+
+pack_command = hiredis.pack_command
+
+
+def _raw(conn: Any) -> tuple[hiredis.Reader, asyncio.StreamReader] | None:
+    """The connection's hiredis reader and socket stream, if it has them."""
+    if _NOT_ENOUGH is None:
+        return None
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    stream = getattr(conn, "_reader", None)
+    if isinstance(reader, hiredis.Reader) and isinstance(stream, asyncio.StreamReader):
+        return reader, stream
+    return None
+
+
+def _closed() -> RedisConnectionError:
+    return RedisConnectionError("Redis closed the connection")
+
+
+class Subscription:
+    """Bulk reader of a subscribed redis-py ``PubSub``'s replies."""
+
+    def __init__(self, pubsub: aioredis.client.PubSub) -> None:
+        self._pubsub = pubsub
+
+    async def read(self, wait: float, limit: int) -> list[Any]:
+        """Wait up to ``wait`` s for a reply; return it with every further
+        reply already received (at most ``limit``), or ``[]`` on timeout."""
+        conn = self._pubsub.connection
+        raw = _raw(conn) if conn is not None else None
+        if raw is None:
+            return await self._read_generic(wait, limit)
+        reader, stream = raw
+        out: list[Any] = []
+        gets = reader.gets
+        reply = gets()
+        while reply is not _NOT_ENOUGH:
+            out.append(reply)
+            if len(out) >= limit:
+                return out
+            reply = gets()
+        if out:
+            return out
+        with anyio.move_on_after(wait):
+            while True:
+                data = await stream.read(READ_SIZE)
+                if not data:
+                    raise _closed()
+                reader.feed(data)
+                reply = gets()
+                while reply is not _NOT_ENOUGH:
+                    out.append(reply)
+                    if len(out) >= limit:
+                        return out
+                    reply = gets()
+                if out:
+                    return out
+        return out
+
+    async def _read_generic(self, wait: float, limit: int) -> list[Any]:
+        reply = await self._pubsub.parse_response(block=False, timeout=wait)
+        if reply is None:
+            return []
+        out = [reply]
+        while len(out) < limit:
+            more = await self._pubsub.parse_response(block=False, timeout=0)
+            if more is None:
+                break
+            out.append(more)
+        return out
+
+
+async def roundtrip(
+    conn: aioredis.connection.AbstractConnection,
+    packed: bytes,
+    replies: int,
+    reply_timeout: float | None,
+) -> list[Any]:
+    """Send hand-packed commands and return their ``replies`` replies, error
+    replies as exception objects (like ``execute(raise_on_error=False)``).
+
+    On any exception the connection is in an unknown state: disconnect it.
+    """
+    await conn.send_packed_command(packed, check_health=False)
+    raw = _raw(conn)
+    out: list[Any] = []
+    with anyio.fail_after(reply_timeout):
+        if raw is None:
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response())
+                except ResponseError as exc:
+                    out.append(exc)
+            return out
+        reader, stream = raw
+        gets = reader.gets
+        while True:
+            reply = gets()
+            while reply is not _NOT_ENOUGH:
+                out.append(reply)
+                if len(out) >= replies:
+                    return out
+                reply = gets()
+            data = await stream.read(READ_SIZE)
+            if not data:
+                raise _closed()
+            reader.feed(data)
