@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import requests
+
+from saga_events.embedded import port_is_free
 from tests.gateway_helpers import saga_up
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -45,3 +49,29 @@ def test_readme_two_commands_are_the_ones_ci_runs() -> None:
     assert "pip install -e '.[test]' && pytest" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "pip install -e '.[test]' && pytest" in ci
+
+
+def test_seed_default_address_works_with_up_defaults() -> None:
+    """The seed's clients default to http://localhost:8030: ``up`` serves exactly there."""
+    if not port_is_free(8030):
+        pytest.skip("port 8030 is taken on this machine by something else; free it to run this")
+    with saga_up("--http", "127.0.0.1:8030"):
+        body = {
+            "service_name": "gateway",
+            "service_url": "http://localhost:8000",
+            "capabilities": ["rest", "graphql", "grpc"],
+        }
+        registered = requests.post(
+            "http://localhost:8030/api/v1/services/register", json=body, timeout=5
+        )
+        registered.raise_for_status()
+        found = requests.get("http://localhost:8030/api/v1/services/gateway", timeout=5)
+        assert found.status_code == 200
+        assert found.json()["service_url"] == "http://localhost:8000"
+        assert found.json()["service_id"] == registered.json()["service_id"]
+        gone = requests.delete("http://localhost:8030/api/v1/services/gateway", timeout=5)
+        assert 200 <= gone.status_code < 300
+        assert (
+            requests.get("http://localhost:8030/api/v1/services/gateway", timeout=5).status_code
+            == 404
+        )
