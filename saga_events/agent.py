@@ -36,6 +36,14 @@ def default_service_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def _checked_capabilities(capabilities: Iterable[str]) -> tuple[str, ...]:
+    caps = tuple(capabilities)
+    for cap in caps:
+        if not is_valid_name(cap):
+            raise InvalidEvent("invalid", f"capability {cap!r} must match {model.NAME_PATTERN}")
+    return caps
+
+
 class Agent:
     """Announce one service instance for as long as the ``async with`` block runs.
 
@@ -65,10 +73,7 @@ class Agent:
         if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:
             raise InvalidEvent("bad_ttl", f"ttl {ttl} s is outside [1 s, 3600 s]")
         model.check_url(service_url, url_schemes)
-        caps = tuple(capabilities)
-        for cap in caps:
-            if not is_valid_name(cap):
-                raise InvalidEvent("invalid", f"capability {cap!r} must match {model.NAME_PATTERN}")
+        caps = _checked_capabilities(capabilities)
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace)
@@ -76,6 +81,7 @@ class Agent:
         self.service_url = service_url
         self.capabilities = caps
         self.metadata = dict(metadata or {})
+        self.url_schemes = url_schemes
         self.ttl_ms = ttl_ms
         self.first_announce_timeout = first_announce_timeout
         self.incarnation = model.new_incarnation()
@@ -154,12 +160,16 @@ class Agent:
         capabilities: Iterable[str] | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> bool:
-        """Change the record and announce the change at once."""
+        """Change the record and announce the change at once.
+
+        Raises :class:`InvalidEvent`, changing nothing, for what ``__init__`` refuses.
+        """
+        caps = None if capabilities is None else _checked_capabilities(capabilities)
         if service_url is not None:
-            model.check_url(service_url)
+            model.check_url(service_url, self.url_schemes)
             self.service_url = service_url
-        if capabilities is not None:
-            self.capabilities = tuple(capabilities)
+        if caps is not None:
+            self.capabilities = caps
         if metadata is not None:
             self.metadata = dict(metadata)
         return await self.announce()
