@@ -194,16 +194,26 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _validate(reg: Registration, schemes: frozenset[str]) -> None:
-    for what, value in (("service_name", reg.service_name), ("service_id", reg.service_id)):
-        if not is_valid_name(value):
-            raise InvalidEvent("bad_name", f"{what} {value!r} must match {model.NAME_PATTERN}")
-    model.check_url(reg.service_url, schemes)
-    for cap in reg.capabilities:
-        if not is_valid_name(cap):
-            raise InvalidEvent("invalid", f"capability {cap!r} must match {model.NAME_PATTERN}")
+    """Check ``reg`` by the registrar's own rules (:func:`model.decode_event`).
+
+    The same check in both modes: a registration the registrar would drop
+    (e.g. an over-long metadata key) is refused here, not published to be
+    rejected out of sight.
+    """
     ttl_ms = round(reg.ttl * 1000)
-    if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:
+    if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:  # said in the client's unit
         raise InvalidEvent("bad_ttl", f"ttl {reg.ttl} s is outside [1 s, 3600 s]")
+    event = model.Register(
+        service_name=reg.service_name,
+        service_id=reg.service_id,
+        incarnation=0,
+        seq=0,
+        service_url=reg.service_url,
+        capabilities=reg.capabilities,
+        metadata=reg.metadata,
+        ttl_ms=ttl_ms,
+    )
+    model.decode_event(model.encode(event), schemes=schemes)
 
 
 class Backend(Protocol):
@@ -235,10 +245,17 @@ class _RedisBackend:
     mode = "redis"
 
     def __init__(
-        self, redis_url: str, *, namespace: str, timeout: float, discovery_timeout: float
+        self,
+        redis_url: str,
+        *,
+        namespace: str,
+        timeout: float,
+        discovery_timeout: float,
+        url_schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
     ) -> None:
         self._redis = connect(redis_url)
         self._namespace = namespace
+        self._url_schemes = url_schemes
         self._timeout = timeout
         self._discovery_timeout = discovery_timeout
         self._agents: dict[str, tuple[Agent, anyio.CancelScope]] = {}
@@ -281,11 +298,18 @@ class _RedisBackend:
         current = self._agents.get(reg.service_name)
         if current is not None and current[0].service_id == reg.service_id:
             agent = current[0]
-            ok = await agent.update(
-                service_url=reg.service_url,
-                capabilities=reg.capabilities,
-                metadata=reg.metadata,
-            )
+            try:
+                ok = await agent.update(
+                    service_url=reg.service_url,
+                    capabilities=reg.capabilities,
+                    metadata=reg.metadata,
+                )
+            except InvalidEvent:
+                raise
+            except Exception as exc:  # e.g. NOPERM: as in refresh(), never the host's problem
+                log.error("%s: update failed (%s)", reg.service_name, exc)
+                agent.request_announce()
+                ok = False
         else:
             if current is not None:
                 await self.unregister(reg.service_name)
@@ -298,6 +322,7 @@ class _RedisBackend:
                 ttl=reg.ttl,
                 service_id=reg.service_id,
                 namespace=self._namespace,
+                url_schemes=self._url_schemes,
                 first_announce_timeout=self._timeout,
             )
             scope = await self._tg.start(self._run_agent, agent)
@@ -665,6 +690,7 @@ class AsyncSagaServiceDiscovery:
                     namespace=namespace,
                     timeout=timeout,
                     discovery_timeout=discovery_timeout,
+                    url_schemes=url_schemes,
                 )
             else:
                 assert saga_url is not None
@@ -907,9 +933,10 @@ class SagaServiceDiscovery:
     async def _build(self) -> AsyncSagaServiceDiscovery:
         return self._factory()
 
-    def _call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        portal, _ = self._ensure()
-        return portal.call(functools.partial(func, *args, **kwargs))
+    def _call(self, func: Callable[[AsyncSagaServiceDiscovery], Awaitable[T]]) -> T:
+        """Run ``func(client)`` on the background loop and wait for its result."""
+        portal, client = self._ensure()
+        return portal.call(func, client)
 
     @property
     def client(self) -> AsyncSagaServiceDiscovery:
@@ -956,23 +983,19 @@ class SagaServiceDiscovery:
         service_id: str | None = None,
     ) -> ServiceInfo:
         """See :meth:`AsyncSagaServiceDiscovery.register_service`."""
-        client = self._ensure()[1]
+        # Materialised in the caller's thread, which owns the iterable.
+        caps = list(capabilities) if not isinstance(capabilities, str) else capabilities
         return self._call(
-            client.register_service,
-            name,
-            url,
-            list(capabilities) if not isinstance(capabilities, str) else capabilities,
-            metadata=metadata,
-            service_id=service_id,
+            lambda c: c.register_service(name, url, caps, metadata=metadata, service_id=service_id)
         )
 
     def refresh_registration(self, name: str) -> bool:
         """See :meth:`AsyncSagaServiceDiscovery.refresh_registration`."""
-        return self._call(self._ensure()[1].refresh_registration, name)
+        return self._call(lambda c: c.refresh_registration(name))
 
     def unregister_service(self, name: str) -> bool:
         """See :meth:`AsyncSagaServiceDiscovery.unregister_service`."""
-        return self._call(self._ensure()[1].unregister_service, name)
+        return self._call(lambda c: c.unregister_service(name))
 
     def is_registered(self, name: str) -> bool:
         return self._ensure()[1].is_registered(name)
@@ -983,7 +1006,7 @@ class SagaServiceDiscovery:
 
     def discover_service(self, name: str) -> ServiceInfo:
         """See :meth:`AsyncSagaServiceDiscovery.discover_service`."""
-        return self._call(self._ensure()[1].discover_service, name)
+        return self._call(lambda c: c.discover_service(name))
 
     def discover_url(self, name: str) -> str:
         return self.discover_service(name).service_url

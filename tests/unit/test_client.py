@@ -133,6 +133,18 @@ async def test_bad_arguments_raise_and_change_nothing(
     assert registry.log == []
 
 
+async def test_metadata_the_registrar_would_drop_is_refused() -> None:
+    """Over-long metadata is refused by the client, as the registrar would, before sending."""
+    registry = FakeRegistry()
+    async with registry.client() as saga:
+        with pytest.raises(InvalidEvent, match="metadata"):
+            await saga.register_service("svc", "http://x:1", metadata={"k" * 200: "v"})
+        with pytest.raises(InvalidEvent, match="metadata"):
+            await saga.register_service("svc", "http://x:1", metadata={"k": "v" * 3000})
+        assert saga.registered_names == []
+    assert registry.log == []
+
+
 async def test_refresh_and_unregister_of_unknown_name_return_false() -> None:
     """Names this client never registered are not touched."""
     registry = FakeRegistry()
@@ -390,3 +402,18 @@ async def test_a_restarted_service_replaces_its_record_instead_of_adding_a_twin(
         assert len(registry.instances("svc")) == 1
         other = await restarted.register_service("svc2", "http://10.0.0.1:80")
         assert other.service_id != first.service_id
+
+
+async def test_redis_mode_registers_with_the_clients_own_url_schemes() -> None:
+    """url_schemes reaches the Redis-mode agent: an allowed URL is kept, not refused."""
+    async with AsyncSagaServiceDiscovery(
+        redis_url="redis://127.0.0.1:1/0",  # nothing listens: the registry is down
+        url_schemes=frozenset({"amqp"}),
+        timeout=1.0,
+    ) as saga:
+        info = await saga.register_service("svc", "amqp://broker:5672")
+        assert (info.source, info.service_url) == ("local", "amqp://broker:5672")
+        assert saga.registered_names == ["svc"]
+        with pytest.raises(InvalidEvent) as err:
+            await saga.register_service("svc", "http://broker:80")
+        assert err.value.reason == "bad_url"
