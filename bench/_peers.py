@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,43 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(bytes(raw)).decode()
 
 
+class _ChildServer:
+    """A server child process with its data and log in a temp dir (the part both peers share)."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"bench-{self.name}-")
+        self.dir = Path(self._tmp.name)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _launch(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with open(self.dir / f"{self.name}.out", "wb") as out:  # the child keeps its own copy
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def _wait_ready(self, ready: Callable[[], bool], timeout: float, pause: float) -> None:
+        """Poll ``ready`` until it answers True; stop and raise if the child dies or times out."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start")
+            time.sleep(pause)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        self._tmp.cleanup()
+
+
 # -- ZooKeeper ----------------------------------------------------------------------
 
 
@@ -65,20 +102,17 @@ def zookeeper_missing() -> str | None:
     return None
 
 
-class ZooKeeperServer:
+class ZooKeeperServer(_ChildServer):
     """A standalone ZooKeeper on a free loopback port, data in a temp dir."""
 
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix="bench-zk-")
-        self.proc: subprocess.Popen[bytes] | None = None
+    name = "zk"
 
     @property
     def hosts(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> ZooKeeperServer:
-        d = Path(self._tmp.name)
+        d = self.dir
         cfg = d / "zoo.cfg"
         cfg.write_text(
             f"tickTime={ZK_TICK_MS}\ndataDir={d / 'data'}\nclientPort={self.port}\n"
@@ -86,7 +120,7 @@ class ZooKeeperServer:
             "maxClientCnxns=0\n"
         )
         classpath = f"{ZK_CONF_DIR}:{ZK_JAR}"
-        self.proc = subprocess.Popen(
+        self._launch(
             [
                 "java",
                 "-Xmx512m",
@@ -95,37 +129,24 @@ class ZooKeeperServer:
                 classpath,
                 "org.apache.zookeeper.server.quorum.QuorumPeerMain",
                 str(cfg),
-            ],
-            stdout=open(d / "zk.out", "wb"),
-            stderr=subprocess.STDOUT,
+            ]
         )
         from kazoo.client import KazooClient
 
-        deadline = time.monotonic() + 60
-        while True:
+        def ready() -> bool:
             client = KazooClient(self.hosts, timeout=5.0)
             try:
                 client.start(timeout=2)
                 client.ensure_path(ROOT)
                 client.stop()
-                client.close()
-                return self
+                return True
             except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("ZooKeeper did not start") from None
-                time.sleep(0.3)
+                return False
+            finally:
+                client.close()
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        self._tmp.cleanup()
+        self._wait_ready(ready, timeout=60, pause=0.3)
+        return self
 
 
 def zk_watcher_role(hosts: str, idx: int, out: Any, target: str) -> None:
@@ -186,14 +207,14 @@ def etcd_missing() -> str | None:
     return None
 
 
-class EtcdServer:
+class EtcdServer(_ChildServer):
     """A single-member etcd on free loopback ports, data in a temp dir."""
 
+    name = "etcd"
+
     def __init__(self) -> None:
-        self.port = _free_port()
+        super().__init__()
         self.peer_port = _free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix="bench-etcd-")
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -202,16 +223,15 @@ class EtcdServer:
     def start(self) -> EtcdServer:
         import httpx
 
-        d = Path(self._tmp.name)
         peer = f"http://127.0.0.1:{self.peer_port}"
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
-        self.proc = subprocess.Popen(
+        self._launch(
             [
                 "etcd",
                 "--name",
                 "bench",
                 "--data-dir",
-                str(d / "data"),
+                str(self.dir / "data"),
                 "--listen-client-urls",
                 self.url,
                 "--advertise-client-urls",
@@ -225,33 +245,18 @@ class EtcdServer:
                 "--log-level",
                 "error",
             ],
-            stdout=open(d / "etcd.out", "wb"),
-            stderr=subprocess.STDOUT,
             env=env,
         )
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             try:
                 r = httpx.get(f"{self.url}/health", timeout=1)
-                if r.status_code == 200 and r.json().get("health") in ("true", True):
-                    return self
             except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("etcd did not start")
-            time.sleep(0.1)
+                return False
+            return r.status_code == 200 and r.json().get("health") in ("true", True)
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        self._tmp.cleanup()
+        self._wait_ready(ready, timeout=30, pause=0.1)
+        return self
 
 
 class EtcdClient:
