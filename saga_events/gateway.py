@@ -499,18 +499,13 @@ class Gateway:
     async def _follow_view(self) -> None:
         # Wakes writers waiting for their write to show in the mirror.
         while True:
-            changes = self.mirror.changes()
             try:
-                async for _change in changes:
-                    self._wake()
+                async with self.mirror.changes() as changes:
+                    async for _change in changes:
+                        self._wake()
                 return  # the mirror closed
             except ChangesOverflow:
-                self._wake()
-            finally:
-                aclose = getattr(changes, "aclose", None)
-                if aclose is not None:
-                    with anyio.CancelScope(shield=True):
-                        await aclose()
+                self._wake()  # fell behind: waiters re-check the view, then follow anew
 
     def _wake(self) -> None:
         event, self._view_changed = self._view_changed, anyio.Event()
@@ -587,13 +582,15 @@ class Gateway:
 
     def choose(self, name: str) -> model.Instance | None:
         """The instance a GET by name answers: round-robin over live ones, else a draining one."""
-        if self.mirror.services().get(name) is None:
+        # Only this service's instances: services() would copy and sort the whole
+        # view on every GET. The check also keeps the mirror's fallbacks out.
+        insts = self.mirror.instances(name)
+        if not insts:
             return None
         try:
             return self.mirror.pick(name)
         except SagaError:
-            insts = self.mirror.instances(name)
-            return insts[0] if insts else None
+            return insts[0]
 
     async def health(self) -> tuple[int, Health]:
         error: str | None = None
@@ -651,7 +648,22 @@ class Gateway:
     async def register(self, req: RegisterRequest) -> ServiceInfo:
         name = req.service_name
         sid = req.service_id or derived_service_id(name, req.service_url)
-        ttl_ms = round(req.ttl_seconds * 1000)
+        # Checked before any Redis I/O: bad input gets its 422 even while Redis is
+        # down. Each attempt below changes only the ordering fields, which come
+        # from the gateway's clock or from what the registrar stored.
+        checked = self.check(
+            model.Register(
+                service_name=name,
+                service_id=sid,
+                incarnation=0,
+                seq=0,
+                service_url=req.service_url,
+                capabilities=tuple(req.capabilities),
+                metadata=dict(req.metadata),
+                ttl_ms=round(req.ttl_seconds * 1000),
+            )
+        )
+        assert isinstance(checked, model.Register)
         result: ApplyResult | None = None
         event: model.Announce | None = None
         async with self._serialized(name, sid):
@@ -663,19 +675,7 @@ class Gateway:
                     inc, seq = stored.incarnation, stored.seq + 1
                 else:
                     inc, seq = max(self.clock.tick(), tomb_inc + 1), 1
-                candidate = model.Register(
-                    service_name=name,
-                    service_id=sid,
-                    incarnation=inc,
-                    seq=seq,
-                    service_url=req.service_url,
-                    capabilities=tuple(req.capabilities),
-                    metadata=dict(req.metadata),
-                    ttl_ms=ttl_ms,
-                )
-                checked = self.check(candidate)
-                assert isinstance(checked, model.Register)
-                event = checked
+                event = msgspec.structs.replace(checked, incarnation=inc, seq=seq)
                 result = await self.registrar.apply(event, after_newest=True)
                 if result.status != "stale":
                     break

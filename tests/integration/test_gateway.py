@@ -376,6 +376,10 @@ async def test_health_is_503_when_redis_is_killed(
     assert write.json()["error"] == "redis_unavailable"
     beat = await served.client.post("/api/v1/services/gateway/heartbeat")
     assert beat.status_code == 503, beat.text
+    # Bad input is told apart from an outage: its 422 needs no Redis.
+    bad = await served.client.post(REGISTER, json={**SEED_BODY, "service_url": "ftp://n:1"})
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["error"] == "bad_url"
 
 
 async def test_metrics_in_prometheus_text(served: Served) -> None:
