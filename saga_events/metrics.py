@@ -16,6 +16,12 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _num(value: float) -> str:
+    # Every digit of a counter: "{:g}" would print 1234567 as 1.23457e+06, and
+    # above a million the samples lose digits and a rate() over them is wrong.
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
 def render_metrics(gw: Gateway) -> str:
     """Prometheus text format (version 0.0.4) of the registrar, mirror and gateway counters."""
     reg = gw.registrar.stats
@@ -26,7 +32,7 @@ def render_metrics(gw: Gateway) -> str:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            lines.append(f"{name}{labels} {value:g}")
+            lines.append(f"{name}{labels} {_num(value)}")
 
     metric(
         "saga_events_received_total",
@@ -62,7 +68,7 @@ def render_metrics(gw: Gateway) -> str:
         "saga_registry_services",
         "gauge",
         "Services with at least one instance in the gateway's view.",
-        [("", len(mirror.services()))],
+        [("", len({i.service_name for i in mirror.snapshot().values()}))],
     )
     metric(
         "saga_registry_reaped_total",

@@ -64,3 +64,19 @@ async def test_token_comes_from_argument_or_environment_and_empty_means_none(
         assert gateway.authorized(f"bearer  {expected} ")
         assert not gateway.authorized(f"Bearer {expected}x")
         assert not gateway.authorized(f"Basic {expected}")
+
+
+@pytest.mark.anyio
+async def test_metrics_print_every_digit_of_large_counters() -> None:
+    """A counter past a million keeps every digit (not 1.23457e+06), so rate() stays right."""
+    nowhere = "redis://127.0.0.1:9/0"  # never contacted: constructors do no I/O
+    gateway = Gateway(Registrar(nowhere), Mirror(nowhere), nowhere)
+    gateway.registrar.stats.received = 1_234_567
+    gateway.stats.received = 12_345_678_901
+    gateway.registrar.stats.applied["created"] = 2**40 + 1
+    lines = gateway.metrics_text().splitlines()
+    assert 'saga_events_received_total{source="pubsub"} 1234567' in lines
+    assert 'saga_events_received_total{source="http"} 12345678901' in lines
+    assert f'saga_events_applied_total{{status="created"}} {2**40 + 1}' in lines
+    assert "saga_registry_services 0" in lines
+    assert "saga_mirror_stale_seconds 0.0" in lines
