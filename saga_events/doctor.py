@@ -18,7 +18,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from ._redis import TRANSIENT, close_quietly, connect
+from ._redis import TRANSIENT, close_quietly, connect, db_of
 from .keys import Keys
 from .registrar import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover, merge_flags
 
@@ -256,8 +256,9 @@ async def diagnose(
     redis: str, namespace: str = "default", *, canary_wait: float = 3.5
 ) -> list[Finding]:
     """Run every check against ``redis``; never raises for a broken deployment."""
-    keys = Keys(namespace)
     client = connect(redis)
+    # The database of the URL: the canary's notification channel names it.
+    keys = Keys(namespace, db_of(client))
     try:
         try:
             await client.ping()

@@ -122,3 +122,19 @@ def test_cli_reports_an_unreachable_redis() -> None:
     result = CliRunner().invoke(main, ["doctor", "--redis", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 1
     assert "cannot reach" in result.output and "fix:" in result.output
+
+
+@pytest.mark.anyio
+async def test_a_registrar_on_another_database_is_seen(redis_url: str) -> None:
+    """The canary is looked for in the URL's database, not always in database 0."""
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    async with Registrar(url, rebuild_wait=0.2):
+        admin = aioredis.Redis.from_url(url)
+        try:
+            await eventually(lambda: _epoch_ready(admin), 10, what="epoch ready")
+        finally:
+            await admin.aclose()
+        findings = await diagnose(url)
+    checks = by_check(findings)
+    assert checks["registrar"].status == "ok", findings
+    assert healthy(findings), findings
