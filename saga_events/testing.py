@@ -334,10 +334,11 @@ class SagaTestRegistry:
 
     def services(self) -> dict[str, list[Instance]]:
         """Every service with live instances, as the registry's own mirror shows it."""
-        return self.mirror.services()
+        # Read on the mirror's own thread: it changes the view there at any moment.
+        return self.portal.call(self.mirror.services)
 
     def instances(self, name: str) -> list[Instance]:
-        return self.mirror.instances(name)
+        return self.portal.call(self.mirror.instances, name)
 
     def wait_for(self, name: str, timeout: float = 5.0) -> Instance:
         """Wait until ``name`` has a live instance; raise ServiceNotFound after ``timeout``."""
@@ -345,11 +346,10 @@ class SagaTestRegistry:
 
     def wait_gone(self, name: str, timeout: float = 5.0) -> None:
         """Wait until ``name`` has no instance; raise AssertionError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while self.mirror.instances(name):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name!r} still has instances after {timeout} s")
-            time.sleep(0.01)
+        try:
+            self.portal.call(self.mirror.wait_until, lambda m: not m.instances(name), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{name!r} still has instances after {timeout} s") from None
 
 
 # -- the pytest plugin ------------------------------------------------------------------
