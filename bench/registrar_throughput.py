@@ -132,6 +132,8 @@ def run(registrars: int, workload: str, events: int, profile: bool, bar: Any) ->
             i = j
     # Drop the ramp-up and the tail windows: the steady state is in between.
     steady = rates[1:-1] if len(rates) > 3 else rates
+    if not steady and elapsed > 0:  # a run shorter than one window: its overall rate
+        steady = [len(commands) / elapsed]
     n = len(commands)
     return {
         "registrars": registrars,

@@ -13,7 +13,8 @@ redis-py version), the same calls fall back to redis-py's public methods.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, cast
 
 import anyio
 import hiredis
@@ -28,7 +29,8 @@ except ImportError:  # pragma: no cover - another redis-py layout: generic path
 
 READ_SIZE: Final = 1 << 17
 
-pack_command = hiredis.pack_command
+#: One command as RESP bytes (hiredis's stub types only a 1-tuple).
+pack_command: Callable[[tuple[Any, ...]], bytes] = cast(Any, hiredis.pack_command)
 
 
 def _raw(conn: Any) -> tuple[hiredis.Reader, asyncio.StreamReader] | None:
@@ -134,3 +136,40 @@ async def roundtrip(
             if not data:
                 raise _closed()
             reader.feed(data)
+
+
+class Pipe:
+    """One connection of a client's pool, kept for hand-packed pipelines.
+
+    Calls are serialised (a lock), so replies never interleave. A call that
+    fails or is cancelled drops the connection (its replies may still be in
+    flight); the next call takes a fresh one from the pool.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._conn: aioredis.connection.AbstractConnection | None = None
+        self._lock = anyio.Lock()
+
+    async def execute(self, packed: bytes, replies: int) -> list[Any]:
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                pool = self._client.connection_pool
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                self._conn = conn
+            try:
+                return await roundtrip(conn, packed, replies, getattr(conn, "socket_timeout", None))
+            except BaseException:
+                self._conn = None
+                with anyio.CancelScope(shield=True):
+                    await conn.disconnect()
+                    await self._client.connection_pool.release(conn)
+                raise
+
+    async def release(self) -> None:
+        """Give the connection back to the pool (at shutdown)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._client.connection_pool.release(conn)

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import model
+from . import _wire, model
 from ._redis import TRANSIENT, Backoff, RedisLike, close_quietly, connect, db_of
 from .errors import ServiceNotFound
 from .keys import Keys
@@ -191,6 +191,8 @@ class Mirror:
         self._overflowed: set[MemoryObjectSendStream[Change]] = set()
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        # The connection the watch's GETs go out on (hand-packed, see _wire).
+        self._pipe = _wire.Pipe(self._redis)
 
     # -- reading -------------------------------------------------------------
 
@@ -305,6 +307,7 @@ class Mirror:
         for send in self._subscribers:
             send.close()
         self._subscribers.clear()
+        await self._pipe.release()
         if self._owns_client:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._redis.aclose()
@@ -333,6 +336,7 @@ class Mirror:
                 self._connected = False
                 self._set_stale(True)
                 await close_quietly(pubsub)
+                await self._pipe.release()
             await anyio.sleep(backoff.next())
 
     # -- the watch -------------------------------------------------------------
@@ -372,17 +376,12 @@ class Mirror:
                 await self._after_epoch_change(pubsub, exc.reason)
         on_synced()
         last_resync = anyio.current_time()
+        subscription = _wire.Subscription(pubsub)
         while True:
-            reply = await pubsub.parse_response(block=False, timeout=self.health_interval)
+            batch = await subscription.read(self.health_interval, 1024)
             now = anyio.current_time()
-            if reply is not None:
+            if batch:
                 self._last_rx = now
-                batch = [reply]
-                while len(batch) < 1024:
-                    more = await pubsub.parse_response(block=False, timeout=0)
-                    if more is None:
-                        break
-                    batch.append(more)
                 try:
                     await self._handle(batch)
                 except _Resync as exc:
@@ -480,10 +479,11 @@ class Mirror:
         if to_get:
             keys = list(to_get)
             self.stats.gets += len(keys)
-            pipe = self._redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.get(key)
-            values = await pipe.execute()
+            pack = _wire.pack_command
+            values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
+            for value in values:
+                if isinstance(value, Exception):
+                    raise value
             for key, raw in zip(keys, values, strict=True):
                 self._put(key, raw)
         for key in to_remove:

@@ -304,8 +304,7 @@ class Registrar:
         self._rebuilding = False
         self._tg: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
-        self._apply_conn: aioredis.connection.AbstractConnection | None = None
-        self._apply_lock = anyio.Lock()
+        self._pipe = _wire.Pipe(self._redis)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -330,7 +329,7 @@ class Registrar:
             await self.aclose()
 
     async def aclose(self) -> None:
-        await self._release_apply_conn()
+        await self._pipe.release()
         if self._owns_client:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._redis.aclose()
@@ -349,7 +348,7 @@ class Registrar:
                     await ready.wait()
                 task_status.started()
         finally:
-            await self._release_apply_conn()
+            await self._pipe.release()
 
     async def _prepare(self) -> None:
         backoff = Backoff(cap=2.0)
@@ -438,31 +437,6 @@ class Registrar:
             "1" if after_newest else "0",
         )
 
-    async def _pipeline(self, packed: bytes, replies: int) -> list[Any]:
-        async with self._apply_lock:
-            conn = self._apply_conn
-            if conn is None:
-                pool = self._redis.connection_pool
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                self._apply_conn = conn
-            try:
-                return await _wire.roundtrip(
-                    conn, packed, replies, getattr(conn, "socket_timeout", None)
-                )
-            except BaseException:
-                # Replies may still be in flight: this connection is done.
-                self._apply_conn = None
-                with anyio.CancelScope(shield=True):
-                    await conn.disconnect()
-                    await self._redis.connection_pool.release(conn)
-                raise
-
-    async def _release_apply_conn(self) -> None:
-        conn, self._apply_conn = self._apply_conn, None
-        if conn is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self._redis.connection_pool.release(conn)
-
     @staticmethod
     def _result(reply: Any) -> ApplyResult:
         status, reg, now, inc, seq = reply
@@ -495,7 +469,7 @@ class Registrar:
         pack = _wire.pack_command
         for _attempt in range(2):
             packed = b"".join([pack(self._apply_call(event, after_newest)) for event in events])
-            replies = await self._pipeline(packed, len(events))
+            replies = await self._pipe.execute(packed, len(events))
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted and lost its script cache: nothing was applied.
                 await self._load_scripts()
