@@ -165,31 +165,41 @@ async def _clock(client: aioredis.Redis) -> Finding:
     return Finding("clock skew", "ok", detail)
 
 
+def _epoch_finding(keys: Keys, epoch: Any) -> Finding:
+    if epoch is None:
+        return Finding(
+            "epoch",
+            "warn",
+            f"no {keys.epoch}: no registrar has run here",
+            "start one: saga-events registrar --redis URL",
+        )
+    if _text(epoch).endswith(":rebuilding"):
+        return Finding(
+            "epoch",
+            "warn",
+            f"{_text(epoch)}: a rebuild is in progress",
+            "wait a few seconds; a rebuild left behind is finished by the "
+            "next registrar that starts",
+        )
+    return Finding("epoch", "ok", _text(epoch))
+
+
 async def _registrar(client: aioredis.Redis, keys: Keys, wait: float) -> list[Finding]:
     """Registrar liveness, seen the way a mirror sees it: its canary notifications."""
     findings = []
-    epoch = await client.get(keys.epoch)
-    if epoch is None:
+    try:
+        epoch = await client.get(keys.epoch)
+    except NoPermissionError as exc:
         findings.append(
             Finding(
                 "epoch",
                 "warn",
-                f"no {keys.epoch}: no registrar has run here",
-                "start one: saga-events registrar --redis URL",
-            )
-        )
-    elif _text(epoch).endswith(":rebuilding"):
-        findings.append(
-            Finding(
-                "epoch",
-                "warn",
-                f"{_text(epoch)}: a rebuild is in progress",
-                "wait a few seconds; a rebuild left behind is finished by the "
-                "next registrar that starts",
+                f"cannot read {keys.epoch} ({exc})",
+                "run doctor as the reader or registrar user",
             )
         )
     else:
-        findings.append(Finding("epoch", "ok", _text(epoch)))
+        findings.append(_epoch_finding(keys, epoch))
     seen = 0
     pubsub = client.pubsub()
     try:

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from saga_events import Registrar
-from saga_events.acl import reader_role
+from saga_events.acl import publisher_role, reader_role
 from saga_events.chaos import eventually
 from saga_events.cli import main
 from saga_events.doctor import Finding, diagnose, healthy
@@ -83,6 +83,25 @@ async def test_reader_user_gets_warnings_not_failures(redis_url: str, registrar:
         "cannot CONFIG" in checks["acl"].detail and "can read the registry" in checks["acl"].detail
     )
     assert checks["registrar"].status == "ok"  # the canary proves notifications flow
+
+
+@pytest.mark.anyio
+async def test_a_publisher_user_gets_findings_not_a_crash(
+    redis_url: str, registrar: Registrar
+) -> None:
+    """As a publisher (no GET, no PSUBSCRIBE), doctor reports what it may not check."""
+    role = publisher_role("svc")
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", role.user, *role.setuser_args("pw"))
+    finally:
+        await admin.aclose()
+    url = redis_url.replace("redis://", f"redis://{role.user}:pw@")
+    checks = by_check(await diagnose(url, canary_wait=0.5))
+    assert checks["epoch"].status == "warn"
+    assert "cannot read" in checks["epoch"].detail
+    assert checks["registrar"].status == "warn"
+    assert checks["acl"].status == "fail"  # it may not read the registry: the real finding
 
 
 def test_cli_fails_without_a_registrar_and_says_how_to_fix(redis_server: RedisServer) -> None:
