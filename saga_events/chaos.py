@@ -365,10 +365,17 @@ class Deployment:
         """Stop an agent: with ``leave`` as on a clean shutdown, else as in a crash."""
         slot.live = False
         if slot.proc is not None:
-            if leave:
-                slot.proc.send_signal(signal.SIGINT)
-                await anyio.to_thread.run_sync(slot.proc.wait)
-            _kill(slot.proc)
+            try:
+                if leave:
+                    slot.proc.send_signal(signal.SIGINT)
+                    try:
+                        await anyio.to_thread.run_sync(slot.proc.wait, 20)
+                    except subprocess.TimeoutExpired:
+                        raise RuntimeError(
+                            f"agent process {slot.proc.pid} ignored SIGINT for 20 s"
+                        ) from None
+            finally:
+                _kill(slot.proc)
             return
         assert slot.scope is not None and slot.agent is not None
         slot.scope.cancel()
