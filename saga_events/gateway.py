@@ -87,7 +87,7 @@ _NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a lett
 # The OpenAPI document states the rules in ECMA-262 regex syntax (``$``, not
 # Python's ``\Z``); saga_events.model then applies the exact rules to every
 # write, so a name with a trailing newline still gets a 422.
-_NAME_DOC_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_DOC_PATTERN: Final = model.NAME_PATTERN.removesuffix(r"\Z") + "$"
 
 PathName = Annotated[
     str,
@@ -114,7 +114,8 @@ class GatewayError(SagaError):
 
 
 _URL_DOC_PATTERN: Final = (
-    r"^(https?|grpcs?|tcp|redis)://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][!-~]*)?$"
+    f"^({'|'.join(sorted(model.DEFAULT_URL_SCHEMES))})"
+    r"://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][!-~]*)?$"
 )
 
 HttpName = Annotated[
