@@ -131,33 +131,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class _WireInfo(msgspec.Struct, kw_only=True):
-    """What the gateway answers for one instance; unknown fields are ignored."""
-
-    service_id: str
-    service_name: str
-    service_url: str
-    capabilities: tuple[str, ...] = ()
-    registered_at: datetime | None = None
-    last_heartbeat: datetime | None = None
-    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+_wire_decoder: Final = msgspec.json.Decoder(ServiceInfo)
 
 
-_wire_decoder: Final = msgspec.json.Decoder(_WireInfo)
-
-
-def _info_from_wire(raw: bytes, source: Source = "registry") -> ServiceInfo:
-    w = _wire_decoder.decode(raw)
-    return ServiceInfo(
-        service_id=w.service_id,
-        service_name=w.service_name,
-        service_url=w.service_url,
-        capabilities=w.capabilities,
-        registered_at=w.registered_at,
-        last_heartbeat=w.last_heartbeat,
-        metadata=w.metadata,
-        source=source,
-    )
+def _info_from_wire(raw: bytes) -> ServiceInfo:
+    """The gateway's answer for one instance (the seed's shape; unknown fields ignored)."""
+    info = _wire_decoder.decode(raw)
+    # ``source`` is ours to say, not the server's.
+    return info if info.source == "registry" else info.with_source("registry")
 
 
 def stable_service_id(name: str, url: str) -> str:
