@@ -395,7 +395,7 @@ def _call_api(
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status), json.loads(response.read() or b"null")
+            status, raw = int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -408,6 +408,13 @@ def _call_api(
         raise click.ClickException(
             f"cannot reach the HTTP API at {base}: {reason}. Is `saga-events up` running? "
             "(set --saga-url or SAGA_SERVICE_URL)"
+        ) from None
+    try:
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        raise click.ClickException(
+            f"{url} answered {status} with a body that is not JSON: is {base} the "
+            "saga-events HTTP API? (set --saga-url or SAGA_SERVICE_URL)"
         ) from None
 
 
