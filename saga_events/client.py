@@ -983,7 +983,9 @@ class SagaServiceDiscovery:
 
     @property
     def registered_names(self) -> list[str]:
-        return self._ensure()[1].registered_names
+        # Read on the loop's thread: registering there changes the names meanwhile.
+        portal, client = self._ensure()
+        return portal.call(lambda: client.registered_names)
 
     def discover_service(self, name: str) -> ServiceInfo:
         """See :meth:`AsyncSagaServiceDiscovery.discover_service`."""
