@@ -346,10 +346,14 @@ class SagaTestRegistry:
 
     def wait_gone(self, name: str, timeout: float = 5.0) -> None:
         """Wait until ``name`` has no instance; raise AssertionError after ``timeout``."""
-        try:
-            self.portal.call(self.mirror.wait_until, lambda m: not m.instances(name), timeout)
-        except TimeoutError:
-            raise AssertionError(f"{name!r} still has instances after {timeout} s") from None
+        # Polled, not awaited: an awaited return comes the instant this mirror
+        # applies the change, often before a test's own mirrors (told at the same
+        # moment) have, and tests that look at theirs next lost that race.
+        deadline = time.monotonic() + timeout
+        while self.instances(name):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name!r} still has instances after {timeout} s")
+            time.sleep(0.01)
 
 
 # -- the pytest plugin ------------------------------------------------------------------
