@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from saga_events import Registrar
-from saga_events.acl import publisher_role, reader_role
+from saga_events.acl import Role, publisher_role, reader_role
 from saga_events.chaos import eventually
 from saga_events.cli import main
 from saga_events.doctor import Finding, diagnose, healthy
@@ -26,6 +26,16 @@ async def _epoch_ready(admin: aioredis.Redis) -> bool:
 
 def by_check(findings: list[Finding]) -> dict[str, Finding]:
     return {f.check: f for f in findings}
+
+
+async def _url_as(redis_url: str, role: Role) -> str:
+    """Create ``role``'s user (password ``pw``); return the URL that logs in as it."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", role.user, *role.setuser_args("pw"))
+    finally:
+        await admin.aclose()
+    return redis_url.replace("redis://", f"redis://{role.user}:pw@")
 
 
 @pytest.mark.anyio
@@ -68,13 +78,7 @@ async def test_reset_flags_are_found_with_the_fix(redis_url: str) -> None:
 @pytest.mark.anyio
 async def test_reader_user_gets_warnings_not_failures(redis_url: str, registrar: Registrar) -> None:
     """As the least-privilege reader, doctor reports what it may not check and still passes."""
-    role = reader_role()
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-        await admin.execute_command("ACL", "SETUSER", role.user, *role.setuser_args("pw"))
-    finally:
-        await admin.aclose()
-    url = redis_url.replace("redis://", f"redis://{role.user}:pw@")
+    url = await _url_as(redis_url, reader_role())
     findings = await diagnose(url)
     checks = by_check(findings)
     assert healthy(findings), findings
@@ -90,13 +94,7 @@ async def test_a_publisher_user_gets_findings_not_a_crash(
     redis_url: str, registrar: Registrar
 ) -> None:
     """As a publisher (no GET, no PSUBSCRIBE), doctor reports what it may not check."""
-    role = publisher_role("svc")
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-        await admin.execute_command("ACL", "SETUSER", role.user, *role.setuser_args("pw"))
-    finally:
-        await admin.aclose()
-    url = redis_url.replace("redis://", f"redis://{role.user}:pw@")
+    url = await _url_as(redis_url, publisher_role("svc"))
     checks = by_check(await diagnose(url, canary_wait=0.5))
     assert checks["epoch"].status == "warn"
     assert "cannot read" in checks["epoch"].detail
