@@ -365,6 +365,11 @@ class _Rejected(Exception):
         self.counted = counted
 
 
+def _not_found(name: str, service_id: str | None) -> _Rejected:
+    what = f"instance {service_id!r} of service {name!r}" if service_id else f"service {name!r}"
+    return _Rejected(404, "not_found", f"no live {what}", counted=False)
+
+
 # -- the gateway ------------------------------------------------------------------------
 
 
@@ -724,15 +729,16 @@ class Gateway:
         return pairs
 
     def _targets(self, name: str, service_id: str | None) -> list[model.Instance]:
+        """The live instances a heartbeat or DELETE acts on; a 404 when there are none."""
         insts = self.mirror.instances(name)
         if service_id is not None:
             insts = [i for i in insts if i.service_id == service_id]
+        if not insts:
+            raise _not_found(name, service_id)
         return insts
 
-    async def heartbeat(self, name: str, service_id: str | None) -> HeartbeatResult | None:
+    async def heartbeat(self, name: str, service_id: str | None) -> HeartbeatResult:
         targets = self._targets(name, service_id)
-        if not targets:
-            return None
         # A heartbeat carries exactly the newest (incarnation, seq) applied to
         # the instance: the script then only moves its deadline. A newer pair
         # would outrank the owner's own next events (an Agent's update would
@@ -749,10 +755,8 @@ class Gateway:
             last_heartbeat=model.iso_utc(max(r.now_ms for r in results)),
         )
 
-    async def deregister(self, name: str, service_id: str | None) -> DeregisterResult | None:
+    async def deregister(self, name: str, service_id: str | None) -> DeregisterResult:
         targets = self._targets(name, service_id)
-        if not targets:
-            return None
         removed: list[str] = []
         for inst in targets:
             current: model.Instance | None = inst
@@ -927,10 +931,7 @@ def build_app(gw: Gateway) -> Litestar:
         ),
     )
     async def heartbeat(name: PathName, service_id: QueryId = None) -> HeartbeatResult:
-        result = await gw.heartbeat(name, service_id)
-        if result is None:
-            raise _not_found(name, service_id)
-        return result
+        return await gw.heartbeat(name, service_id)
 
     @delete(
         "/api/v1/services/{name:str}",
@@ -942,10 +943,7 @@ def build_app(gw: Gateway) -> Litestar:
         description="Removes every instance of the service, or only ?service_id=.",
     )
     async def deregister(name: PathName, service_id: QueryId = None) -> DeregisterResult:
-        result = await gw.deregister(name, service_id)
-        if result is None:
-            raise _not_found(name, service_id)
-        return result
+        return await gw.deregister(name, service_id)
 
     @get(
         "/api/v1/services/{name:str}",
@@ -984,10 +982,6 @@ def build_app(gw: Gateway) -> Litestar:
     @get("/metrics", media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
     async def metrics() -> str:
         return gw.metrics_text()
-
-    def _not_found(name: str, service_id: str | None) -> _Rejected:
-        what = f"instance {service_id!r} of service {name!r}" if service_id else f"service {name!r}"
-        return _Rejected(404, "not_found", f"no live {what}", counted=False)
 
     def on_validation(
         request: Request[Any, Any, Any], exc: ValidationException
