@@ -365,6 +365,18 @@ class _Rejected(Exception):
         self.counted = counted
 
 
+def _ordering(value: bytes | str | None) -> tuple[int, int] | None:
+    """An ``incarnation:seq`` value (the registrar's order hash, a tombstone); None if
+    absent or unreadable."""
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else value
+    inc, sep, seq = text.partition(":")
+    if sep and inc.isascii() and inc.isdigit() and seq.isascii() and seq.isdigit():
+        return int(inc), int(seq)
+    return None
+
+
 def _not_found(name: str, service_id: str | None) -> _Rejected:
     what = f"instance {service_id!r} of service {name!r}" if service_id else f"service {name!r}"
     return _Rejected(404, "not_found", f"no live {what}", counted=False)
@@ -645,11 +657,8 @@ class Gateway:
                 inst = model.decode_instance(rec)
             except msgspec.DecodeError:
                 inst = None  # unreadable: a fresh incarnation replaces it
-        tomb_inc = 0
-        if tomb is not None:
-            head = (tomb.decode() if isinstance(tomb, bytes) else str(tomb)).split(":", 1)[0]
-            tomb_inc = int(head) if head.isdigit() else 0
-        return inst, tomb_inc
+        tomb_pair = _ordering(tomb)
+        return inst, tomb_pair[0] if tomb_pair else 0
 
     async def register(self, req: RegisterRequest) -> ServiceInfo:
         name = req.service_name
@@ -718,15 +727,10 @@ class Gateway:
         raw = await self._redis.hmget(
             keys.order, [keys.inst(i.service_name, i.service_id) for i in insts]
         )
-        pairs: list[tuple[int, int]] = []
-        for inst, value in zip(insts, raw, strict=True):
-            text = value.decode() if isinstance(value, bytes) else (value or "")
-            inc, sep, seq = text.partition(":")
-            if sep and inc.isdigit() and seq.isdigit():
-                pairs.append((int(inc), int(seq)))
-            else:
-                pairs.append((inst.incarnation, inst.seq))
-        return pairs
+        return [
+            _ordering(value) or (inst.incarnation, inst.seq)
+            for inst, value in zip(insts, raw, strict=True)
+        ]
 
     def _targets(self, name: str, service_id: str | None) -> list[model.Instance]:
         """The live instances a heartbeat or DELETE acts on; a 404 when there are none."""
