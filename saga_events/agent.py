@@ -24,8 +24,7 @@ from redis.exceptions import ResponseError
 from . import model
 from ._portal import PortalOwner
 from ._redis import TRANSIENT, Backoff, RedisLike, close_quietly, connect
-from .errors import InvalidEvent
-from .keys import Keys, is_valid_name
+from .keys import Keys
 
 log = logging.getLogger("saga_events.agent")
 
@@ -34,14 +33,6 @@ def default_service_id() -> str:
     """``<host>-<pid>-<random>``, made to fit the name rules."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:60] or "host"
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _checked_capabilities(capabilities: Iterable[str]) -> tuple[str, ...]:
-    caps = tuple(capabilities)
-    for cap in caps:
-        if not is_valid_name(cap):
-            raise InvalidEvent("invalid", f"capability {cap!r} must match {model.NAME_PATTERN}")
-    return caps
 
 
 class Agent:
@@ -66,23 +57,17 @@ class Agent:
         first_announce_timeout: float = 5.0,
     ) -> None:
         self.service_id = service_id or default_service_id()
-        for what, value in (("service_name", service_name), ("service_id", self.service_id)):
-            if not is_valid_name(value):
-                raise InvalidEvent("bad_name", f"{what} {value!r} must match {model.NAME_PATTERN}")
-        ttl_ms = round(ttl * 1000)
-        if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:
-            raise InvalidEvent("bad_ttl", f"ttl {ttl} s is outside [1 s, 3600 s]")
-        model.check_url(service_url, url_schemes)
-        caps = _checked_capabilities(capabilities)
+        self.service_name = service_name
+        self.url_schemes = url_schemes
+        self.ttl_ms = round(ttl * 1000)
+        # Bad input fails here, in the caller, by the registrar's own rules.
+        self._check(service_url, tuple(capabilities), dict(metadata or {}))
+        self.keys = Keys(namespace)
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
-        self.keys = Keys(namespace)
-        self.service_name = service_name
         self.service_url = service_url
-        self.capabilities = caps
+        self.capabilities = tuple(capabilities)
         self.metadata = dict(metadata or {})
-        self.url_schemes = url_schemes
-        self.ttl_ms = ttl_ms
         self.first_announce_timeout = first_announce_timeout
         self.incarnation = model.new_incarnation()
         self.seq = 0
@@ -92,6 +77,20 @@ class Agent:
         self._wake = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._channel = self.keys.events(service_name)
+
+    def _check(self, url: str, capabilities: tuple[str, ...], metadata: dict[str, str]) -> None:
+        """Raise :class:`InvalidEvent` unless the registrar would accept this record."""
+        event = model.Register(
+            service_name=self.service_name,
+            service_id=self.service_id,
+            incarnation=0,
+            seq=0,
+            service_url=url,
+            capabilities=capabilities,
+            metadata=metadata,
+            ttl_ms=self.ttl_ms,
+        )
+        model.decode_event(model.encode(event), self.service_name, schemes=self.url_schemes)
 
     @property
     def interval(self) -> float:
@@ -164,14 +163,11 @@ class Agent:
 
         Raises :class:`InvalidEvent`, changing nothing, for what ``__init__`` refuses.
         """
-        caps = None if capabilities is None else _checked_capabilities(capabilities)
-        if service_url is not None:
-            model.check_url(service_url, self.url_schemes)
-            self.service_url = service_url
-        if caps is not None:
-            self.capabilities = caps
-        if metadata is not None:
-            self.metadata = dict(metadata)
+        url = self.service_url if service_url is None else service_url
+        caps = self.capabilities if capabilities is None else tuple(capabilities)
+        meta = self.metadata if metadata is None else dict(metadata)
+        self._check(url, caps, meta)
+        self.service_url, self.capabilities, self.metadata = url, caps, meta
         return await self.announce()
 
     async def drain(self) -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+from .model import NAME_PATTERN
+
+NAME_RE = re.compile(NAME_PATTERN)
 """Service names, instance ids and namespaces: no ``:``, glob or hash-tag characters."""
 
 

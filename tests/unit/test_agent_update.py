@@ -39,3 +39,22 @@ async def test_update_accepts_the_agents_own_url_schemes() -> None:
         assert agent.service_url == "amqp://b:2"
     finally:
         await agent.aclose()
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"metadata": {"k" * 200: "v"}}, "invalid"),
+        ({"metadata": {"k": "v" * 20_000}}, "oversized"),
+        ({"ttl": 0.5}, "bad_ttl"),
+        ({"service_id": "a:b"}, "bad_name"),
+        ({"capabilities": ["a b"]}, "invalid"),
+    ],
+)
+def test_constructor_refuses_what_the_registrar_would_drop(
+    kwargs: dict[str, object], reason: str
+) -> None:
+    """An agent never publishes a record the registrar would reject: metadata included."""
+    with pytest.raises(InvalidEvent) as err:
+        Agent(_NO_REDIS, "svc", "http://a:1", **kwargs)  # type: ignore[arg-type]
+    assert err.value.reason == reason
