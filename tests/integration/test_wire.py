@@ -1,0 +1,90 @@
+"""The raw RESP paths (saga_events._wire) on a real server, fast and generic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from redis.exceptions import NoScriptError, ResponseError
+
+from saga_events import _wire
+from saga_events._redis import connect
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["hiredis", "generic"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if request.param == "generic":  # as on a redis-py whose connections look different
+        monkeypatch.setattr(_wire, "_raw", lambda conn: None)
+    yield request.param
+
+
+async def test_pipe_returns_replies_in_order_with_errors_as_objects(
+    redis_url: str, path: str
+) -> None:
+    client = connect(redis_url)
+    try:
+        pipe = _wire.Pipe(client)
+        pack = _wire.pack_command
+        big = b"x" * 300_000  # more than one socket read
+        packed = b"".join(
+            [
+                pack(("SET", "a", big)),
+                pack(("GET", "a")),
+                pack(("EVALSHA", "0" * 40, 0)),
+                pack(("INCR", "a")),
+                pack(("GET", "missing")),
+            ]
+        )
+        replies = await pipe.execute(packed, 5)
+        assert replies[0] == b"OK"
+        assert replies[1] == big
+        assert isinstance(replies[2], NoScriptError)
+        assert isinstance(replies[3], ResponseError)
+        assert replies[4] is None
+        # The connection is kept and still in step: the next call sees its own replies.
+        assert await pipe.execute(pack(("ECHO", "next")), 1) == [b"next"]
+        await pipe.release()
+    finally:
+        await client.aclose()
+
+
+async def test_pipe_drops_its_connection_after_a_cancelled_call(redis_url: str) -> None:
+    client = connect(redis_url)
+    try:
+        pipe = _wire.Pipe(client)
+        with anyio.move_on_after(0.2) as scope:
+            # BLPOP blocks in Redis: the call is cancelled with its reply in flight.
+            await pipe.execute(_wire.pack_command(("BLPOP", "nothing", 5)), 1)
+        assert scope.cancelled_caught
+        # A fresh connection answers this call, not the stale BLPOP reply.
+        assert await pipe.execute(_wire.pack_command(("ECHO", "after")), 1) == [b"after"]
+        await pipe.release()
+    finally:
+        await client.aclose()
+
+
+async def test_subscription_reads_every_message_in_bulk(redis_url: str, path: str) -> None:
+    client = connect(redis_url)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.psubscribe("ch:*")
+        sub = _wire.Subscription(pubsub)
+        confirmation = await sub.read(5.0, 10)
+        assert confirmation and confirmation[0][0] == b"psubscribe"
+        assert await sub.read(0.05, 10) == []  # nothing published: a timeout, not an error
+        for i in range(300):
+            await client.publish(f"ch:{i % 3}", f"m{i}")
+        got: list[bytes] = []
+        with anyio.fail_after(10):
+            while len(got) < 300:
+                batch = await sub.read(1.0, 64)
+                assert 1 <= len(batch) <= 64
+                assert all(reply[0] == b"pmessage" for reply in batch)
+                got.extend(reply[3] for reply in batch)
+        assert got == [f"m{i}".encode() for i in range(300)]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
