@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -48,6 +47,7 @@ import redis.asyncio as aioredis
 
 from . import model
 from ._redis import TRANSIENT, connect
+from ._wait import eventually
 from .agent import Agent
 from .embedded import RedisServer
 from .errors import ServiceNotFound
@@ -55,8 +55,6 @@ from .keys import Keys
 from .mirror import Mirror, Removed
 
 log = logging.getLogger("saga_events.chaos")
-
-Check = Callable[[], Awaitable[Any] | Any]
 
 #: Every fault kind, in the order the docs list them.
 FAULTS: Final = (
@@ -75,29 +73,6 @@ FAULTS: Final = (
 #: Redis paused longer than ttl minus one heartbeat interval used to reap every
 #: instance; the reaper now gives a grace period after a stall.)
 DROPS_EXPECTED: Final = frozenset[str]()
-
-
-async def eventually(
-    check: Check,
-    timeout: float = 10.0,  # noqa: ASYNC109 - the bound is the point of this helper
-    *,
-    interval: float = 0.01,
-    what: str = "condition",
-) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; return that.
-
-    For state that has no event to await (Redis keys, another process's
-    counters). Raises TimeoutError naming ``what`` after ``timeout`` seconds.
-    """
-    with anyio.move_on_after(timeout):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return result
-            await anyio.sleep(interval)
-    raise TimeoutError(f"{what} not reached in {timeout} s")
 
 
 # -- configuration and results ------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -42,6 +42,7 @@ import pytest
 
 from . import model
 from ._redis import RedisLike, connect
+from ._wait import eventually
 from .agent import Agent
 from .client import AsyncSagaServiceDiscovery, SagaServiceDiscovery
 from .embedded import RedisServer
@@ -124,19 +125,6 @@ async def wait_mirror_matches(
     if expected is not None and set(truth) != expected:
         msg += f"\nexpected keys {sorted(expected)}, Redis has {sorted(truth)}"
     raise AssertionError(msg)
-
-
-async def eventually(
-    predicate: Callable[[], bool],
-    timeout: float = 5.0,  # noqa: ASYNC109 - a plain bound
-    interval: float = 0.005,
-) -> None:
-    """Wait until ``predicate()`` is true, checking every ``interval`` s; TimeoutError after
-    ``timeout``. For conditions with no event to await (another process, a counter);
-    for a mirror's view use :meth:`Mirror.wait_until`, which wakes on each change."""
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - nothing to await: see the docstring
-            await anyio.sleep(interval)
 
 
 def _accepts(host: str, port: int) -> bool:

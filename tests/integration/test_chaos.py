@@ -16,9 +16,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from saga_events import Agent, Mirror, Registrar, Removed, testing
-from saga_events.chaos import FAULTS, ChaosConfig, eventually, run_chaos
+from saga_events.chaos import FAULTS, ChaosConfig, run_chaos
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
+from saga_events.testing import eventually
 
 pytestmark = pytest.mark.anyio
 

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from saga_events import Registrar
 from saga_events.acl import Role, publisher_role, reader_role
-from saga_events.chaos import eventually
 from saga_events.cli import main
 from saga_events.doctor import Finding, diagnose, healthy
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
+from saga_events.testing import eventually
 
 
 async def _epoch_ready(admin: aioredis.Redis) -> bool:

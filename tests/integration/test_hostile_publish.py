@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from saga_events import Registrar, model
-from saga_events.chaos import eventually
 from saga_events.embedded import RedisServer
 from saga_events.keys import NAME_RE, Keys
-from saga_events.testing import registry_truth
+from saga_events.testing import eventually, registry_truth
 
 KEYS = Keys("default")
 _ids = itertools.count()
