@@ -529,11 +529,12 @@ class _RestBackend:
         old = self._regs.get(reg.service_name)
         if old is not None and old.reg.service_id != reg.service_id:
             await self.unregister(reg.service_name)
-            old = None
         info = await self._post_register(reg)
-        if old is not None:
-            old.reg = reg
-            entry = old
+        # Looked up after the POST: a concurrent first registration of the same
+        # name may have started its keep-alive meanwhile; one per name.
+        entry = self._regs.get(reg.service_name)
+        if entry is not None:
+            entry.reg = reg
         else:
             entry = _RestRegistration(reg, anyio.CancelScope())
             self._regs[reg.service_name] = entry
@@ -877,8 +878,10 @@ class SagaServiceDiscovery:
         fallbacks: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        # One dict, shared with the async client once it is built.
+        self._fallbacks: dict[str, str] = dict(fallbacks or {})
         self._factory = functools.partial(
-            AsyncSagaServiceDiscovery, saga_url, redis_url, cache_ttl, fallbacks, **kwargs
+            AsyncSagaServiceDiscovery, saga_url, redis_url, cache_ttl, self._fallbacks, **kwargs
         )
         backend = kwargs.get("backend")
         self.mode: str = backend.mode if backend is not None else _mode_for(saga_url, redis_url)
@@ -912,7 +915,9 @@ class SagaServiceDiscovery:
             return self._portal, self._client
 
     async def _build(self) -> AsyncSagaServiceDiscovery:
-        return self._factory()
+        client = self._factory()
+        client.fallbacks = self._fallbacks
+        return client
 
     def _call(self, func: Callable[[AsyncSagaServiceDiscovery], Awaitable[T]]) -> T:
         """Run ``func(client)`` on the background loop and wait for its result."""
@@ -952,7 +957,8 @@ class SagaServiceDiscovery:
 
     @property
     def fallbacks(self) -> dict[str, str]:
-        return self.client.fallbacks
+        """The static fallback URLs (the async client's own dict; nothing is started)."""
+        return self._fallbacks
 
     def register_service(
         self,

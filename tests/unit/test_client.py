@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import anyio
 import httpx
 import pytest
+from anyio.abc import TaskStatus
 
 from saga_events import (
     AsyncSagaServiceDiscovery,
@@ -417,3 +419,59 @@ async def test_redis_mode_registers_with_the_clients_own_url_schemes() -> None:
         with pytest.raises(InvalidEvent) as err:
             await saga.register_service("svc", "http://broker:80")
         assert err.value.reason == "bad_url"
+
+
+async def test_rest_concurrent_first_registrations_start_one_keep_alive() -> None:
+    """Two registrations of one name racing on the first POST share one keep-alive task."""
+    gateway, clock = Gateway(), Clock()
+    both_posted = anyio.Event()
+    posts = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal posts
+        if request.url.path.endswith("/register"):
+            posts += 1
+            if posts == 2:
+                both_posted.set()
+            await both_posted.wait()  # neither answer returns before both are in flight
+        return gateway.handler(request)
+
+    backend = _RestBackend(
+        "http://saga.test:8030",
+        cache_ttl=30,
+        timeout=1,
+        api_token=None,
+        heartbeat_interval=None,
+        clock=clock,
+        transport=httpx.MockTransport(handler),
+    )
+    started: list[str] = []
+    run_keep_alive = backend._run_keep_alive
+
+    async def counting(name: str, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+        started.append(name)
+        await run_keep_alive(name, task_status=task_status)
+
+    backend._run_keep_alive = counting  # type: ignore[method-assign]
+    async with AsyncSagaServiceDiscovery(backend=backend) as saga:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(saga.register_service, "svc", "http://svc:1")
+                tg.start_soon(saga.register_service, "svc", "http://svc:1")
+        assert posts == 2
+        assert started == ["svc"]
+        assert saga.is_registered("svc")
+
+
+def test_sync_twin_fallbacks_start_nothing_and_are_the_clients_own() -> None:
+    """Reading ``fallbacks`` starts no thread; it is the dict the started client uses."""
+    registry = FakeRegistry()
+    saga = registry.sync_client(fallbacks={"auth": "http://localhost:8001"})
+    try:
+        assert saga.fallbacks == {"auth": "http://localhost:8001"}
+        assert saga._portal is None and saga._client is None
+        saga.fallbacks["audit"] = "http://localhost:8009"
+        assert saga.discover_service("audit").service_url == "http://localhost:8009"
+        assert saga.fallbacks is saga.client.fallbacks
+    finally:
+        saga.close()
