@@ -6,7 +6,7 @@ import json
 import logging
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 try:
     import click
@@ -426,6 +426,15 @@ def _api_failed(what: str, status: int, payload: Any, as_json: bool) -> None:
     raise click.ClickException(f"{what} failed with HTTP {status}: {detail}")
 
 
+def _not_the_answer(what: str, base: str, payload: Any) -> NoReturn:
+    shown = json.dumps(payload)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    raise click.ClickException(
+        f"{what} answered 200 with JSON that is not the saga-events answer ({shown}): "
+        f"is {base} the saga-events HTTP API? (set --saga-url or SAGA_SERVICE_URL)"
+    )
+
+
 @main.command(name="register")
 @click.argument("name")
 @click.argument("url")
@@ -478,6 +487,14 @@ def register_command(
     if as_json:
         click.echo(json.dumps(payload))
         return
+    fields = ("service_name", "service_id", "service_url", "registered_at")
+    if not (
+        isinstance(payload, dict)
+        and all(isinstance(payload.get(f), str) for f in fields)
+        and isinstance(payload.get("capabilities", []), list)
+        and all(isinstance(c, str) for c in payload.get("capabilities", []))
+    ):
+        _not_the_answer("register", saga_url, payload)
     caps = ",".join(payload.get("capabilities", [])) or "-"
     click.echo(
         f"registered {payload['service_name']}/{payload['service_id']}  "

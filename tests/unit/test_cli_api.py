@@ -21,6 +21,15 @@ class _NotTheApi(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:  # JSON, but not the gateway's answer
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = b'{"status": "ok"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # quiet
 
@@ -44,3 +53,16 @@ def test_a_200_that_is_not_json_is_a_clear_error_not_a_traceback(other_server: s
     assert res.exit_code == 1, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
     assert "not JSON" in res.output and "--saga-url" in res.output
+
+
+def test_a_200_json_answer_of_another_shape_is_a_clear_error_not_a_traceback(
+    other_server: str,
+) -> None:
+    """register against a JSON API that is not ours: exit 1 with a one-line hint."""
+    res = CliRunner().invoke(
+        main, ["register", "auth", "http://auth:1", "--saga-url", other_server]
+    )
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert "not the saga-events answer" in res.output and "--saga-url" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
