@@ -762,6 +762,7 @@ class Gateway:
     async def deregister(self, name: str, service_id: str | None) -> DeregisterResult:
         targets = self._targets(name, service_id)
         removed: list[str] = []
+        lost: list[str] = []
         for inst in targets:
             current: model.Instance | None = inst
             for attempt in range(_WRITE_RETRIES):
@@ -782,6 +783,16 @@ class Gateway:
                 if current is None:
                     removed.append(inst.service_id)
                     break
+            else:  # lost the race every time: say so, never a silent partial success
+                lost.append(inst.service_id)
+        if lost:
+            done = f"; removed: {', '.join(sorted(removed))}" if removed else ""
+            raise _Rejected(
+                409,
+                "conflict",
+                f"{name}: instance {', '.join(lost)} is being changed by another writer "
+                f"and was not removed{done}; retry",
+            )
         gone = set(removed)
 
         def shown() -> bool:
@@ -941,7 +952,7 @@ def build_app(gw: Gateway) -> Litestar:
         "/api/v1/services/{name:str}",
         status_code=200,
         guards=[require_token],
-        responses=_errors(400, 401, 404, 503),
+        responses=_errors(400, 401, 404, 409, 503),
         security=write_security,
         summary="Deregister every instance of a service",
         description="Removes every instance of the service, or only ?service_id=.",

@@ -13,7 +13,7 @@ import pytest
 
 from saga_events import Agent, Mirror, Registrar, Removed
 from saga_events.embedded import RedisServer
-from saga_events.gateway import Gateway, derived_service_id
+from saga_events.gateway import _WRITE_RETRIES, Gateway, derived_service_id
 from saga_events.testing import registry_truth, wait_mirror_matches
 from tests.gateway_helpers import Served, serve_gateway
 
@@ -507,3 +507,37 @@ async def test_http_heartbeats_do_not_outrank_an_agents_own_events(
         await mirror.wait_until(
             lambda m: m.instances("ledger")[0].capabilities == ("rest", "v2"), timeout=5
         )
+
+
+async def test_delete_that_loses_every_race_answers_409_and_changes_nothing(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE whose leave is answered stale on every attempt is a 409, not a 200 that
+    silently leaves the instance out of ``removed``."""
+    from saga_events import model
+    from saga_events.registrar import ApplyResult
+
+    reg = (await served.client.post(REGISTER, json=SEED_BODY)).json()
+    registrar = served.gateway.registrar
+    real_apply = registrar.apply
+    leaves = 0
+
+    async def another_writer_always_wins(
+        event: model.AnyEvent, *, after_newest: bool = False
+    ) -> ApplyResult:
+        nonlocal leaves
+        if isinstance(event, model.Leave):  # as if a newer write always got there first
+            leaves += 1
+            return ApplyResult(status="stale", registered_at_ms=0, now_ms=0)
+        return await real_apply(event, after_newest=after_newest)
+
+    monkeypatch.setattr(registrar, "apply", another_writer_always_wins)
+    gone = await served.client.delete("/api/v1/services/gateway")
+    assert gone.status_code == 409, gone.text
+    assert gone.json()["error"] == "conflict"
+    assert reg["service_id"] in gone.json()["detail"]
+    assert leaves == _WRITE_RETRIES
+    assert await _truth_ids(served.redis_url) == {reg["service_id"]}
+    monkeypatch.undo()
+    again = await served.client.delete("/api/v1/services/gateway")
+    assert again.json() == {"service_name": "gateway", "removed": [reg["service_id"]]}
