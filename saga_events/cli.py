@@ -527,6 +527,8 @@ def deregister_command(
     status, payload = _call_api("DELETE", saga_url, path, token)
     if status != 200:
         _api_failed("deregister", status, payload, as_json)
+    if not isinstance(payload, dict) or not isinstance(payload.get("removed", []), list):
+        _not_the_answer("deregister", saga_url, payload)
     if as_json:
         click.echo(json.dumps(payload))
         return

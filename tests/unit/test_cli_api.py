@@ -14,9 +14,10 @@ from saga_events.cli import main
 
 class _NotTheApi(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
-        body = b"<html>hello</html>"
+        listy = "/listy" in self.path  # JSON, but not an object
+        body = b"[1, 2]" if listy else b"<html>hello</html>"
         self.send_response(200)
-        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Type", "application/json" if listy else "text/html")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -66,3 +67,11 @@ def test_a_200_json_answer_of_another_shape_is_a_clear_error_not_a_traceback(
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
     assert "not the saga-events answer" in res.output and "--saga-url" in res.output
     assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_deregister_given_json_that_is_not_an_object_is_a_clear_error(other_server: str) -> None:
+    """deregister against a JSON API that answers a list: exit 1 with a one-line hint."""
+    res = CliRunner().invoke(main, ["deregister", "listy", "--saga-url", other_server])
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert "not the saga-events answer" in res.output and "--saga-url" in res.output
