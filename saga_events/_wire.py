@@ -44,6 +44,18 @@ def _raw(conn: Any) -> tuple[hiredis.Reader, asyncio.StreamReader] | None:
     return None
 
 
+def _take_parsed(reader: hiredis.Reader, out: list[Any], limit: int) -> bool:
+    """Move the replies ``reader`` has complete into ``out`` (up to ``limit`` in all);
+    True if ``out`` holds any."""
+    gets = reader.gets
+    while len(out) < limit:
+        reply = gets()
+        if reply is _NOT_ENOUGH:
+            break
+        out.append(reply)
+    return bool(out)
+
+
 def _closed() -> RedisConnectionError:
     return RedisConnectionError("Redis closed the connection")
 
@@ -63,14 +75,7 @@ class Subscription:
             return await self._read_generic(wait, limit)
         reader, stream = raw
         out: list[Any] = []
-        gets = reader.gets
-        reply = gets()
-        while reply is not _NOT_ENOUGH:
-            out.append(reply)
-            if len(out) >= limit:
-                return out
-            reply = gets()
-        if out:
+        if _take_parsed(reader, out, limit):
             return out
         with anyio.move_on_after(wait):
             while True:
@@ -78,13 +83,7 @@ class Subscription:
                 if not data:
                     raise _closed()
                 reader.feed(data)
-                reply = gets()
-                while reply is not _NOT_ENOUGH:
-                    out.append(reply)
-                    if len(out) >= limit:
-                        return out
-                    reply = gets()
-                if out:
+                if _take_parsed(reader, out, limit):
                     return out
         return out
 
@@ -124,14 +123,10 @@ async def roundtrip(
                     out.append(exc)
             return out
         reader, stream = raw
-        gets = reader.gets
         while True:
-            reply = gets()
-            while reply is not _NOT_ENOUGH:
-                out.append(reply)
-                if len(out) >= replies:
-                    return out
-                reply = gets()
+            _take_parsed(reader, out, replies)
+            if len(out) >= replies:
+                return out
             data = await stream.read(READ_SIZE)
             if not data:
                 raise _closed()
