@@ -6,18 +6,11 @@ Redis Cluster slot and its keyspace notifications come from one node.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from .model import NAME_PATTERN
+from .identity import NAME_RE, is_valid_name
 
-NAME_RE = re.compile(NAME_PATTERN)
-"""Service names, instance ids and namespaces: no ``:``, glob or hash-tag characters."""
-
-
-def is_valid_name(value: str) -> bool:
-    """Return True when ``value`` may be used as a service name, id or namespace."""
-    return NAME_RE.fullmatch(value) is not None
+__all__ = ["NAME_RE", "Keys", "is_valid_name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +53,11 @@ class Keys:
     def order(self) -> str:
         """Hash: instance key → newest applied ``incarnation:seq``."""
         return f"{self.prefix}order"
+
+    @property
+    def rev(self) -> str:
+        """Counter: incremented by every record change (create, update, remove, reap)."""
+        return f"{self.prefix}rev"
 
     @property
     def epoch(self) -> str:

@@ -1,0 +1,101 @@
+"""Identity: names, instance ids and the epoch format, in one place.
+
+Contract:
+
+* :func:`is_valid_name` is the one rule for service names, instance ids,
+  capabilities and namespaces (``model.NAME_PATTERN``).
+* Instance ids come in two kinds, and every part of saga-events uses one of
+  these two functions, never its own scheme:
+
+  - :func:`process_service_id` names one *process*: ``<host>-<pid>-<random>``.
+    Two workers of one app (gunicorn, uvicorn) get two ids, so a recycled
+    worker's ``leave`` never hides a live sibling. A process that dies
+    without leaving is reaped one ttl later, like any crash.
+  - :func:`stable_service_id` names a (service, url) pair for writers that
+    have no process of their own to name (HTTP registrations without a
+    ``service_id``): the same pair always gives the same id, so a client that
+    re-registers refreshes its instance instead of adding a twin.
+
+* The epoch (``saga:{ns}:epoch``) is ``<started_ms>-<hex>:<state>`` with state
+  ``rebuilding`` or ``ready``; :func:`new_epoch` makes one and
+  :func:`parse_epoch` is the only parser. The Lua scripts compare the state
+  suffix only (``:rebuilding``), which this format keeps at the end.
+
+Everything here is pure and can be shared between threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .model import NAME_PATTERN
+
+NAME_RE: Final = re.compile(NAME_PATTERN)
+"""Service names, instance ids and namespaces: no ``:``, glob or hash-tag characters."""
+
+REBUILDING: Final = "rebuilding"
+READY: Final = "ready"
+EpochState = Literal["rebuilding", "ready"]
+
+
+def is_valid_name(value: str) -> bool:
+    """Return True when ``value`` may be used as a service name, id or namespace."""
+    return NAME_RE.fullmatch(value) is not None
+
+
+def host_slug() -> str:
+    """This host's name reduced to the name rules (at most 60 characters)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:60]
+    return host or "host"
+
+
+def process_service_id() -> str:
+    """An id for one process's instance: ``<host>-<pid>-<6 hex>``, new on every call."""
+    return f"{host_slug()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def stable_service_id(service_name: str, service_url: str) -> str:
+    """The id of a (name, url) pair: ``<name>-<12 hex of sha256(name, url)>``.
+
+    Used where no process owns the instance (an HTTP registration that names
+    no id); the same pair always maps to the same id.
+    """
+    digest = hashlib.sha256(f"{service_name}\n{service_url}".encode()).hexdigest()[:12]
+    return f"{service_name[:100]}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """A parsed epoch value: ``id`` is ``<started_ms>-<hex>``."""
+
+    id: str
+    started_ms: int | None
+    state: str
+
+    @property
+    def rebuilding(self) -> bool:
+        return self.state == REBUILDING
+
+    def __str__(self) -> str:
+        return f"{self.id}:{self.state}"
+
+
+def new_epoch(now_ms: int, state: EpochState) -> Epoch:
+    """A fresh epoch that started at ``now_ms`` (Redis's clock where there is one)."""
+    return Epoch(f"{now_ms}-{secrets.token_hex(4)}", now_ms, state)
+
+
+def parse_epoch(value: bytes | str | None) -> Epoch | None:
+    """Parse a stored epoch; None when there is none. Never raises."""
+    if value is None:
+        return None
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    epoch_id, _, state = text.partition(":")
+    started, _, _ = epoch_id.partition("-")
+    return Epoch(epoch_id, int(started) if started.isdigit() else None, state)
