@@ -32,11 +32,12 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _wire, identity, model, scripts
+from . import _wire, model, scripts
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
 from .errors import InvalidEvent, NotificationConfigError
 from .keys import Keys
+from .rebuild import Rebuilds
 from .scripts import ApplyResult
 
 __all__ = ["ApplyResult", "Registrar", "RegistrarStats"]
@@ -157,7 +158,7 @@ class Registrar:
             else None
         )
         self._scripts = scripts.Scripts(self._redis)
-        self._rebuilding = False
+        self._rebuilds = Rebuilds(self)
         self._tg: anyio.abc.TaskGroup | None = None
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
@@ -456,13 +457,8 @@ class Registrar:
         stall_ms = max(REAP_STALL_MS, round(3000 * self.reap_interval))
         total = 0
         while True:
-            due: list[bytes] = await self._scripts.call(
-                scripts.REAP,
-                [k.deadlines, k.index, k.order, scripts.reaper_mark_key(k), k.rev,
-                 scripts.counts_key(k), scripts.graced_key(k)],
-                [limit, stall_ms, REAP_GRACE_MS, self.tomb_ttl_ms, k.inst_prefix,
-                 f"{k.prefix}tomb:"],
-            )  # fmt: skip
+            keys, args = scripts.reap_call(k, limit, stall_ms, REAP_GRACE_MS, self.tomb_ttl_ms)
+            due: list[bytes] = await self._scripts.call(scripts.REAP, keys, args)
             total += len(due)
             self.stats.reaped += len(due)
             if len(due) < limit:
@@ -508,101 +504,20 @@ class Registrar:
         ttl = int(self.liveness_interval * 3000)
         await self._redis.set(self.keys.registrar(self.rid), model.encode(info), px=ttl)
 
-    # -- epochs and rebuilds -------------------------------------------------
-
-    async def _redis_ms(self) -> int:
-        seconds, micros = await self._redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+    # -- epochs and rebuilds (rebuild.py) ------------------------------------
 
     async def bump_epoch(self) -> str | None:
-        """Tell mirrors to resync: replace the epoch by a new one in state ``ready``.
-
-        Does nothing (returns None) when there is no epoch: that calls for a
-        rebuild (:meth:`check_epoch`), not a resync; nor during a rebuild, which
-        ends with a new epoch of its own.
-        """
-        value = str(identity.new_epoch(await self._redis_ms(), identity.READY))
-        if await self._scripts.call(scripts.BUMP_EPOCH, [self.keys.epoch], [value]):
-            return value
-        return None
+        """Tell mirrors to resync (see :meth:`Rebuilds.bump_epoch`)."""
+        return await self._rebuilds.bump_epoch()
 
     async def check_epoch(self) -> None:
         """Start a rebuild if Redis has no epoch (first start, or restarted empty)."""
-        if self._rebuilding or self._tg_for_rebuild is None:
-            return
-        current = await self._redis.get(self.keys.epoch)
-        if current is not None:
-            await self._finish_abandoned_rebuild(current)
-            return
-        epoch = identity.new_epoch(await self._redis_ms(), identity.REBUILDING)
-        if not await self._redis.set(self.keys.epoch, str(epoch), nx=True):
-            return  # another registrar leads this rebuild
-        self._rebuilding = True
-        self.stats.rebuilds += 1
-        log.info(
-            "registry has no epoch (a new or restarted Redis): rebuild %s restores the last "
-            "view and asks agents to re-announce",
-            epoch.id,
-        )
-        self._tg_for_rebuild.start_soon(self._finish_rebuild, epoch.id)
+        if self._tg_for_rebuild is not None:
+            await self._rebuilds.check(self._tg_for_rebuild)
 
     async def _finish_abandoned_rebuild(self, current: bytes | str) -> None:
-        # A registrar that died mid-rebuild leaves the epoch in 'rebuilding' and
-        # mirrors waiting: whoever sees it long after its start (by Redis's
-        # clock, in the script) finishes it, compare-and-set on the value read.
-        epoch = identity.parse_epoch(current)
-        if epoch is None or not epoch.rebuilding:
-            return
-        ready = identity.Epoch(epoch.id, epoch.started_ms, identity.READY)
-        if await self._scripts.call(
-            scripts.FINISH_REBUILD,
-            [self.keys.epoch],
-            [str(epoch), str(ready), round(4000 * self.rebuild_wait)],
-        ):
-            log.warning("finished rebuild %s that its registrar abandoned", epoch.id)
+        await self._rebuilds.finish_abandoned(current)
 
     async def restore(self, instances: Iterable[model.Instance]) -> int:
-        """Write back each instance that Redis does not hold (restore script); return
-        how many were restored."""
-        restored = 0
-        for inst in list(instances):
-            keys, args = scripts.restore_call(self.keys, inst)
-            restored += int(await self._scripts.call(scripts.RESTORE, keys, args))
-        self.stats.restored += restored
-        return restored
-
-    async def _finish_rebuild(self, epoch_id: str) -> None:
-        # Retried until done or superseded: given up, the re-announce request
-        # would be lost and mirrors would wait stale for the abandoned-rebuild
-        # timeout (4 x rebuild_wait).
-        rebuilding = f"{epoch_id}:{identity.REBUILDING}"
-        backoff = Backoff(cap=1.0)
-        restored = False
-        try:
-            while True:
-                try:
-                    if await self._redis.get(self.keys.epoch) != rebuilding.encode():
-                        log.warning("rebuild %s superseded (Redis changed under it)", epoch_id)
-                        return
-                    if not restored and self.view is not None:
-                        n = await self.restore(self.view())
-                        log.info("rebuild %s restored %d instances from the last view", epoch_id, n)
-                    restored = True
-                    receivers = await self._redis.publish(self.keys.control, b"reannounce")
-                    log.info("asked %d agents to re-announce", receivers)
-                    await anyio.sleep(self.rebuild_wait)
-                    # Only if the epoch is still ours: Redis may have restarted meanwhile.
-                    done = await self._scripts.call(
-                        scripts.FINISH_REBUILD, [self.keys.epoch],
-                        [rebuilding, f"{epoch_id}:{identity.READY}", 0],
-                    )  # fmt: skip
-                    if done:
-                        log.info("rebuild %s done", epoch_id)
-                    else:
-                        log.warning("rebuild %s superseded (Redis changed under it)", epoch_id)
-                    return
-                except (*TRANSIENT, RedisError) as exc:
-                    log.warning("rebuild %s interrupted (%s); retrying", epoch_id, exc)
-                    await anyio.sleep(backoff.next())
-        finally:
-            self._rebuilding = False
+        """Write back each instance that Redis does not hold; return how many."""
+        return await self._rebuilds.restore(instances)

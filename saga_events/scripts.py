@@ -219,3 +219,21 @@ def restore_call(keys: Keys, inst: model.Instance) -> tuple[list[str], list[Any]
             name,
         ],
     )
+
+
+def reap_call(
+    keys: Keys, limit: int, stall_ms: int, grace_ms: int, tomb_ttl_ms: int
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the reap script (see ``lua/reap.lua``)."""
+    return (
+        [
+            keys.deadlines,
+            keys.index,
+            keys.order,
+            reaper_mark_key(keys),
+            keys.rev,
+            counts_key(keys),
+            graced_key(keys),
+        ],
+        [limit, stall_ms, grace_ms, tomb_ttl_ms, keys.inst_prefix, f"{keys.prefix}tomb:"],
+    )

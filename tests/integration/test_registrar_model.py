@@ -194,23 +194,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             return
         r = self.conns[1]
         r.zadd(K.deadlines, {K.inst("svc", sid): 1})  # its deadline is due
-        due = r.evalsha(
-            scripts.REAP.sha,
-            7,
-            K.deadlines,
-            K.index,
-            K.order,
-            scripts.reaper_mark_key(K),
-            K.rev,
-            scripts.counts_key(K),
-            scripts.graced_key(K),
-            1000,
-            10**12,
-            10_000,
-            600_000,
-            K.inst_prefix,
-            f"{K.prefix}tomb:",
-        )
+        keys, args = scripts.reap_call(K, 1000, 10**12, 10_000, 600_000)  # no stall grace
+        due = r.evalsha(scripts.REAP.sha, len(keys), *keys, *args)
         assert due == [K.inst("svc", sid).encode()]
         self.model.reap(sid)
 
