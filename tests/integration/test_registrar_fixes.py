@@ -292,3 +292,26 @@ async def test_hostile_messages_never_end_the_consume_loop(
     assert registrar.stats.loop_restarts == 0
     await r.publish(K.events("svc"), model.encode(reg("ok")))
     await eventually(lambda: registrar.stats.applied["created"] == 1, 5)
+
+
+async def test_http_register_over_the_cap_is_refused(redis_url: str) -> None:
+    """The gateway's write path goes through the same apply script and its caps."""
+    import httpx
+
+    from saga_events.gateway import run_gateway
+
+    async with (
+        Registrar(redis_url, max_instances_per_service=1, own_view=False) as registrar,
+        anyio.create_task_group() as tg,
+    ):
+        host, port = await tg.start(run_gateway, registrar, redis_url, "127.0.0.1", 0, None)
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+            body = {"service_name": "svc", "service_url": "http://10.9.0.1:80"}
+            first = await http.post("/api/v1/services/register", json=body)
+            assert first.status_code == 200, first.text
+            body["service_url"] = "http://10.9.0.2:80"
+            second = await http.post("/api/v1/services/register", json=body)
+            assert second.status_code == 503, second.text
+            assert "cap" in second.text
+        assert registrar.stats.rejected["cap_refused"] == 1
+        tg.cancel_scope.cancel()
