@@ -232,6 +232,10 @@ class Registrar:
                 if self.manage_config:
                     await self.ensure_notifications()
                 await self._scripts.load()
+                k = self.keys
+                await self._scripts.call(
+                    scripts.INIT_COUNTS, [k.index, scripts.counts_key(k)], [k.inst_prefix]
+                )
                 await self._write_liveness()
                 return
             except TRANSIENT as exc:

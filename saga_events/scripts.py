@@ -55,7 +55,8 @@ REAP: Final = Script("reap")
 RESTORE: Final = Script("restore")
 FINISH_REBUILD: Final = Script("finish_rebuild")
 BUMP_EPOCH: Final = Script("bump_epoch")
-ALL: Final = (APPLY, REAP, RESTORE, FINISH_REBUILD, BUMP_EPOCH)
+INIT_COUNTS: Final = Script("init_counts")
+ALL: Final = (APPLY, REAP, RESTORE, FINISH_REBUILD, BUMP_EPOCH, INIT_COUNTS)
 
 
 def counts_key(keys: Keys) -> str:

@@ -315,3 +315,12 @@ async def test_http_register_over_the_cap_is_refused(redis_url: str) -> None:
             assert "cap" in second.text
         assert registrar.stats.rejected["cap_refused"] == 1
         tg.cancel_scope.cancel()
+
+
+async def test_caps_count_a_registry_written_before_them(redis_url: str, r: aioredis.Redis) -> None:
+    async with Registrar(redis_url, own_view=False) as registrar:
+        for n in range(2):
+            await registrar.apply(reg(f"i{n}"))
+    await r.delete(scripts.counts_key(K))  # as written by a registrar without caps
+    async with Registrar(redis_url, max_instances_per_service=2, own_view=False) as registrar:
+        assert (await registrar.apply(reg("i2"))).status == "capped"
