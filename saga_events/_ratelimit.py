@@ -15,7 +15,9 @@ class TokenBuckets:
     """Allow ``burst`` events at once and ``rate`` a second after that, per key.
 
     Buckets that have been full for a while are forgotten (swept at most once
-    every ``sweep_every`` seconds), so memory follows the active keys only.
+    every ``sweep_every`` seconds), so memory follows the active keys only; and
+    the table never holds more than ``max_keys`` buckets (the least recently
+    used goes first), so a flood of fresh keys cannot grow it without bound.
     Not thread-safe: the registrar calls it from its one consumer task.
     """
 
@@ -26,6 +28,7 @@ class TokenBuckets:
         *,
         clock: Callable[[], float] = time.monotonic,
         sweep_every: float = 30.0,
+        max_keys: int = 100_000,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate must be > 0 and burst >= 1 (got {rate}, {burst})")
@@ -34,6 +37,7 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: dict[Hashable, tuple[float, float]] = {}
         self._sweep_every = sweep_every
+        self.max_keys = max_keys
         self._next_sweep = clock() + sweep_every
 
     def __len__(self) -> int:
@@ -44,9 +48,12 @@ class TokenBuckets:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        state = self._buckets.get(key)
+        buckets = self._buckets
+        state = buckets.pop(key, None)  # re-inserted below: the dict's order is LRU
         if state is None:
             tokens = self.burst
+            if len(buckets) >= self.max_keys:
+                del buckets[next(iter(buckets))]
         else:
             tokens, last = state
             tokens = min(self.burst, tokens + (now - last) * self.rate)

@@ -73,6 +73,9 @@ _REGISTRAR_COMMANDS = (
     "subscribe",
     "unsubscribe",
     "ping",
+    # used inside the registrar's scripts (lua/*.lua): rev, caps, restore, stall grace
+    *("incr", "incrby", "hincrby", "sismember", "scard", "exists", "hexists"),
+    *("zscore", "zremrangebyscore"),
 )
 
 

@@ -694,6 +694,8 @@ class Gateway:
                 result = await self.registrar.apply(event, after_newest=True)
                 if result.status != "stale":
                     break
+        if result is not None and result.status == "capped":
+            raise _Rejected(503, "cap_refused", f"{name}: the registry's instance cap is reached")
         if result is None or event is None or result.status == "stale":
             raise _Rejected(
                 409, "conflict", f"instance {name}/{sid} is being changed by another writer; retry"

@@ -199,6 +199,9 @@ def decode_event(
 ) -> AnyEvent:
     """Decode and validate one event; raise :class:`InvalidEvent` with a reason code.
 
+    Never raises anything else, whatever ``raw`` holds: a failure of the
+    decoder itself (nesting depth, encodings, numbers) is ``bad_json``.
+
     ``channel_service`` is the service name of the channel the event came on;
     an event that speaks for another service is rejected.
     """
@@ -206,10 +209,16 @@ def decode_event(
         raise InvalidEvent("oversized", f"event of {len(raw)} bytes exceeds {MAX_EVENT_BYTES}")
     try:
         event: AnyEvent = _event_decoder.decode(raw)
+        if b"\\u" in raw:
+            # A \\uXXXX escape may decode to a lone surrogate, which no encoder
+            # can write back: refuse it here, not when the record is stored.
+            _encoder.encode(event)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(_reason_for(str(exc)), str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent("bad_json", str(exc)) from None
+    except Exception as exc:  # RecursionError (depth), UnicodeError, MemoryError, any other
+        raise InvalidEvent("bad_json", f"undecodable event ({type(exc).__name__}: {exc})") from None
     if channel_service is not None and event.service_name != channel_service:
         raise InvalidEvent(
             "channel_mismatch",

@@ -1,0 +1,168 @@
+-- apply.lua: apply one event to one instance, ordered by (incarnation, seq).
+--
+-- KEYS[1] record      saga:{ns}:inst:<service>:<id>
+-- KEYS[2] tombstone   saga:{ns}:tomb:<service>:<id>
+-- KEYS[3] index       saga:{ns}:index       (set of record keys)
+-- KEYS[4] deadlines   saga:{ns}:deadlines   (zset record key -> deadline ms)
+-- KEYS[5] order       saga:{ns}:order       (hash record key -> "inc:seq")
+-- KEYS[6] rev         saga:{ns}:rev         (INCR on every record change)
+-- KEYS[7] counts      saga:{ns}:counts      (hash service -> members of index)
+-- ARGV[1] kind        'announce' | 'leave'
+-- ARGV[2] incarnation ARGV[3] seq
+-- ARGV[4] body        record JSON without its leading '{' (announce only)
+-- ARGV[5] ttl_ms      (announce only; 0 for a leave)
+-- ARGV[6] backstop_ms the record's PX: max(10 x ttl, 2 h)
+-- ARGV[7] tomb_ttl_ms the least tombstone life (10 min); a tombstone lives
+--                     max(ARGV[7], 3 x ttl), ttl from the event or, for a
+--                     leave, from the stored record
+-- ARGV[8] next        '1': when something is stored, ignore ARGV[2..3] and use
+--                     the stored incarnation with the next seq (writers
+--                     without a sequence of their own: the HTTP gateway)
+-- ARGV[9] service     the service name (the counts field)
+-- ARGV[10] max_per_service, ARGV[11] max_instances: caps on creation (0: none)
+-- ARGV[12] unknown_leave_ms: life of an unknown leave's marker (0: none)
+-- Reply {status, registered_at_ms, now_ms, incarnation, seq}; status is one of
+--   created | updated | refreshed | removed | absent | stale | capped
+--
+-- Ordering: the newest (incarnation, seq) applied to an instance lives in the
+-- order hash, or, once the record is gone (leave, reap), in the tombstone: an
+-- event not newer than it changes nothing. The record keeps the pair of its
+-- last change.
+--
+-- Unknown leaves cost little: a leave for an id with no record, no order entry
+-- and no tombstone writes only a short-lived marker (ARGV[12], 30 s by default,
+-- not the 10 min tombstone), so a flood of them frees itself within seconds
+-- and the per-service rate limit bounds it. Ordering: a leave that overtakes its
+-- own instance's first announce (two registrars, a backlog) still stops that
+-- announce if it lands within ARGV[12]; a later one creates the instance,
+-- which is then reaped one ttl later, as any crash.
+-- Heartbeats are invisible: an unchanged record only moves its deadline (a
+-- zset write outside the mirrors' subscription); its PX is refreshed when
+-- less than half of the backstop is left, so at most once per backstop/2 >= 1 h
+-- per instance (one 'expire' notification to each mirror).
+-- Out of memory: removal deletes before it writes; once a script has written,
+-- Redis lets its further writes through, and the tombstone SET is a pcall, so
+-- a leave removes the record even when the tombstone cannot be stored.
+-- Every record change (create, update, remove) INCRs KEYS[6].
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nows = string.format('%.0f', now)
+local inc = tonumber(ARGV[2])
+local seq = tonumber(ARGV[3])
+local incs, seqs = ARGV[2], ARGV[3]
+local function pair(s)
+  if not s then return nil, nil end
+  local i, q = string.match(s, '^(%d+):(%d+)$')
+  if not i then return nil, nil end
+  return tonumber(i), tonumber(q)
+end
+-- -1: older than (i, q); 0: the same; 1: newer
+local function cmp(i, q)
+  if inc ~= i then return inc < i and -1 or 1 end
+  if seq ~= q then return seq < q and -1 or 1 end
+  return 0
+end
+local tomb = redis.call('GET', KEYS[2])
+local ti, ts = pair(tomb)
+local cur = redis.call('GET', KEYS[1])
+local ci, cs, creg, crest
+if cur then
+  ci, cs, creg, crest = string.match(cur,
+    '^{"incarnation":(%d+),"seq":(%d+),"registered_at_ms":(%d+),(.*)$')
+end
+if ci then
+  ci = tonumber(ci)
+  cs = tonumber(cs)
+end
+local ostr = redis.call('HGET', KEYS[5], KEYS[1])
+local oi, oq = pair(ostr)
+if not oi and ci then
+  oi, oq = ci, cs
+end
+if ti and cmp(ti, ts) <= 0 then
+  return {'stale', '0', nows, incs, seqs}
+end
+if ARGV[8] == '1' and oi then
+  inc, seq = oi, oq + 1
+  incs, seqs = string.format('%.0f', inc), string.format('%.0f', seq)
+end
+local order = oi and cmp(oi, oq) or 1
+if ARGV[1] == 'leave' then
+  if order <= 0 then
+    return {'stale', creg or '0', nows, incs, seqs}
+  end
+  if not cur and not ostr and not tomb then
+    -- Nothing was ever stored: only a short-lived marker (ARGV[12] ms, 0: none).
+    if tonumber(ARGV[12]) > 0 then
+      redis.call('SET', KEYS[2], incs .. ':' .. seqs, 'PX', ARGV[12])
+    end
+    return {'absent', '0', nows, incs, seqs}
+  end
+  local life = tonumber(ARGV[7])
+  local rttl = cur and tonumber(string.match(cur, '"ttl_ms":(%d+)'))
+  if rttl and 3 * rttl > life then life = 3 * rttl end
+  local status = 'absent'
+  if cur then
+    redis.call('DEL', KEYS[1])
+    if redis.call('SREM', KEYS[3], KEYS[1]) == 1 then
+      if redis.call('HINCRBY', KEYS[7], ARGV[9], -1) <= 0 then
+        redis.call('HDEL', KEYS[7], ARGV[9])
+      end
+    end
+    redis.call('ZREM', KEYS[4], KEYS[1])
+    status = 'removed'
+  end
+  redis.call('HDEL', KEYS[5], KEYS[1])
+  redis.pcall('SET', KEYS[2], incs .. ':' .. seqs, 'PX', string.format('%.0f', life))
+  if cur then
+    redis.call('INCR', KEYS[6])
+  end
+  return {status, creg or '0', nows, incs, seqs}
+end
+if order < 0 then
+  return {'stale', creg or '0', nows, incs, seqs}
+end
+local ttl = tonumber(ARGV[5])
+if ci and inc == ci and crest == ARGV[4] then
+  -- Unchanged record (a heartbeat, or a duplicate): move the deadline only.
+  redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
+  if order > 0 then
+    redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
+  end
+  local backstop = tonumber(ARGV[6])
+  if redis.call('PTTL', KEYS[1]) < backstop / 2 then
+    redis.call('PEXPIRE', KEYS[1], backstop)
+  end
+  return {'refreshed', creg, nows, incs, seqs}
+end
+if order == 0 then
+  return {'stale', creg or '0', nows, incs, seqs}  -- same (incarnation, seq), other record
+end
+local member = redis.call('SISMEMBER', KEYS[3], KEYS[1]) == 1
+if not cur and not member then
+  local per, total = tonumber(ARGV[10]), tonumber(ARGV[11])
+  if per > 0 and tonumber(redis.call('HGET', KEYS[7], ARGV[9]) or '0') >= per then
+    return {'capped', '0', nows, incs, seqs}
+  end
+  if total > 0 and redis.call('SCARD', KEYS[3]) >= total then
+    return {'capped', '0', nows, incs, seqs}
+  end
+end
+local reg = nows
+if ci and inc == ci then
+  reg = creg
+end
+redis.call('SET', KEYS[1],
+  '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
+  .. ',' .. ARGV[4], 'PX', ARGV[6])
+redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
+if not member then
+  redis.call('SADD', KEYS[3], KEYS[1])
+  redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
+end
+redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
+redis.call('INCR', KEYS[6])
+if cur then
+  return {'updated', reg, nows, incs, seqs}
+end
+return {'created', reg, nows, incs, seqs}
