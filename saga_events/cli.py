@@ -21,6 +21,7 @@ import anyio
 from . import __version__
 from .embedded import RedisServer, port_is_free
 from .errors import NotificationConfigError, SagaError
+from .notify import PROTO_MAX_BULK_LEN, SetupChange, redis_conf_lines
 
 DEFAULT_REDIS_PORT = 6399
 log = logging.getLogger("saga_events.cli")
@@ -87,17 +88,39 @@ def _first_saga_error(group: BaseExceptionGroup[Any]) -> SagaError | None:
     return None
 
 
+def mask_url(url: str) -> str:
+    """``url`` with its password (and a user's name kept) replaced by ``****``."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0] if ":" in userinfo else ""
+    masked = f"{user}:****@{hostport}" if parts.password is not None or user else f"****@{hostport}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=masked))
+
+
 def _echo_ready(url: str, namespace: str, started_redis: bool) -> Any:
     def ready(registrar: Any, http: tuple[str, int] | None = None) -> None:
         click.echo(f"saga-events {__version__} is up")
         where = "private redis-server" if started_redis else "existing Redis"
-        click.echo(f"  Redis:     {url}  ({where})")
+        click.echo(f"  Redis:     {mask_url(url)}  ({where})")
         click.echo(f"  namespace: {namespace}")
         click.echo(f"  registrar: {registrar.rid}")
+        if registrar.notifications_ok is False:
+            click.echo(f"  WARNING:   {registrar.notifications_reason}")
         if http is not None:
             host = f"[{http[0]}]" if ":" in http[0] else http[0]
             click.echo(f"  HTTP API:  http://{host}:{http[1]}  (OpenAPI: /schema/openapi.json)")
-        click.echo(f"Use it:      export SAGA_REDIS_URL={url}")
+        if mask_url(url) == url:
+            click.echo(f"Use it:      export SAGA_REDIS_URL={url}")
+        else:
+            # The registrar's credentials are not for clients: each gets its own user.
+            click.echo(
+                "Use it:      give agents and mirrors their own Redis users "
+                "(`saga-events acl`, docs/SECURITY.md)"
+            )
         if http is not None:
             click.echo(f"             export SAGA_SERVICE_URL=http://{host}:{http[1]}")
         click.echo("Press Ctrl-C to stop.")
@@ -172,6 +195,8 @@ def up(
                 port = None
             server = RedisServer(port).start()
             redis_url = server.url
+            # It owns this Redis: the administrator's bootstrap is its job too.
+            anyio.run(_setup, redis_url, PROTO_MAX_BULK_LEN)
         ready = _echo_ready(redis_url, namespace, server is not None)
         anyio.run(_serve_registrar, redis_url, namespace, True, ready, address, api_token)
     except NotificationConfigError as exc:
@@ -191,7 +216,8 @@ def up(
 @namespace_option
 @click.option(
     "--no-manage-config", is_flag=True,
-    help="Do not CONFIG SET notify-keyspace-events (set it on the server yourself).",
+    help="Never CONFIG: only check the notification flags (an administrator sets them "
+    "with `saga-events setup`). A user without CONFIG does this by itself.",
 )  # fmt: skip
 @click.option(
     "--http", "http", default=None, envvar="SAGA_HTTP",
@@ -221,6 +247,25 @@ def registrar(
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+def escape_text(text: str) -> str:
+    """Registry text made safe for a terminal: a repr-like escape of every control,
+    format (bidi, zero-width) and separator character but the plain space, and of
+    the backslash, so that what is printed is unambiguous and inert."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch != " " and unicodedata.category(ch)[0] in "CZ":
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                       if code < 0x10000 else f"\\U{code:08x}")  # fmt: skip
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _instance_row(inst: Any) -> dict[str, Any]:
@@ -261,7 +306,8 @@ def ls_command(redis_url: str | None, namespace: str, as_json: bool) -> None:
     rows = [_instance_row(i) for insts in services.values() for i in insts]
     headers = ["SERVICE", "ID", "URL", "CAPABILITIES", "STATE", "SINCE"]
     table = [
-        [r["service_name"], r["service_id"], r["service_url"], ",".join(r["capabilities"]),
+        [escape_text(r["service_name"]), escape_text(r["service_id"]),
+         escape_text(r["service_url"]), escape_text(",".join(r["capabilities"])),
          "draining" if r["draining"] else "live", r["registered_at"]]
         for r in rows
     ]  # fmt: skip
@@ -299,8 +345,9 @@ def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
                     click.echo(json.dumps({"change": kind, **row}))
                 else:
                     click.echo(
-                        f"{kind:8} {row['service_name']}/{row['service_id']} "
-                        f"{row['service_url']}{' (draining)' if row['draining'] else ''}"
+                        f"{kind:8} {escape_text(row['service_name'])}/"
+                        f"{escape_text(row['service_id'])} {escape_text(row['service_url'])}"
+                        f"{' (draining)' if row['draining'] else ''}"
                     )
 
     try:
@@ -309,7 +356,73 @@ def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
         pass
 
 
-# -- security and reliability commands (acl, doctor) --------------------------------
+# -- security and reliability commands (setup, acl, doctor) ----------------------------
+
+
+async def _setup(url: str, proto_max_bulk_len: int | None) -> list[SetupChange]:
+    from ._redis import connect
+    from .notify import apply_setup
+
+    client = connect(url)
+    try:
+        return await apply_setup(client, proto_max_bulk_len=proto_max_bulk_len)
+    finally:
+        await client.aclose()
+
+
+@main.command(name="setup")
+@click.option(
+    "--redis", "redis_url", envvar="SAGA_ADMIN_REDIS_URL",
+    help="Redis URL of an administrator (a user that may CONFIG; env SAGA_ADMIN_REDIS_URL).",
+)  # fmt: skip
+@namespace_option
+@click.option(
+    "--proto-max-bulk-len", "proto_max_bulk_len", default=PROTO_MAX_BULK_LEN,
+    show_default=True, help="Largest bulk string Redis accepts from any client (min 1 MB).",
+)  # fmt: skip
+@click.option(
+    "--keep-proto-max-bulk-len", is_flag=True,
+    help="Leave proto-max-bulk-len alone (other applications store bigger values).",
+)  # fmt: skip
+@click.option("--print-conf", is_flag=True, help="Only print the redis.conf lines; change nothing.")
+def setup_command(
+    redis_url: str | None,
+    namespace: str,
+    proto_max_bulk_len: int,
+    keep_proto_max_bulk_len: bool,
+    print_conf: bool,
+) -> None:
+    """Set what registrars may not: notification flags and transport limits (idempotent).
+
+    Flags are merged in (no other flag is removed). Run it once per Redis as an
+    administrator, or put the lines of --print-conf in redis.conf.
+    """
+    if print_conf:
+        for line in redis_conf_lines(proto_max_bulk_len):
+            click.echo(line)
+        return
+    if not redis_url:
+        raise click.UsageError("give --redis ADMIN_URL (or set SAGA_ADMIN_REDIS_URL)")
+    from ._redis import TRANSIENT
+
+    limit = None if keep_proto_max_bulk_len else proto_max_bulk_len
+    try:
+        changes = anyio.run(_setup, redis_url, limit)
+    except NotificationConfigError as exc:
+        raise click.ClickException(
+            f"{exc}\nsetup needs a user that may CONFIG (an administrator)."
+        ) from None
+    except TRANSIENT as exc:
+        raise click.ClickException(f"cannot reach {mask_url(redis_url)}: {exc}") from None
+    except Exception as exc:  # a refused CONFIG SET value, e.g. on a managed Redis
+        raise click.ClickException(f"Redis refused the setup: {exc}") from None
+    for change in changes:
+        what = "set" if change.changed else "kept"
+        click.echo(f"{what:4} {change.setting}: {change.before!r} -> {change.after!r}")
+    click.echo(
+        f"done: registrars of namespace {namespace!r} can now run without CONFIG "
+        "(users: `saga-events acl`)"
+    )
 
 
 @main.command(name="acl")

@@ -20,7 +20,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from ._redis import TRANSIENT, close_quietly, connect, db_of
 from .keys import Keys
-from .registrar import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover, merge_flags
+from .notify import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover, merge_flags
 
 MIN_VERSION: Final = (6, 2)
 SKEW_WARN_S: Final = 1.0
