@@ -256,7 +256,8 @@ class SetupChange:
         return self.before != self.after
 
 
-def _pubsub_limit(value: str) -> tuple[int, int, int] | None:
+def parse_pubsub_limit(value: str) -> tuple[int, int, int] | None:
+    """(hard, soft, seconds) of the pubsub class in a client-output-buffer-limit value."""
     words = value.split()
     for i in range(0, len(words) - 3, 4):
         if words[i] == "pubsub":
@@ -290,7 +291,7 @@ async def apply_setup(
         changes.append(SetupChange("proto-max-bulk-len", old, str(proto_max_bulk_len)))
     old = await _config_get(redis, "client-output-buffer-limit")
     wanted = "pubsub {} {} {}".format(*PUBSUB_BUFFER_LIMIT)
-    current = _pubsub_limit(old)
+    current = parse_pubsub_limit(old)
     if current != PUBSUB_BUFFER_LIMIT:
         await redis.config_set("client-output-buffer-limit", wanted)
     changes.append(
