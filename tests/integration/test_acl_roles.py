@@ -199,7 +199,8 @@ async def test_registrar_role_checks_the_flags_and_keeps_mirrors_honest(users: U
     administrator's `setup` puts the flags back."""
     admin = aioredis.Redis.from_url(users.server.url)
     try:
-        await admin.config_set("notify-keyspace-events", "")
+        # Partly wrong: the canary's `set` would still be heard, `expired` would not.
+        await admin.config_set("notify-keyspace-events", "K$")
         async with Registrar(
             users.url(registrar_role()), rebuild_wait=0.2, config_check_interval=0.2,
             liveness_interval=0.2,
@@ -231,7 +232,7 @@ async def test_registrar_role_checks_the_flags_and_keeps_mirrors_honest(users: U
                             await mirror.wait_for("billing")
             # Its own config is the server's: it never touched it.
             assert await admin.config_get("notify-keyspace-events") != {
-                b"notify-keyspace-events": b""
+                b"notify-keyspace-events": b"K$"
             }
     finally:
         await admin.aclose()
