@@ -160,6 +160,8 @@ async def probe(redis: aioredis.Redis, keys: Keys, rid: str, within: float = 5.0
                 await anyio.sleep(0.003)
                 if not await redis.exists(key):
                     break
+            else:  # no verdict on `x` without an expiry: inconclusive, not "missing"
+                raise TimeoutError("the probe key did not expire")
             await pubsub.ping(token)
             while True:
                 message = await pubsub.get_message(timeout=within)
