@@ -287,6 +287,14 @@ def ls_command(redis_url: str | None, namespace: str, as_json: bool) -> None:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
+def _change_line(kind: str, row: dict[str, Any]) -> str:
+    """One line of `watch`: registry text escaped (docs/SECURITY.md)."""
+    return (
+        f"{kind:8} {escape_text(row['service_name'])}/{escape_text(row['service_id'])} "
+        f"{escape_text(row['service_url'])}{' (draining)' if row['draining'] else ''}"
+    )
+
+
 @main.command()
 @redis_option
 @namespace_option
@@ -315,11 +323,7 @@ def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
                 if as_json:
                     click.echo(json.dumps({"change": kind, **row}))
                 else:
-                    click.echo(
-                        f"{kind:8} {escape_text(row['service_name'])}/"
-                        f"{escape_text(row['service_id'])} {escape_text(row['service_url'])}"
-                        f"{' (draining)' if row['draining'] else ''}"
-                    )
+                    click.echo(_change_line(kind, row))
 
     try:
         anyio.run(run)

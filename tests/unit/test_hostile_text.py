@@ -7,7 +7,7 @@ import json
 import pytest
 
 from saga_events import model
-from saga_events.cli import escape_text, mask_url
+from saga_events.cli import _change_line, escape_text, mask_url
 from saga_events.errors import InvalidEvent
 
 
@@ -93,3 +93,10 @@ def test_escape_text_leaves_no_raw_control_or_format_character() -> None:
 )
 def test_mask_url_hides_the_password(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+def test_watch_lines_are_escaped() -> None:
+    row = {"service_name": "pay", "service_id": "p-1", "draining": True,
+           "service_url": "http://x\x1b[2J\u202e/"}  # fmt: skip
+    line = _change_line("added", row)
+    assert line == "added    pay/p-1 http://x\\x1b[2J\\u202e/ (draining)"
