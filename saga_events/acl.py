@@ -14,9 +14,16 @@ User names are ``saga-<role>`` in the default namespace and
   keyspace-notification channels the mirror uses. ACL matches a PSUBSCRIBE
   pattern literally, so the grants are the mirror's own patterns.
 * **registrar** (``saga-registrar``): writes the namespace's keys, only through
-  the commands its Lua scripts and housekeeping use; the only role with
-  CONFIG (GET/SET of ``notify-keyspace-events``). It also holds the reader's
-  rights because the HTTP gateway runs a mirror in the registrar process.
+  the commands its Lua scripts, housekeeping and HTTP gateway use. No role
+  has CONFIG or any other administration: the notification flags and the
+  transport limits are set once by an administrator (``saga-events setup``),
+  and a registrar without CONFIG checks the flags with a probe key whose
+  keyspace channel only this role may hear (:mod:`saga_events.notify`). It
+  also holds the reader's rights because the HTTP gateway runs a mirror in
+  the registrar process.
+
+A registry in a database other than 0 (``--db N``) gives every role
+``+select|N``: SELECT of that database only.
 
 The rules are built from :class:`~saga_events.keys.Keys`, so they follow the
 key layout rather than repeat it.
@@ -28,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .keys import Keys, is_valid_name
+from .notify import probe_notifications
 
 PASSWORD_PLACEHOLDER = "<password>"
 
@@ -43,39 +51,47 @@ _READER_COMMANDS = (
 )
 # TIME: agents base their incarnation on Redis's clock (see Agent.run).
 _PUBLISHER_COMMANDS = ("publish", "subscribe", "unsubscribe", "ping", "time")
-# Everything the registrar sends, including the commands inside its Lua
-# scripts (Redis checks those against the caller's ACL too).
+# Everything the registrar and its HTTP gateway send, including the commands
+# inside the Lua scripts (Redis checks those against the caller's ACL too).
+# Counters (incr, incrby, hincrby, zcard, scard, hlen) are for the registry
+# revision and the instance caps. No CONFIG, no admin: see the module doc.
 _REGISTRAR_COMMANDS = (
     "evalsha",
     "eval",
     "script|load",
-    "config|get",
-    "config|set",
     "get",
+    "mget",
     "set",
     "del",
+    "exists",
     "sadd",
     "srem",
+    "smembers",
+    "scard",
     "zadd",
     "zrem",
+    "zscore",
+    "zcard",
     "zrangebyscore",
     "hget",
+    "hmget",
     "hset",
     "hdel",
+    "hlen",
+    "hincrby",
+    "incr",
+    "incrby",
     "pttl",
     "pexpire",
     "time",
     "publish",
     "psubscribe",
     "punsubscribe",
-    "mget",
-    "smembers",
     "subscribe",
     "unsubscribe",
     "ping",
-    # used inside the registrar's scripts (lua/*.lua): rev, caps, restore, stall grace
-    *("incr", "incrby", "hincrby", "sismember", "scard", "exists", "hexists"),
-    *("zscore", "zremrangebyscore"),
+    # used only inside the scripts (lua/*.lua): caps, restore, stall grace
+    *("sismember", "hexists", "zremrangebyscore"),
 )
 
 
@@ -105,11 +121,13 @@ def _user(namespace: str, role: str) -> str:
     return f"saga-{role}" if namespace == "default" else f"saga-{namespace}-{role}"
 
 
-def _commands(names: Iterable[str]) -> tuple[str, ...]:
-    return ("-@all", *(f"+{n}" for n in names))
+def _commands(names: Iterable[str], db: int = 0) -> tuple[str, ...]:
+    # redis-py sends SELECT on connect for a URL's database other than 0.
+    select = (f"+select|{db}",) if db else ()
+    return ("-@all", *(f"+{n}" for n in names), *select)
 
 
-def publisher_role(service: str, namespace: str = "default") -> Role:
+def publisher_role(service: str, namespace: str = "default", db: int = 0) -> Role:
     """The user of one service's agents: publish its own events, hear ``control``."""
     if not is_valid_name(service):
         raise ValueError(f"invalid service name {service!r}")
@@ -122,7 +140,7 @@ def publisher_role(service: str, namespace: str = "default") -> Role:
             "resetchannels",
             f"&{keys.events(service)}",
             f"&{keys.control}",
-            *_commands(_PUBLISHER_COMMANDS),
+            *_commands(_PUBLISHER_COMMANDS, db),
         ),
     )
 
@@ -140,17 +158,17 @@ def reader_role(namespace: str = "default", db: int = 0) -> Role:
             f"&{keys.inst_notifications}",
             f"&{keys.registrar_notifications}",
             f"&{keys.epoch_notifications}",
-            *_commands(_READER_COMMANDS),
+            *_commands(_READER_COMMANDS, db),
         ),
     )
 
 
 def registrar_role(namespace: str = "default", db: int = 0) -> Role:
-    """The user of registrars: the only writer, and the only role with CONFIG."""
+    """The user of registrars and their HTTP gateway: the only writer; no CONFIG."""
     keys = Keys(namespace, db)
     return Role(
         user=_user(namespace, "registrar"),
-        purpose="registrars (and their HTTP gateway): write the registry, keep the flags set",
+        purpose="registrars (and their HTTP gateway): write the registry, check the flags",
         rules=(
             "resetkeys",
             f"~{keys.prefix}*",
@@ -160,7 +178,8 @@ def registrar_role(namespace: str = "default", db: int = 0) -> Role:
             f"&{keys.inst_notifications}",
             f"&{keys.registrar_notifications}",
             f"&{keys.epoch_notifications}",
-            *_commands(_REGISTRAR_COMMANDS),
+            f"&{probe_notifications(keys)}",
+            *_commands(_REGISTRAR_COMMANDS, db),
         ),
     )
 
@@ -170,5 +189,5 @@ def roles(namespace: str = "default", services: Iterable[str] = (), db: int = 0)
     return [
         registrar_role(namespace, db),
         reader_role(namespace, db),
-        *(publisher_role(s, namespace) for s in services),
+        *(publisher_role(s, namespace, db) for s in services),
     ]

@@ -19,8 +19,10 @@ except ImportError:  # pragma: no cover - exercised by hand
 import anyio
 
 from . import __version__
+from ._text import escape_text, mask_url
 from .embedded import RedisServer, port_is_free
 from .errors import NotificationConfigError, SagaError
+from .notify import PROTO_MAX_BULK_LEN
 
 DEFAULT_REDIS_PORT = 6399
 log = logging.getLogger("saga_events.cli")
@@ -91,13 +93,22 @@ def _echo_ready(url: str, namespace: str, started_redis: bool) -> Any:
     def ready(registrar: Any, http: tuple[str, int] | None = None) -> None:
         click.echo(f"saga-events {__version__} is up")
         where = "private redis-server" if started_redis else "existing Redis"
-        click.echo(f"  Redis:     {url}  ({where})")
+        click.echo(f"  Redis:     {mask_url(url)}  ({where})")
         click.echo(f"  namespace: {namespace}")
         click.echo(f"  registrar: {registrar.rid}")
+        if registrar.notifications_ok is False:
+            click.echo(f"  WARNING:   {registrar.notifications_reason}")
         if http is not None:
             host = f"[{http[0]}]" if ":" in http[0] else http[0]
             click.echo(f"  HTTP API:  http://{host}:{http[1]}  (OpenAPI: /schema/openapi.json)")
-        click.echo(f"Use it:      export SAGA_REDIS_URL={url}")
+        if mask_url(url) == url:
+            click.echo(f"Use it:      export SAGA_REDIS_URL={url}")
+        else:
+            # The registrar's credentials are not for clients: each gets its own user.
+            click.echo(
+                "Use it:      give agents and mirrors their own Redis users "
+                "(`saga-events acl`, docs/SECURITY.md)"
+            )
         if http is not None:
             click.echo(f"             export SAGA_SERVICE_URL=http://{host}:{http[1]}")
         click.echo("Press Ctrl-C to stop.")
@@ -172,6 +183,10 @@ def up(
                 port = None
             server = RedisServer(port).start()
             redis_url = server.url
+            # It owns this Redis: the administrator's bootstrap is its job too.
+            from .cli_admin import setup_redis
+
+            anyio.run(setup_redis, redis_url, PROTO_MAX_BULK_LEN)
         ready = _echo_ready(redis_url, namespace, server is not None)
         anyio.run(_serve_registrar, redis_url, namespace, True, ready, address, api_token)
     except NotificationConfigError as exc:
@@ -191,7 +206,8 @@ def up(
 @namespace_option
 @click.option(
     "--no-manage-config", is_flag=True,
-    help="Do not CONFIG SET notify-keyspace-events (set it on the server yourself).",
+    help="Never CONFIG: only check the notification flags (an administrator sets them "
+    "with `saga-events setup`). A user without CONFIG does this by itself.",
 )  # fmt: skip
 @click.option(
     "--http", "http", default=None, envvar="SAGA_HTTP",
@@ -261,13 +277,22 @@ def ls_command(redis_url: str | None, namespace: str, as_json: bool) -> None:
     rows = [_instance_row(i) for insts in services.values() for i in insts]
     headers = ["SERVICE", "ID", "URL", "CAPABILITIES", "STATE", "SINCE"]
     table = [
-        [r["service_name"], r["service_id"], r["service_url"], ",".join(r["capabilities"]),
+        [escape_text(r["service_name"]), escape_text(r["service_id"]),
+         escape_text(r["service_url"]), escape_text(",".join(r["capabilities"])),
          "draining" if r["draining"] else "live", r["registered_at"]]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
     for line in [headers, *table]:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _change_line(kind: str, row: dict[str, Any]) -> str:
+    """One line of `watch`: registry text escaped (docs/SECURITY.md)."""
+    return (
+        f"{kind:8} {escape_text(row['service_name'])}/{escape_text(row['service_id'])} "
+        f"{escape_text(row['service_url'])}{' (draining)' if row['draining'] else ''}"
+    )
 
 
 @main.command()
@@ -298,72 +323,12 @@ def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
                 if as_json:
                     click.echo(json.dumps({"change": kind, **row}))
                 else:
-                    click.echo(
-                        f"{kind:8} {row['service_name']}/{row['service_id']} "
-                        f"{row['service_url']}{' (draining)' if row['draining'] else ''}"
-                    )
+                    click.echo(_change_line(kind, row))
 
     try:
         anyio.run(run)
     except KeyboardInterrupt:
         pass
-
-
-# -- security and reliability commands (acl, doctor) --------------------------------
-
-
-@main.command(name="acl")
-@namespace_option
-@click.option(
-    "--service", "-s", "services", multiple=True,
-    help="A service that gets its own publisher user (repeat the option).",
-)  # fmt: skip
-@click.option("--db", default=0, show_default=True, help="Database number of the registry.")
-@click.option(
-    "--generate-passwords", is_flag=True, help="Fill in random passwords instead of <password>."
-)
-@click.option("--acl-file", is_flag=True, help="Print aclfile lines (user ...), not ACL SETUSER.")
-def acl_command(
-    namespace: str, services: tuple[str, ...], db: int, generate_passwords: bool, acl_file: bool
-) -> None:
-    """Print least-privilege ACL users: registrar, reader, one publisher per service."""
-    import secrets
-
-    from .acl import PASSWORD_PLACEHOLDER, roles
-
-    try:
-        chosen = roles(namespace, services, db)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    for role in chosen:
-        password = secrets.token_urlsafe(24) if generate_passwords else PASSWORD_PLACEHOLDER
-        click.echo(f"# {role.user}: {role.purpose}")
-        click.echo(role.acl_file_line(password) if acl_file else role.setuser_line(password))
-
-
-@main.command(name="doctor")
-@redis_option
-@namespace_option
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-@click.option(
-    "--canary-wait", default=3.5, show_default=True,
-    help="Seconds to wait for a registrar's liveness notification.",
-)  # fmt: skip
-def doctor_command(
-    redis_url: str | None, namespace: str, as_json: bool, canary_wait: float
-) -> None:
-    """Check a deployment; exit status 0 when healthy, 1 when not (with the fixes)."""
-    from .doctor import diagnose, healthy, render
-
-    if not redis_url:
-        raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
-    findings = anyio.run(lambda: diagnose(redis_url, namespace, canary_wait=canary_wait))
-    if as_json:
-        click.echo(json.dumps({"healthy": healthy(findings),
-                               "findings": [f.as_dict() for f in findings]}))  # fmt: skip
-    else:
-        click.echo(render(findings))
-    raise SystemExit(0 if healthy(findings) else 1)
 
 
 # -- operator commands over the HTTP API (register, deregister) -------------------------
@@ -558,6 +523,9 @@ def bench_command(scenario: str, args: tuple[str, ...]) -> None:
     if status:
         raise SystemExit(status)
 
+
+# setup, acl and doctor live in cli_admin.py; importing it registers them on main.
+from . import cli_admin  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

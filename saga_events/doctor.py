@@ -1,7 +1,11 @@
 """``saga-events doctor``: check a deployment and say how to fix what is wrong.
 
 Each check gives a status (``ok``, ``warn`` or ``fail``), what it found and,
-when it is not ok, the fix. The deployment is healthy when nothing fails;
+when it is not ok, the fix (one line). Checked: the connection, the version,
+the notification flags (CONFIG GET when allowed, else the registrar's probe),
+the transport limits ``setup`` sets, the caller's rights and that the
+registrar's user cannot administer Redis, latency, clock skew, the epoch and
+a registrar's liveness canary. The deployment is healthy when nothing fails;
 warnings are things to look at (a check this user may not run, a clock a
 little off). Every check works with the least-privilege reader user: what it
 may not do is reported, not guessed.
@@ -19,8 +23,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from ._redis import TRANSIENT, close_quietly, connect, db_of
+from .acl import registrar_role
 from .keys import Keys
-from .registrar import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover, merge_flags
+from .notify import (
+    NOTIFY_SETTING,
+    PROTO_MAX_BULK_LEN,
+    PUBSUB_BUFFER_LIMIT,
+    REQUIRED_FLAGS,
+    flags_cover,
+    merge_flags,
+    parse_pubsub_limit,
+    probe,
+)
 
 MIN_VERSION: Final = (6, 2)
 SKEW_WARN_S: Final = 1.0
@@ -72,17 +86,14 @@ async def _version(client: aioredis.Redis) -> Finding:
     return Finding("redis version", "ok", f"Redis {version}")
 
 
-async def _flags(client: aioredis.Redis) -> Finding:
+SETUP_FIX: Final = "saga-events setup --redis ADMIN_URL (as an administrator)"
+
+
+async def _flags(client: aioredis.Redis, keys: Keys) -> Finding:
     try:
         answer = await client.config_get(NOTIFY_SETTING)
     except ResponseError as exc:
-        return Finding(
-            "notification flags",
-            "warn",
-            f"cannot read {NOTIFY_SETTING} ({exc}); the canary check below shows "
-            "whether notifications flow",
-            "run doctor as the registrar's user to read the setting",
-        )
+        return await _probed_flags(client, keys, exc)
     current = _text(next(iter(answer.values()), b""))
     if flags_cover(current):
         return Finding("notification flags", "ok", f"{NOTIFY_SETTING} = {current!r}")
@@ -91,16 +102,152 @@ async def _flags(client: aioredis.Redis) -> Finding:
         "fail",
         f"{NOTIFY_SETTING} = {current!r} lacks some of {REQUIRED_FLAGS!r}: mirrors "
         "hear of no change",
-        f"CONFIG SET {NOTIFY_SETTING} {merge_flags(current)} (a running registrar "
-        "re-applies it within seconds unless started with --no-manage-config)",
+        f"{SETUP_FIX}, or CONFIG SET {NOTIFY_SETTING} {merge_flags(current)}",
     )
 
 
-async def _acl(client: aioredis.Redis, keys: Keys) -> Finding:
+async def _probed_flags(client: aioredis.Redis, keys: Keys, refused: Exception) -> Finding:
+    """No CONFIG: the registrar's probe, if this user may run it (the registrar role)."""
     try:
-        user = _text(await client.execute_command("ACL", "WHOAMI"))  # type: ignore[no-untyped-call]
+        missing = await probe(client, keys, f"doctor-{time.time_ns()}", within=5.0)
     except ResponseError:
-        user = "(ACL WHOAMI refused)"
+        return Finding(
+            "notification flags",
+            "warn",
+            f"cannot read {NOTIFY_SETTING} ({refused}) nor probe it; the canary check "
+            "below shows whether notifications flow",
+            "run doctor as an administrator or as the registrar's user",
+        )
+    except TimeoutError:
+        return Finding("notification flags", "warn", "the probe got no answer in 5 s", "")
+    if not missing:
+        return Finding(
+            "notification flags",
+            "ok",
+            "probe: a write's keyspace notifications arrive (K$gx; 'e' is not probed)",
+        )
+    return Finding(
+        "notification flags",
+        "fail",
+        f"probe: {NOTIFY_SETTING} lacks {missing!r}: mirrors hear of no change",
+        SETUP_FIX,
+    )
+
+
+async def _transport(client: aioredis.Redis) -> list[Finding]:
+    """proto-max-bulk-len and the pub/sub output-buffer limit (docs/SECURITY.md)."""
+    try:
+        bulk = int(_text(next(iter((await client.config_get("proto-max-bulk-len")).values()))))
+        limits = _text(next(iter((await client.config_get("client-output-buffer-limit")).values())))
+    except ResponseError as exc:
+        return [
+            Finding(
+                "transport limits",
+                "warn",
+                f"cannot read proto-max-bulk-len / client-output-buffer-limit ({exc})",
+                "run doctor as an administrator to check them",
+            )
+        ]
+    findings = []
+    if bulk > PROTO_MAX_BULK_LEN:
+        findings.append(
+            Finding(
+                "proto-max-bulk-len",
+                "warn",
+                f"{bulk} bytes: a publisher may send a message that overflows every "
+                "subscriber's output buffer (the registrar's too: events are lost)",
+                f"{SETUP_FIX} (sets {PROTO_MAX_BULK_LEN})",
+            )
+        )
+    else:
+        findings.append(Finding("proto-max-bulk-len", "ok", f"{bulk} bytes"))
+    pubsub = parse_pubsub_limit(limits)
+    shown = " ".join(map(str, pubsub)) if pubsub else limits
+    wanted = " ".join(map(str, PUBSUB_BUFFER_LIMIT))
+    unlimited = pubsub is not None and pubsub[0] == 0
+    if pubsub is None or unlimited or pubsub[0] < 2 * min(bulk, PROTO_MAX_BULK_LEN):
+        why = (
+            "unlimited: a stalled subscriber holds memory without bound"
+            if unlimited
+            else "too small for the largest message"
+        )
+        findings.append(
+            Finding(
+                "pubsub output buffer",
+                "warn",
+                f"client-output-buffer-limit pubsub {shown}: {why}",
+                f"{SETUP_FIX} (sets pubsub {wanted})",
+            )
+        )
+    else:
+        findings.append(Finding("pubsub output buffer", "ok", f"pubsub {shown}"))
+    return findings
+
+
+#: Grants no registrar needs that hand over the server (docs/SECURITY.md).
+_ADMIN_GRANTS: Final = (
+    "+@all", "allcommands", "+@admin", "+@dangerous", "+config", "+acl", "+flushall",
+    "+flushdb", "+debug", "+shutdown", "+module", "+keys", "+@keyspace",
+)  # fmt: skip
+
+
+async def _registrar_rights(client: aioredis.Redis, namespace: str, whoami: str) -> Finding:
+    """The registrar's user may not administer Redis (no CONFIG, no admin commands)."""
+    user = registrar_role(namespace).user
+    try:
+        info = await client.acl_getuser(user)
+    except ResponseError:
+        info = None
+        if whoami == user:
+            try:
+                await client.config_get(NOTIFY_SETTING)
+            except ResponseError:
+                return Finding("registrar rights", "ok", f"{user} may not CONFIG")
+            return Finding(
+                "registrar rights",
+                "fail",
+                f"{user} may CONFIG: it can read requirepass and write files",
+                f"recreate the user with the rules of `saga-events acl` ({SETUP_FIX} first)",
+            )
+        return Finding(
+            "registrar rights",
+            "warn",
+            f"cannot read user {user}'s rules (ACL GETUSER refused)",
+            "run doctor as an administrator to check them",
+        )
+    if not info:
+        return Finding(
+            "registrar rights",
+            "warn",
+            f"no ACL user {user}: the registrar runs as another (an administrator?)",
+            f"create the users that `saga-events acl` prints, and run registrars as {user}",
+        )
+    commands: list[str] = []
+    for field in ("categories", "commands"):  # a string or a list, by redis-py version
+        value: Any = info.get(field) or []
+        words = _text(value).split() if isinstance(value, str | bytes) else list(value)
+        commands += [_text(w) for w in words]
+    bad = [c for c in commands if any(c.lower().startswith(g) for g in _ADMIN_GRANTS)]
+    if bad:
+        return Finding(
+            "registrar rights",
+            "fail",
+            f"{user} may {' '.join(bad)}: it can administer Redis",
+            f"recreate it with the rules of `saga-events acl` ({SETUP_FIX} first)",
+        )
+    return Finding("registrar rights", "ok", f"{user} has no CONFIG and no admin command")
+
+
+async def _whoami(client: aioredis.Redis) -> str:
+    try:
+        return _text(await client.execute_command("ACL", "WHOAMI"))  # type: ignore[no-untyped-call]
+    except ResponseError:
+        # The least-privilege users may not ask: the URL names the user.
+        user = client.connection_pool.connection_kwargs.get("username")
+        return str(user) if user else "(ACL WHOAMI refused)"
+
+
+async def _acl(client: aioredis.Redis, keys: Keys, user: str) -> Finding:
     can: list[str] = []
     cannot: list[str] = []
     try:
@@ -246,7 +393,8 @@ async def _registrar(client: aioredis.Redis, keys: Keys, wait: float) -> list[Fi
         )
     else:
         what = (
-            "no registrar is running"
+            "no registrar is running (or its notification flags are off: a "
+            "registrar stops its canary then)"
             if registrars == []
             else ("no registrar liveness seen (no registrar, or notifications off)")
         )
@@ -283,8 +431,11 @@ async def diagnose(
             ]
         findings = [Finding("connect", "ok", "PING answered")]
         findings.append(await _version(client))
-        findings.append(await _flags(client))
-        findings.append(await _acl(client, keys))
+        findings.append(await _flags(client, keys))
+        findings.extend(await _transport(client))
+        user = await _whoami(client)
+        findings.append(await _acl(client, keys, user))
+        findings.append(await _registrar_rights(client, namespace, user))
         findings.append(await _latency(client))
         findings.append(await _clock(client))
         findings.extend(await _registrar(client, keys, canary_wait))

@@ -38,8 +38,13 @@ Counter = Annotated[int, Meta(ge=0, lt=2**53)]
 TtlMs = Annotated[int, Meta(ge=MIN_TTL_MS, le=MAX_TTL_MS)]
 Capability = Annotated[str, Meta(pattern=NAME_PATTERN)]
 Url = Annotated[str, Meta(min_length=1, max_length=2048)]
-MetaKey = Annotated[str, Meta(min_length=1, max_length=128)]
-MetaValue = Annotated[str, Meta(max_length=2048)]
+# Metadata is shown on terminals and in logs: no C0 control (ESC, NUL...), DEL
+# or C1 control. A value may hold a tab (a list some tools write that way); a
+# key may not. \Z, not $: see NAME_PATTERN.
+META_KEY_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*\Z"
+META_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f]*\Z"
+MetaKey = Annotated[str, Meta(min_length=1, max_length=128, pattern=META_KEY_PATTERN)]
+MetaValue = Annotated[str, Meta(max_length=2048, pattern=META_VALUE_PATTERN)]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -156,15 +161,40 @@ def body_of(event: Announce) -> RecordBody:
 
 
 # Whitespace (what str.isspace() calls whitespace: \s in a str pattern) and
-# control characters. One regex search instead of a per-character loop: the
-# registrar checks the URL of every heartbeat.
-_BAD_URL_CHARS: Final = re.compile(r"[\s\x00-\x1f\x7f]")
+# C0/C1 control characters. One regex search instead of a per-character loop:
+# the registrar checks the URL of every heartbeat; only a non-ASCII URL pays
+# for the per-character check of Unicode categories below.
+_BAD_URL_CHARS: Final = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def _bad_unicode(url: str) -> str | None:
+    """The first character no dialable URL holds: Unicode controls, format characters
+    (bidi overrides, zero-width), separators, surrogates, private use, unassigned."""
+    import unicodedata
+
+    for ch in url:
+        if ord(ch) > 0x7E and unicodedata.category(ch)[0] in "CZ":
+            return ch
+    return None
 
 
 def check_url(url: str, schemes: frozenset[str] = DEFAULT_URL_SCHEMES) -> None:
-    """Raise :class:`InvalidEvent` unless ``url`` is absolute with an allowed scheme."""
+    """Raise :class:`InvalidEvent` unless ``url`` is a URL a client should dial.
+
+    Absolute, with an allowed scheme and a host; no whitespace, no control,
+    bidi or zero-width character, no userinfo (``user:password@``: credentials
+    do not belong in a registry every reader sees).
+    """
     if _BAD_URL_CHARS.search(url):
         raise InvalidEvent("bad_url", f"service_url {url!r} contains whitespace or control chars")
+    if not url.isascii():
+        bad = _bad_unicode(url)
+        if bad is not None:
+            raise InvalidEvent(
+                "bad_url",
+                f"service_url {url!r} contains U+{ord(bad):04X} (a control, bidi, "
+                "zero-width or separator character)",
+            )
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError on a bad port)
@@ -177,6 +207,12 @@ def check_url(url: str, schemes: frozenset[str] = DEFAULT_URL_SCHEMES) -> None:
         )
     if not parts.hostname:
         raise InvalidEvent("bad_url", f"service_url {url!r} has no host")
+    if "@" in parts.netloc:
+        raise InvalidEvent(
+            "bad_url",
+            f"service_url of host {parts.hostname!r} carries userinfo (user:password@): "
+            "credentials do not belong in the registry",
+        )
 
 
 def _reason_for(message: str) -> str:

@@ -35,20 +35,15 @@ from redis.exceptions import RedisError, ResponseError
 from . import _wire, model, scripts
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
-from .errors import InvalidEvent, NotificationConfigError
+from .errors import InvalidEvent
 from .keys import Keys
+from .notify import NotificationCheck, ensure_flags
 from .rebuild import Rebuilds
 from .scripts import ApplyResult
 
 __all__ = ["ApplyResult", "Registrar", "RegistrarStats"]
 
 log = logging.getLogger("saga_events.registrar")
-
-#: Flags the mirrors need: keyspace channel (K), generic (g: del, expire),
-#: string (``$``: set), expired (x) and evicted (e) events.
-REQUIRED_FLAGS: Final = "Kg$xe"
-_ALL_CLASSES: Final = "g$lshzxet"  # what "A" stands for in notify-keyspace-events
-NOTIFY_SETTING: Final = "notify-keyspace-events"
 
 #: A gap since the last reap by any registrar longer than
 #: max(REAP_STALL_MS, 3 x reap_interval) is a stall (Redis paused, no registrar
@@ -74,33 +69,15 @@ class RegistrarStats:
     loop_restarts: int = 0
 
 
-def parse_flags(value: str) -> set[str]:
-    flags = set(value)
-    if "A" in flags:
-        flags.discard("A")
-        flags.update(_ALL_CLASSES)
-    return flags
-
-
-def flags_cover(value: str, required: str = REQUIRED_FLAGS) -> bool:
-    return set(required) <= parse_flags(value)
-
-
-def merge_flags(value: str, required: str = REQUIRED_FLAGS) -> str:
-    """Return ``value`` with the required flags added, keeping every other flag."""
-    present = set(value)
-    missing = [c for c in required if c not in parse_flags(value)]
-    return "".join(c for c in value if c in present) + "".join(missing)
-
-
 class Registrar:
     """Consume events, apply them to the registry, reap the dead.
 
     ``await tg.start(registrar.run)`` returns once the registrar is subscribed
     to the events channels; ``async with Registrar(...)`` does the same.
     Redis outages are survived, at start too: every loop reconnects with
-    backoff. Only a refused ``CONFIG`` (see :class:`NotificationConfigError`)
-    stops it.
+    backoff. A user without ``CONFIG`` checks the notification flags instead
+    of setting them (:mod:`saga_events.notify`): ``notifications_ok`` and
+    ``notifications_reason``.
 
     ``view`` returns the instances the registry last held (a gateway's
     mirror); when not given the registrar runs a :class:`Mirror` of its own
@@ -163,6 +140,17 @@ class Registrar:
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
         self._pipe = _wire.Pipe(self._redis)
+        self.notifications = NotificationCheck(self.keys, self.rid, manage=manage_config)
+
+    @property
+    def notifications_ok(self) -> bool | None:
+        """Whether keyspace notifications flow (None until the first check)."""
+        return self.notifications.ok
+
+    @property
+    def notifications_reason(self) -> str:
+        """What is wrong with the notification flags ('' when nothing is)."""
+        return self.notifications.reason
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -193,7 +181,7 @@ class Registrar:
                 await self._redis.aclose()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled. Raises NotificationConfigError if CONFIG is refused.
+        """Run until cancelled.
 
         ``task_status.started()`` once subscribed, however long Redis takes.
         """
@@ -229,14 +217,14 @@ class Registrar:
         backoff = Backoff(cap=2.0)
         while True:
             try:
-                if self.manage_config:
-                    await self.ensure_notifications()
+                await self.notifications.check(self._redis)
                 await self._scripts.load()
                 k = self.keys
                 await self._scripts.call(
                     scripts.INIT_COUNTS, [k.index, scripts.counts_key(k)], [k.inst_prefix]
                 )
-                await self._write_liveness()
+                if self.notifications.ok:
+                    await self._write_liveness()
                 return
             except TRANSIENT as exc:
                 log.warning("registrar cannot reach Redis (%s); retrying", exc)
@@ -248,39 +236,11 @@ class Registrar:
     # -- notification flags ------------------------------------------------
 
     async def ensure_notifications(self) -> bool:
-        """Merge the required flags into ``notify-keyspace-events``; True if changed."""
-        required = REQUIRED_FLAGS
-        try:
-            answer = await self._redis.config_get(NOTIFY_SETTING)
-        except ResponseError as exc:
-            raise NotificationConfigError(
-                f"cannot read {NOTIFY_SETTING} ({exc}). Set it on the server yourself, "
-                f"e.g. `{NOTIFY_SETTING} {required}` in redis.conf or "
-                f"`CONFIG SET {NOTIFY_SETTING} {required}`, then start the registrar "
-                "with manage_config=False (--no-manage-config).",
-                setting=NOTIFY_SETTING,
-                required=required,
-            ) from None
-        raw: Any = {
-            (k.decode() if isinstance(k, bytes) else str(k)): v for k, v in answer.items()
-        }.get(NOTIFY_SETTING, b"")
-        current = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if flags_cover(current):
-            return False
-        wanted = merge_flags(current)
-        try:
-            await self._redis.config_set(NOTIFY_SETTING, wanted)
-        except ResponseError as exc:
-            raise NotificationConfigError(
-                f"cannot set {NOTIFY_SETTING} to {wanted!r} ({exc}); the server has "
-                f"{current!r}. Add the flags {required!r} to {NOTIFY_SETTING} on the "
-                "server yourself, then start the registrar with manage_config=False "
-                "(--no-manage-config).",
-                setting=NOTIFY_SETTING,
-                required=required,
-            ) from None
-        log.info("set %s from %r to %r", NOTIFY_SETTING, current, wanted)
-        return True
+        """Merge the required flags into ``notify-keyspace-events``; True if changed.
+
+        Raises NotificationConfigError when this user may not CONFIG.
+        """
+        return await ensure_flags(self._redis)
 
     # -- applying events ---------------------------------------------------
 
@@ -473,10 +433,12 @@ class Registrar:
         while True:
             await anyio.sleep(self.liveness_interval)
             try:
-                await self._write_liveness()
+                # No canary while notifications are off: mirrors go stale.
+                if self.notifications.ok:
+                    await self._write_liveness()
                 await self.check_epoch()
                 now = anyio.current_time()
-                if self.manage_config and now - last_config_check >= self.config_check_interval:
+                if now - last_config_check >= self.config_check_interval:
                     last_config_check = now
                     await self._recheck_config()
             except TRANSIENT as exc:
@@ -485,17 +447,9 @@ class Registrar:
                 self._redis_refusals.warning("housekeeping: Redis refused (%s)", exc)
 
     async def _recheck_config(self) -> None:
-        if not self.manage_config:
-            return
-        try:
-            changed = await self.ensure_notifications()
-        except NotificationConfigError as exc:
-            log.error("%s", exc)
-            return
-        if changed:
+        if await self.notifications.check(self._redis):
             # Notifications were off for a while: mirrors must resync over the gap.
             self.stats.flags_reapplied += 1
-            log.warning("keyspace notification flags had been reset; re-applied them")
             await self.bump_epoch()
 
     async def _write_liveness(self) -> None:

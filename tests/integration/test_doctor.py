@@ -11,11 +11,12 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from saga_events import Registrar
-from saga_events.acl import Role, publisher_role, reader_role
+from saga_events.acl import Role, publisher_role, reader_role, registrar_role
 from saga_events.cli import main
 from saga_events.doctor import Finding, diagnose, healthy
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
+from saga_events.notify import apply_setup
 from saga_events.testing import eventually
 
 
@@ -155,3 +156,58 @@ async def test_a_registrar_on_another_database_is_seen(redis_url: str) -> None:
     checks = by_check(findings)
     assert checks["registrar"].status == "ok", findings
     assert healthy(findings), findings
+
+
+@pytest.mark.anyio
+async def test_transport_limits_are_checked_and_setup_fixes_them(redis_url: str) -> None:
+    """Redis's defaults let a publisher send 512 MB; an unlimited pub/sub buffer holds
+    memory without bound: both warn with the setup command as the fix, then pass."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+        checks = by_check(await diagnose(redis_url, canary_wait=0.2))
+        assert checks["proto-max-bulk-len"].status == "warn"
+        assert checks["pubsub output buffer"].status == "warn"
+        assert "unlimited" in checks["pubsub output buffer"].detail
+        for check in ("proto-max-bulk-len", "pubsub output buffer"):
+            assert "saga-events setup --redis ADMIN_URL" in checks[check].fix
+        await apply_setup(admin)
+        checks = by_check(await diagnose(redis_url, canary_wait=0.2))
+        assert checks["proto-max-bulk-len"].status == "ok"
+        assert checks["pubsub output buffer"].status == "ok"
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_registrar_user_that_may_config_fails_the_check(redis_url: str) -> None:
+    """The old registrar role (+config|get +config|set) is found; the printed one passes."""
+    old = Role("saga-registrar", "old", (*registrar_role().rules, "+config|get", "+config|set"))
+    await _url_as(redis_url, old)
+    checks = by_check(await diagnose(redis_url, canary_wait=0.2))
+    assert checks["registrar rights"].status == "fail"
+    assert "+config|get" in checks["registrar rights"].detail
+    assert "saga-events acl" in checks["registrar rights"].fix
+    # As that user itself (no ACL GETUSER), doctor still sees that it may CONFIG.
+    own = redis_url.replace("redis://", "redis://saga-registrar:pw@")
+    assert by_check(await diagnose(own, canary_wait=0.2))["registrar rights"].status == "fail"
+    await _url_as(redis_url, registrar_role())
+    checks = by_check(await diagnose(redis_url, canary_wait=0.2))
+    assert checks["registrar rights"].status == "ok", checks["registrar rights"]
+
+
+@pytest.mark.anyio
+async def test_as_the_registrar_role_the_flags_are_probed(redis_url: str) -> None:
+    """Without CONFIG, doctor runs the registrar's probe: flags off fail, with the fix."""
+    url = await _url_as(redis_url, registrar_role())
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("notify-keyspace-events", "K$")
+        flags = by_check(await diagnose(url, canary_wait=0.2))["notification flags"]
+        assert flags.status == "fail"
+        assert "'gx'" in flags.detail and "saga-events setup" in flags.fix
+        await apply_setup(admin)
+        flags = by_check(await diagnose(url, canary_wait=0.2))["notification flags"]
+        assert flags.status == "ok" and "probe" in flags.detail
+    finally:
+        await admin.aclose()

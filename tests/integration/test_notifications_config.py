@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from saga_events import Agent, Mirror, NotificationConfigError, Registrar
+from saga_events import Agent, Mirror, Registrar
 from saga_events.embedded import RedisServer
-from saga_events.registrar import flags_cover, merge_flags
+from saga_events.keys import Keys
+from saga_events.notify import flags_cover, merge_flags, parse_flags, probe
 from saga_events.testing import eventually, wait_mirror_matches
 
 pytestmark = pytest.mark.anyio
@@ -45,22 +46,58 @@ def test_merge_flags_expands_all_before_checking() -> None:
     assert sorted(merge_flags("Elh")) == sorted("ElhKg$xe")
 
 
-async def test_config_refused_names_the_setting(redis_url: str) -> None:
-    """Without CONFIG rights the registrar stops with the exact setting to make."""
+async def test_registrar_without_config_runs_and_reports_the_flags(redis_url: str) -> None:
+    """Without CONFIG rights the registrar does not stop: it probes the flags, says which
+    are missing and what to run, and keeps applying events."""
     admin = aioredis.Redis.from_url(redis_url)
     await admin.execute_command(
         "ACL", "SETUSER", "noconfig", "on", ">secret", "~*", "&*", "+@all", "-config"
     )
-    await admin.aclose()
+    await admin.config_set("notify-keyspace-events", "Kg")
     host_port = redis_url.removeprefix("redis://")
     url = f"redis://noconfig:secret@{host_port}"
-    with pytest.raises(NotificationConfigError) as info:
-        async with Registrar(url):
-            pass
-    message = str(info.value)
-    assert "notify-keyspace-events" in message
-    assert "Kg$xe" in message
-    assert info.value.setting == "notify-keyspace-events"
+    try:
+        async with Registrar(url, rebuild_wait=0.1) as registrar:
+            assert registrar.notifications_ok is False
+            assert "'$x'" in registrar.notifications_reason
+            async with Agent(url, "payment", "http://10.0.0.5:1", service_id="p-1"):
+                await eventually(lambda: admin.exists("saga:{default}:inst:payment:p-1"), 5)
+        assert await config(redis_url) == "gK"  # untouched
+    finally:
+        await admin.aclose()
+
+
+async def test_no_manage_config_never_sets_the_flags(redis_url: str) -> None:
+    """manage_config=False (--no-manage-config) only checks, even as an administrator."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("notify-keyspace-events", "")
+        async with Registrar(redis_url, manage_config=False, rebuild_wait=0.1) as registrar:
+            assert registrar.notifications_ok is False
+            assert await config(redis_url) == ""
+        await admin.config_set("notify-keyspace-events", "KEA")
+        async with Registrar(redis_url, manage_config=False, rebuild_wait=0.1) as registrar:
+            assert registrar.notifications_ok is True
+            assert registrar.notifications.may_config is None  # never asked
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("flags", ["", "g$xe", "K$xe", "Kgxe", "Kg$e", "Kg$x", "KEA"])
+async def test_probe_names_exactly_the_missing_flags(redis_url: str, flags: str) -> None:
+    """The probe sees K, $, g and x (e cannot be probed without evicting something)."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("notify-keyspace-events", flags)
+        missing = await probe(admin, Keys("default"), "test-rid")
+        if "K" not in flags:
+            assert missing == "K$gx"
+        else:
+            expected = "".join(f for f in "K$gx" if f not in parse_flags(flags))
+            assert missing == expected
+        assert await admin.exists("saga:{default}:probe:test-rid") == 0
+    finally:
+        await admin.aclose()
 
 
 async def test_reset_flags_are_reapplied_and_mirrors_resync(redis_server: RedisServer) -> None:

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from saga_events import Agent, Mirror, Registrar
 from saga_events.acl import publisher_role, reader_role, registrar_role
 from saga_events.embedded import RedisServer, free_port
+from saga_events.notify import apply_setup
 from saga_events.testing import wait_mirror_matches
 
 pytestmark = pytest.mark.anyio
@@ -107,6 +108,7 @@ async def test_registry_works_over_tls_with_least_privilege_users(tls_redis: Tls
     """Registrar, mirror and agent on rediss:// URLs with passwords, each with its own role."""
     admin = aioredis.Redis.from_url(tls_redis.server.url)
     try:
+        await apply_setup(admin)  # the administrator's step: the registrar has no CONFIG
         for role in [registrar_role(), reader_role(), publisher_role("payment")]:
             await admin.execute_command("ACL", "SETUSER", role.user, *role.setuser_args("s3cret"))
     finally:
@@ -116,9 +118,10 @@ async def test_registry_works_over_tls_with_least_privilege_users(tls_redis: Tls
         return tls_redis.url(user, "s3cret")
 
     async with (
-        Registrar(url(registrar_role().user), rebuild_wait=0.2),
+        Registrar(url(registrar_role().user), rebuild_wait=0.2) as registrar,
         Mirror(url(reader_role().user)) as mirror,
     ):
+        assert registrar.notifications_ok is True  # probed over TLS
         async with Agent(url(publisher_role("payment").user), "payment", "https://10.0.0.5:8443",
                          service_id="p-1") as agent:  # fmt: skip
             assert agent.registered
