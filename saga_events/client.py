@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import logging
 import os
 import random
-import re
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -57,7 +54,8 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from . import model
+from . import identity, model
+from ._portal import PortalOwner
 from ._redis import Backoff, connect
 from .agent import Agent
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
@@ -67,7 +65,6 @@ from .model import Instance
 
 if TYPE_CHECKING:
     import httpx
-    from anyio.from_thread import BlockingPortal
 
 log = logging.getLogger("saga_events.client")
 
@@ -141,18 +138,6 @@ def _info_from_wire(raw: bytes) -> ServiceInfo:
     return info if info.source == "registry" else info.with_source("registry")
 
 
-def stable_service_id(name: str, url: str) -> str:
-    """``<host>-<hash of name and url>``: the same on every start of the same service.
-
-    A service that crashes and starts again therefore replaces its old record at
-    once (a newer incarnation of the same instance) instead of leaving a dead
-    twin in the registry until its TTL runs out.
-    """
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:60] or "host"
-    digest = hashlib.sha256(f"{name}\n{url}".encode()).hexdigest()[:12]
-    return f"{host}-{digest}"
-
-
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
     """What the client keeps announcing for one registered name."""
 
@@ -175,26 +160,21 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _validate(reg: Registration, schemes: frozenset[str]) -> None:
-    """Check ``reg`` by the registrar's own rules (:func:`model.decode_event`).
+    """Check ``reg`` by the registrar's own rules (:func:`identity.check_announce`).
 
-    The same check in both modes: a registration the registrar would drop
-    (e.g. an over-long metadata key) is refused here, not published to be
-    rejected out of sight.
+    The same check in both modes, and the agent's: a registration the
+    registrar would drop (e.g. an over-long metadata key) is refused here, not
+    published to be rejected out of sight.
     """
-    ttl_ms = round(reg.ttl * 1000)
-    if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:  # said in the client's unit
-        raise InvalidEvent("bad_ttl", f"ttl {reg.ttl} s is outside [1 s, 3600 s]")
-    event = model.Register(
-        service_name=reg.service_name,
-        service_id=reg.service_id,
-        incarnation=0,
-        seq=0,
-        service_url=reg.service_url,
-        capabilities=reg.capabilities,
-        metadata=reg.metadata,
-        ttl_ms=ttl_ms,
+    identity.check_announce(
+        reg.service_name,
+        reg.service_id,
+        reg.service_url,
+        reg.capabilities,
+        reg.metadata,
+        round(reg.ttl * 1000),
+        schemes=schemes,
     )
-    model.decode_event(model.encode(event), schemes=schemes)
 
 
 class Backend(Protocol):
@@ -254,43 +234,25 @@ class _RedisBackend:
         *,
         task_status: TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        # Agent.run never raises (outages and refusals are retried and reported
+        # through agent.registered / agent.last_error), so nothing wraps it here.
         with anyio.CancelScope() as scope:
-            started = False
-            backoff = Backoff(base=1.0, cap=30.0)
-            while True:
-                try:
-                    async with anyio.create_task_group() as tg:
-                        await tg.start(agent.run)
-                        if not started:
-                            started = True
-                            task_status.started(scope)
-                except Exception as exc:
-                    # The agent survives outages by itself; anything else (an ACL that
-                    # forbids PUBLISH, a bug) must not take the host service down either.
-                    agent.registered = False
-                    log.error("%s: agent stopped (%s); restarting it", agent.service_name, exc)
-                    if not started:
-                        started = True
-                        task_status.started(scope)
-                    await anyio.sleep(backoff.next())
+            async with anyio.create_task_group() as tg:
+                await tg.start(agent.run)
+                task_status.started(scope)
 
     async def register(self, reg: Registration) -> tuple[ServiceInfo, bool]:
         assert self._tg is not None
         current = self._agents.get(reg.service_name)
         if current is not None and current[0].service_id == reg.service_id:
             agent = current[0]
-            try:
-                ok = await agent.update(
-                    service_url=reg.service_url,
-                    capabilities=reg.capabilities,
-                    metadata=reg.metadata,
-                )
-            except InvalidEvent:
-                raise
-            except Exception as exc:  # e.g. NOPERM: as in refresh(), never the host's problem
-                log.error("%s: update failed (%s)", reg.service_name, exc)
+            ok = await agent.update(  # never raises for Redis; InvalidEvent for bad input
+                service_url=reg.service_url,
+                capabilities=reg.capabilities,
+                metadata=reg.metadata,
+            )
+            if not ok:
                 agent.request_announce()
-                ok = False
         else:
             if current is not None:
                 await self.unregister(reg.service_name)
@@ -323,11 +285,7 @@ class _RedisBackend:
         if entry is None:
             return False
         agent = entry[0]
-        try:
-            ok = await agent.announce()
-        except Exception as exc:  # e.g. NOPERM; outages are handled inside announce()
-            log.error("%s: heartbeat failed (%s)", name, exc)
-            ok = False
+        ok = await agent.announce()  # never raises: outages and refusals are reported
         if not ok:
             agent.request_announce()  # the agent's loop registers again, with backoff
         return ok
@@ -339,10 +297,7 @@ class _RedisBackend:
         agent, scope = entry
         scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
-            try:
-                return await agent.leave()
-            except Exception as exc:  # e.g. NOPERM: the instance then expires after its TTL
-                log.error("%s: could not send leave (%s)", name, exc)
+            return await agent.leave()  # never raises: a refused leave expires after its TTL
         return False
 
     def is_registered(self, name: str) -> bool:
@@ -768,13 +723,14 @@ class AsyncSagaServiceDiscovery:
         ``source == "local"``, and the client keeps trying in the background.
         Registering a name again updates its URL and capabilities. Raises
         :class:`InvalidEvent` for bad arguments only. ``service_id`` defaults
-        to :func:`stable_service_id` (host, name and URL), so a restarted
-        service replaces its old record instead of adding a twin.
+        to :func:`identity.process_service_id` (host, pid, random): each process
+        is its own instance, so a recycled worker's leave never hides a live
+        sibling; a process that dies without leaving is reaped one ttl later.
         """
         self._check_open()
         if isinstance(capabilities, str):
             raise InvalidEvent("invalid", "capabilities must be a list of names, not a string")
-        sid = service_id or self._service_ids.get(name) or stable_service_id(name, url)
+        sid = service_id or self._service_ids.get(name) or identity.process_service_id()
         reg = Registration(
             service_name=name,
             service_url=url,
@@ -886,43 +842,36 @@ class SagaServiceDiscovery:
         backend = kwargs.get("backend")
         self.mode: str = backend.mode if backend is not None else _mode_for(saga_url, redis_url)
         self._lock = threading.Lock()
-        self._portal_cm: Any = None
-        self._portal: BlockingPortal | None = None
-        self._client_cm: Any = None
+        self._owner: PortalOwner | None = None
         self._client: AsyncSagaServiceDiscovery | None = None
         self._closed = False
 
-    def _ensure(self) -> tuple[BlockingPortal, AsyncSagaServiceDiscovery]:
+    def _ensure(self) -> tuple[PortalOwner, AsyncSagaServiceDiscovery]:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this client is closed")
-            if self._client is None or self._portal is None:
-                import anyio.from_thread
-
-                self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
-                portal = self._portal_cm.__enter__()
+            if self._owner is None or self._client is None:
+                owner = PortalOwner()
                 try:
                     # Built in the loop's thread: its connections belong to that loop.
-                    client = portal.call(self._build)
-                    cm = portal.wrap_async_context_manager(client)
-                    cm.__enter__()
+                    client = owner.build(self._build)
+                    owner.enter(client)
                 except BaseException:
-                    self._portal_cm.__exit__(None, None, None)
-                    self._portal_cm = None
+                    owner.stop()
                     raise
-                self._portal, self._client, self._client_cm = portal, client, cm
+                self._owner, self._client = owner, client
                 atexit.register(self.close)
-            return self._portal, self._client
+            return self._owner, self._client
 
-    async def _build(self) -> AsyncSagaServiceDiscovery:
+    def _build(self) -> AsyncSagaServiceDiscovery:
         client = self._factory()
         client.fallbacks = self._fallbacks
         return client
 
     def _call(self, func: Callable[[AsyncSagaServiceDiscovery], Awaitable[T]]) -> T:
         """Run ``func(client)`` on the background loop and wait for its result."""
-        portal, client = self._ensure()
-        return portal.call(func, client)
+        owner, client = self._ensure()
+        return owner.call(func, client)
 
     @property
     def client(self) -> AsyncSagaServiceDiscovery:
@@ -939,15 +888,10 @@ class SagaServiceDiscovery:
             if self._closed:
                 return
             self._closed = True
-            cm, portal_cm = self._client_cm, self._portal_cm
-            self._client_cm = self._portal_cm = self._portal = self._client = None
+            owner, self._owner, self._client = self._owner, None, None
         atexit.unregister(self.close)
-        try:
-            if cm is not None:
-                cm.__exit__(None, None, None)
-        finally:
-            if portal_cm is not None:
-                portal_cm.__exit__(None, None, None)
+        if owner is not None:
+            owner.stop()
 
     def __enter__(self) -> SagaServiceDiscovery:
         return self.start()
@@ -990,8 +934,8 @@ class SagaServiceDiscovery:
     @property
     def registered_names(self) -> list[str]:
         # Read on the loop's thread: registering there changes the names meanwhile.
-        portal, client = self._ensure()
-        return portal.call(lambda: client.registered_names)
+        owner, client = self._ensure()
+        return owner.build(lambda: client.registered_names)
 
     def discover_service(self, name: str) -> ServiceInfo:
         """See :meth:`AsyncSagaServiceDiscovery.discover_service`."""

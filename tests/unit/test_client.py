@@ -389,21 +389,23 @@ def test_service_info_to_dict_has_the_seed_shape() -> None:
     }
 
 
-async def test_a_restarted_service_replaces_its_record_instead_of_adding_a_twin() -> None:
-    """The default service_id is stable for (host, name, url): a crash leaves no duplicate."""
+async def test_two_clients_of_one_app_are_two_instances() -> None:
+    """The default service_id names the client's process (issue 8): two workers with the same
+    name and URL are two instances, and one leaving leaves the other registered."""
     registry = FakeRegistry()
-    crashed = registry.client()
-    async with crashed:
-        first = await crashed.register_service("svc", "http://10.0.0.1:80")
-        registry.available = False  # the crash: its leave never arrives
-    registry.available = True
-    assert len(registry.instances("svc")) == 1
-    async with registry.client() as restarted:
-        second = await restarted.register_service("svc", "http://10.0.0.1:80")
-        assert second.service_id == first.service_id
-        assert len(registry.instances("svc")) == 1
-        other = await restarted.register_service("svc2", "http://10.0.0.1:80")
-        assert other.service_id != first.service_id
+    async with registry.client() as older:
+        first = await older.register_service("svc", "http://10.0.0.1:80")
+        async with registry.client() as younger:
+            second = await younger.register_service("svc", "http://10.0.0.1:80")
+            assert second.service_id != first.service_id
+            assert {i.service_id for i in registry.instances("svc")} == {
+                first.service_id,
+                second.service_id,
+            }
+        assert [i.service_id for i in registry.instances("svc")] == [first.service_id]
+        assert older.is_registered("svc")
+        again = await older.register_service("svc", "http://10.0.0.2:80")
+        assert again.service_id == first.service_id  # one client keeps its id per name
 
 
 async def test_redis_mode_registers_with_the_clients_own_url_schemes() -> None:
@@ -469,7 +471,7 @@ def test_sync_twin_fallbacks_start_nothing_and_are_the_clients_own() -> None:
     saga = registry.sync_client(fallbacks={"auth": "http://localhost:8001"})
     try:
         assert saga.fallbacks == {"auth": "http://localhost:8001"}
-        assert saga._portal is None and saga._client is None
+        assert saga._owner is None and saga._client is None
         saga.fallbacks["audit"] = "http://localhost:8009"
         assert saga.discover_service("audit").service_url == "http://localhost:8009"
         assert saga.fallbacks is saga.client.fallbacks
