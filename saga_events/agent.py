@@ -265,7 +265,10 @@ class Agent(RunsInBackground):
     async def _after_run(self) -> None:
         if not self.left:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
-                await self.leave()
+                try:
+                    await self.leave()
+                except Exception:  # a bug must not raise out of the host's `async with`
+                    log.exception("%s/%s: leave failed", self.service_name, self.service_id)
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -283,7 +286,7 @@ class Agent(RunsInBackground):
             ok = False  # stays False if the first attempt times out
             with anyio.move_on_after(self.first_announce_timeout):
                 await self._incarnation_from_redis_clock()
-                ok = await self.announce("register")
+                ok = await self._announce_safely("register")
             task_status.started()
             await self._heartbeat_loop(ok)
 
@@ -302,6 +305,16 @@ class Agent(RunsInBackground):
             log.debug("cannot read Redis TIME (%s); incarnation from the host clock", exc)
             return
         self.incarnation = model.new_incarnation(sec * 1000 + usec // 1000)
+
+    async def _announce_safely(self, kind: str) -> bool:
+        """:meth:`announce` for the background loop: a bug is logged and retried, not raised."""
+        try:
+            return await self.announce(kind)
+        except Exception as exc:  # a bug must not end the host's task group either
+            log.exception("%s/%s: announcement failed", self.service_name, self.service_id)
+            self._problems.report("publish", f"unexpected error ({describe(exc)})")
+            self.registered = self._refused = False
+            return False
 
     def request_announce(self) -> None:
         """Ask the heartbeat loop to send a full ``register`` now."""
@@ -326,13 +339,7 @@ class Agent(RunsInBackground):
             if self.left:
                 ok = True  # left on purpose: stay quiet until announced again
                 continue
-            try:
-                ok = await self.announce(kind)
-            except Exception as exc:  # a bug must not end the host's task group either
-                log.exception("%s/%s: announcement failed", self.service_name, self.service_id)
-                self._problems.report("publish", f"unexpected error ({describe(exc)})")
-                self.registered = self._refused = False
-                ok = False
+            ok = await self._announce_safely(kind)
             kind = "heartbeat" if ok else "register"
 
     async def _control_loop(self) -> None:
