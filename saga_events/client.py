@@ -83,7 +83,12 @@ class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
     cannot be reached; the last answer it gave), ``fallback`` (the static
     ``fallbacks`` map) or ``local`` (a registration not confirmed yet).
     ``last_heartbeat`` is None where it is not known: a push mirror does not
-    see heartbeats (by design they cost mirrors nothing).
+    see heartbeats (by design they cost mirrors nothing). ``ttl_seconds`` and
+    ``draining`` are the record's (None and False where not known).
+
+    It is also the REST API's shape: :meth:`from_json` decodes the gateway's
+    answer for one instance (unknown fields ignored) and :meth:`to_dict` gives
+    it back, so the client and the web side use one class.
     """
 
     service_id: str
@@ -93,19 +98,40 @@ class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
     registered_at: datetime | None = None
     last_heartbeat: datetime | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    ttl_seconds: float | None = None
+    draining: bool = False
     source: Source = "registry"
 
     @classmethod
-    def from_instance(cls, inst: Instance, source: Source = "registry") -> ServiceInfo:
+    def from_instance(
+        cls,
+        inst: Instance,
+        source: Source = "registry",
+        last_heartbeat: datetime | None = None,
+    ) -> ServiceInfo:
         return cls(
             service_id=inst.service_id,
             service_name=inst.service_name,
             service_url=inst.service_url,
             capabilities=inst.capabilities,
             registered_at=inst.registered_at,
+            last_heartbeat=last_heartbeat,
             metadata=dict(inst.metadata),
+            ttl_seconds=inst.ttl_ms / 1000,
+            draining=inst.draining,
             source=source,
         )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ServiceInfo:
+        """Decode the REST API's JSON for one instance; ``source`` is ``registry``.
+
+        Raises ``msgspec.ValidationError``/``DecodeError`` (``msgspec.MsgspecError``)
+        for a body of another shape.
+        """
+        info = _wire_decoder.decode(raw)
+        # ``source`` is ours to say, not the server's.
+        return info if info.source == "registry" else info.with_source("registry")
 
     def with_source(self, source: Source) -> ServiceInfo:
         return msgspec.structs.replace(self, source=source)
@@ -129,13 +155,6 @@ def _now() -> datetime:
 
 
 _wire_decoder: Final = msgspec.json.Decoder(ServiceInfo)
-
-
-def _info_from_wire(raw: bytes) -> ServiceInfo:
-    """The gateway's answer for one instance (the seed's shape; unknown fields ignored)."""
-    info = _wire_decoder.decode(raw)
-    # ``source`` is ours to say, not the server's.
-    return info if info.source == "registry" else info.with_source("registry")
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -424,7 +443,7 @@ class _RestBackend:
             return None
         self._cache.pop(reg.service_name, None)
         try:
-            return _info_from_wire(resp.content)
+            return ServiceInfo.from_json(resp.content)
         except msgspec.MsgspecError as exc:
             log.warning("%s: unreadable registration answer (%s)", reg.service_name, exc)
             return None
@@ -544,7 +563,7 @@ class _RestBackend:
         if resp.status_code != 200:
             return self._stale_or_raise(name, cached, f"the gateway answered {resp.status_code}")
         try:
-            info = _info_from_wire(resp.content)
+            info = ServiceInfo.from_json(resp.content)
         except msgspec.MsgspecError as exc:
             return self._stale_or_raise(name, cached, f"unreadable answer: {exc}")
         self._cache[name] = (now, info)

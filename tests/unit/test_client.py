@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from anyio.abc import TaskStatus
 
@@ -385,8 +386,40 @@ def test_service_info_to_dict_has_the_seed_shape() -> None:
         "registered_at": "2025-01-01T00:00:00.000Z",
         "last_heartbeat": None,
         "metadata": {},
+        "ttl_seconds": None,
+        "draining": False,
         "source": "registry",
     }
+
+
+def test_service_info_decodes_the_rest_shape_and_gives_it_back() -> None:
+    """ServiceInfo.from_json reads the gateway's answer (unknown fields ignored, source is
+    the client's to say); to_dict gives the same fields back."""
+    import json
+
+    from saga_events import ServiceInfo
+
+    body = {
+        "service_id": "id-1",
+        "service_name": "gateway",
+        "service_url": "http://localhost:8000",
+        "capabilities": ["rest"],
+        "registered_at": "2025-01-01T00:00:00.000Z",
+        "last_heartbeat": "2025-01-01T00:00:05.250Z",
+        "metadata": {"zone": "a"},
+        "ttl_seconds": 30.0,
+        "draining": True,
+        "source": "fallback",
+        "added_later": 1,
+    }
+    info = ServiceInfo.from_json(json.dumps(body))
+    assert info.capabilities == ("rest",)
+    assert (info.ttl_seconds, info.draining, info.source) == (30.0, True, "registry")
+    assert info.last_heartbeat is not None and info.last_heartbeat.microsecond == 250_000
+    del body["added_later"]
+    assert info.to_dict() == {**body, "source": "registry"}
+    with pytest.raises(msgspec.ValidationError):
+        ServiceInfo.from_json(b'{"service_name": "x"}')
 
 
 async def test_two_clients_of_one_app_are_two_instances() -> None:
