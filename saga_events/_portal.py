@@ -1,4 +1,12 @@
-"""Run async parts from synchronous code in a background event-loop thread (internal)."""
+"""Run async parts from synchronous code in a background event-loop thread (internal).
+
+Contract: one :class:`PortalOwner` per blocking twin (SyncAgent, SyncMirror,
+SagaServiceDiscovery). The twin builds its async object in the loop's thread
+(:meth:`PortalOwner.build`), enters it there (:meth:`PortalOwner.enter`) and
+forwards every call (:meth:`PortalOwner.call`): one implementation, the async
+one. Not thread-safe on its own: a twin shared between threads guards
+start and stop with its own lock.
+"""
 
 from __future__ import annotations
 
@@ -47,8 +55,14 @@ class PortalOwner:
         return value
 
     def stop(self) -> None:
-        while self._entered:
-            self._entered.pop().__exit__(None, None, None)
-        if self._cm is not None:
-            cm, self._cm, self._portal = self._cm, None, None
-            cm.__exit__(None, None, None)
+        """Exit what :meth:`enter` entered (newest first), then stop the loop's thread.
+
+        The thread is stopped even when an exit raises (the error is re-raised).
+        """
+        try:
+            while self._entered:
+                self._entered.pop().__exit__(None, None, None)
+        finally:
+            if self._cm is not None:
+                cm, self._cm, self._portal = self._cm, None, None
+                cm.__exit__(None, None, None)

@@ -40,571 +40,28 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import logging
 import os
-import random
-import re
-import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 
 import anyio
-import msgspec
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
-from . import model
-from ._redis import Backoff, connect
-from .agent import Agent
+from . import identity, model
+from ._client_base import Backend, Registration, ServiceInfo, check_registration
+from ._client_redis import _RedisBackend
+from ._client_rest import _RestBackend
+from ._portal import PortalOwner
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
-from .keys import is_valid_name
-from .mirror import Mirror
-from .model import Instance
-
-if TYPE_CHECKING:
-    import httpx
-    from anyio.from_thread import BlockingPortal
 
 log = logging.getLogger("saga_events.client")
 
 T = TypeVar("T")
 
 DEFAULT_SAGA_URL: Final = "http://localhost:8030"
-
-Source = Literal["registry", "stale", "cache", "fallback", "local"]
-
-
-class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """One service instance as the client reports it (the seed's shape).
-
-    ``source`` says where the answer came from: ``registry`` (a live answer),
-    ``cache`` (REST mode, younger than ``cache_ttl``), ``stale`` (the registry
-    cannot be reached; the last answer it gave), ``fallback`` (the static
-    ``fallbacks`` map) or ``local`` (a registration not confirmed yet).
-    ``last_heartbeat`` is None where it is not known: a push mirror does not
-    see heartbeats (by design they cost mirrors nothing).
-    """
-
-    service_id: str
-    service_name: str
-    service_url: str
-    capabilities: tuple[str, ...] = ()
-    registered_at: datetime | None = None
-    last_heartbeat: datetime | None = None
-    metadata: dict[str, str] = msgspec.field(default_factory=dict)
-    source: Source = "registry"
-
-    @classmethod
-    def from_instance(cls, inst: Instance, source: Source = "registry") -> ServiceInfo:
-        return cls(
-            service_id=inst.service_id,
-            service_name=inst.service_name,
-            service_url=inst.service_url,
-            capabilities=inst.capabilities,
-            registered_at=inst.registered_at,
-            metadata=dict(inst.metadata),
-            source=source,
-        )
-
-    def with_source(self, source: Source) -> ServiceInfo:
-        return msgspec.structs.replace(self, source=source)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The seed's JSON shape (ISO-8601 UTC times), plus ``metadata`` and ``source``."""
-        out: dict[str, Any] = msgspec.to_builtins(self)
-        out["capabilities"] = list(self.capabilities)
-        for field in ("registered_at", "last_heartbeat"):
-            value = getattr(self, field)
-            out[field] = _iso(value) if value is not None else None
-        return out
-
-
-def _iso(dt: datetime) -> str:
-    return model.iso_utc(int(dt.timestamp() * 1000))
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-_wire_decoder: Final = msgspec.json.Decoder(ServiceInfo)
-
-
-def _info_from_wire(raw: bytes) -> ServiceInfo:
-    """The gateway's answer for one instance (the seed's shape; unknown fields ignored)."""
-    info = _wire_decoder.decode(raw)
-    # ``source`` is ours to say, not the server's.
-    return info if info.source == "registry" else info.with_source("registry")
-
-
-def stable_service_id(name: str, url: str) -> str:
-    """``<host>-<hash of name and url>``: the same on every start of the same service.
-
-    A service that crashes and starts again therefore replaces its old record at
-    once (a newer incarnation of the same instance) instead of leaving a dead
-    twin in the registry until its TTL runs out.
-    """
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:60] or "host"
-    digest = hashlib.sha256(f"{name}\n{url}".encode()).hexdigest()[:12]
-    return f"{host}-{digest}"
-
-
-class Registration(msgspec.Struct, frozen=True, kw_only=True):
-    """What the client keeps announcing for one registered name."""
-
-    service_name: str
-    service_url: str
-    service_id: str
-    capabilities: tuple[str, ...] = ()
-    metadata: dict[str, str] = msgspec.field(default_factory=dict)
-    ttl: float = 60.0
-
-    def local_info(self) -> ServiceInfo:
-        return ServiceInfo(
-            service_id=self.service_id,
-            service_name=self.service_name,
-            service_url=self.service_url,
-            capabilities=self.capabilities,
-            metadata=dict(self.metadata),
-            source="local",
-        )
-
-
-def _validate(reg: Registration, schemes: frozenset[str]) -> None:
-    """Check ``reg`` by the registrar's own rules (:func:`model.decode_event`).
-
-    The same check in both modes: a registration the registrar would drop
-    (e.g. an over-long metadata key) is refused here, not published to be
-    rejected out of sight.
-    """
-    ttl_ms = round(reg.ttl * 1000)
-    if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:  # said in the client's unit
-        raise InvalidEvent("bad_ttl", f"ttl {reg.ttl} s is outside [1 s, 3600 s]")
-    event = model.Register(
-        service_name=reg.service_name,
-        service_id=reg.service_id,
-        incarnation=0,
-        seq=0,
-        service_url=reg.service_url,
-        capabilities=reg.capabilities,
-        metadata=reg.metadata,
-        ttl_ms=ttl_ms,
-    )
-    model.decode_event(model.encode(event), schemes=schemes)
-
-
-class Backend(Protocol):
-    """A transport of the client (internal): Redis, REST, or the in-memory fake."""
-
-    mode: str
-
-    async def start(self, tg: TaskGroup) -> None: ...
-
-    async def register(self, reg: Registration) -> tuple[ServiceInfo, bool]:
-        """Start announcing ``reg``; return what is registered and whether it is confirmed."""
-        ...
-
-    async def refresh(self, name: str) -> bool: ...
-
-    async def unregister(self, name: str) -> bool: ...
-
-    def is_registered(self, name: str) -> bool: ...
-
-    async def discover(self, name: str) -> ServiceInfo: ...
-
-    async def aclose(self) -> None: ...
-
-
-# -- Redis: agents and a push mirror --------------------------------------------------------
-
-
-class _RedisBackend:
-    mode = "redis"
-
-    def __init__(
-        self,
-        redis_url: str,
-        *,
-        namespace: str,
-        timeout: float,
-        discovery_timeout: float,
-        url_schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
-    ) -> None:
-        self._redis = connect(redis_url)
-        self._namespace = namespace
-        self._url_schemes = url_schemes
-        self._timeout = timeout
-        self._discovery_timeout = discovery_timeout
-        self._agents: dict[str, tuple[Agent, anyio.CancelScope]] = {}
-        self._mirror: Mirror | None = None
-        self._mirror_synced = anyio.Event()
-        self._waited_for_sync = False
-        self._tg: TaskGroup | None = None
-
-    async def start(self, tg: TaskGroup) -> None:
-        self._tg = tg
-
-    async def _run_agent(
-        self,
-        agent: Agent,
-        *,
-        task_status: TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        with anyio.CancelScope() as scope:
-            started = False
-            backoff = Backoff(base=1.0, cap=30.0)
-            while True:
-                try:
-                    async with anyio.create_task_group() as tg:
-                        await tg.start(agent.run)
-                        if not started:
-                            started = True
-                            task_status.started(scope)
-                except Exception as exc:
-                    # The agent survives outages by itself; anything else (an ACL that
-                    # forbids PUBLISH, a bug) must not take the host service down either.
-                    agent.registered = False
-                    log.error("%s: agent stopped (%s); restarting it", agent.service_name, exc)
-                    if not started:
-                        started = True
-                        task_status.started(scope)
-                    await anyio.sleep(backoff.next())
-
-    async def register(self, reg: Registration) -> tuple[ServiceInfo, bool]:
-        assert self._tg is not None
-        current = self._agents.get(reg.service_name)
-        if current is not None and current[0].service_id == reg.service_id:
-            agent = current[0]
-            try:
-                ok = await agent.update(
-                    service_url=reg.service_url,
-                    capabilities=reg.capabilities,
-                    metadata=reg.metadata,
-                )
-            except InvalidEvent:
-                raise
-            except Exception as exc:  # e.g. NOPERM: as in refresh(), never the host's problem
-                log.error("%s: update failed (%s)", reg.service_name, exc)
-                agent.request_announce()
-                ok = False
-        else:
-            if current is not None:
-                await self.unregister(reg.service_name)
-            agent = Agent(
-                self._redis,
-                reg.service_name,
-                reg.service_url,
-                capabilities=reg.capabilities,
-                metadata=reg.metadata,
-                ttl=reg.ttl,
-                service_id=reg.service_id,
-                namespace=self._namespace,
-                url_schemes=self._url_schemes,
-                first_announce_timeout=self._timeout,
-            )
-            scope = await self._tg.start(self._run_agent, agent)
-            self._agents[reg.service_name] = (agent, scope)
-            ok = agent.registered
-        now = _now()
-        info = msgspec.structs.replace(
-            reg.local_info(),
-            registered_at=now,
-            last_heartbeat=now if ok else None,
-            source="registry" if ok else "local",
-        )
-        return info, ok
-
-    async def refresh(self, name: str) -> bool:
-        entry = self._agents.get(name)
-        if entry is None:
-            return False
-        agent = entry[0]
-        try:
-            ok = await agent.announce()
-        except Exception as exc:  # e.g. NOPERM; outages are handled inside announce()
-            log.error("%s: heartbeat failed (%s)", name, exc)
-            ok = False
-        if not ok:
-            agent.request_announce()  # the agent's loop registers again, with backoff
-        return ok
-
-    async def unregister(self, name: str) -> bool:
-        entry = self._agents.pop(name, None)
-        if entry is None:
-            return False
-        agent, scope = entry
-        scope.cancel()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
-            try:
-                return await agent.leave()
-            except Exception as exc:  # e.g. NOPERM: the instance then expires after its TTL
-                log.error("%s: could not send leave (%s)", name, exc)
-        return False
-
-    def is_registered(self, name: str) -> bool:
-        entry = self._agents.get(name)
-        return entry is not None and entry[0].registered
-
-    async def _run_mirror(self, mirror: Mirror) -> None:
-        backoff = Backoff(base=1.0, cap=30.0)
-        while True:
-            try:
-                async with anyio.create_task_group() as tg:
-                    await tg.start(mirror.run)  # retries outages by itself until synced
-                    self._mirror_synced.set()
-            except Exception as exc:  # e.g. an ACL without the mirror's grants
-                log.error("the client's mirror stopped (%s); restarting it", exc)
-                await anyio.sleep(backoff.next())
-
-    async def discover(self, name: str) -> ServiceInfo:
-        assert self._tg is not None
-        if self._mirror is None:
-            self._mirror = Mirror(self._redis, namespace=self._namespace)
-            self._tg.start_soon(self._run_mirror, self._mirror)
-        if not self._mirror_synced.is_set() and not self._waited_for_sync:
-            # Only the first lookup waits for the first snapshot; later ones answer
-            # at once (fallback or RegistryUnavailable) while Redis stays unreachable.
-            self._waited_for_sync = True
-            with anyio.move_on_after(self._discovery_timeout):
-                await self._mirror_synced.wait()
-        if not self._mirror_synced.is_set():
-            raise RegistryUnavailable(name, "the mirror has not synced with Redis yet")
-        inst = self._mirror.pick(name)  # raises ServiceNotFound
-        return ServiceInfo.from_instance(inst, "stale" if self._mirror.stale else "registry")
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
-# -- REST: the seed's HTTP API --------------------------------------------------------------
-
-
-def _why(exc: BaseException) -> str:
-    """An exception as text, with its type (httpx's timeouts have an empty message)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class _RestRegistration:
-    def __init__(self, reg: Registration, scope: anyio.CancelScope) -> None:
-        self.reg = reg
-        self.scope = scope
-        self.confirmed = False
-
-
-class _RestBackend:
-    mode = "rest"
-
-    def __init__(
-        self,
-        saga_url: str,
-        *,
-        cache_ttl: float,
-        timeout: float,
-        api_token: str | None,
-        heartbeat_interval: float | None,
-        clock: Callable[[], float] = time.monotonic,
-        transport: Any = None,
-    ) -> None:
-        try:
-            import httpx
-        except ImportError:  # pragma: no cover - httpx is a core dependency
-            raise ImportError("the REST mode needs httpx: pip install httpx") from None
-        headers = {"User-Agent": "saga-events-client"}
-        if api_token:
-            headers["Authorization"] = f"Bearer {api_token}"
-        self.saga_url = saga_url.rstrip("/")
-        self._http: httpx.AsyncClient = httpx.AsyncClient(
-            base_url=self.saga_url, timeout=timeout, headers=headers, transport=transport
-        )
-        self._httpx_errors: tuple[type[Exception], ...] = (httpx.HTTPError, OSError)
-        self._cache_ttl = cache_ttl
-        self._heartbeat_interval = heartbeat_interval
-        self._clock = clock
-        self._cache: dict[str, tuple[float, ServiceInfo]] = {}
-        self._regs: dict[str, _RestRegistration] = {}
-        self._tg: TaskGroup | None = None
-
-    async def start(self, tg: TaskGroup) -> None:
-        self._tg = tg
-
-    async def _post_register(self, reg: Registration) -> ServiceInfo | None:
-        """POST the registration; None if the gateway could not be reached or refused."""
-        body: dict[str, Any] = {
-            "service_name": reg.service_name,
-            "service_url": reg.service_url,
-            "capabilities": list(reg.capabilities),
-            "service_id": reg.service_id,
-            "ttl_seconds": reg.ttl,
-        }
-        if reg.metadata:
-            body["metadata"] = reg.metadata
-        try:
-            resp = await self._http.post("/api/v1/services/register", json=body)
-        except self._httpx_errors as exc:
-            log.warning(
-                "%s: cannot reach %s to register (%s)", reg.service_name, self.saga_url, _why(exc)
-            )
-            return None
-        if resp.status_code in (400, 413, 422):
-            raise InvalidEvent("rejected", f"the gateway refused the registration: {resp.text}")
-        if resp.status_code in (401, 403):
-            log.error(
-                "%s: the gateway refused the API token (%d); set api_token or SAGA_API_TOKEN",
-                reg.service_name,
-                resp.status_code,
-            )
-            return None
-        if resp.status_code != 200:
-            log.warning(
-                "%s: registration answered %d: %s",
-                reg.service_name,
-                resp.status_code,
-                resp.text[:200],
-            )
-            return None
-        self._cache.pop(reg.service_name, None)
-        try:
-            return _info_from_wire(resp.content)
-        except msgspec.MsgspecError as exc:
-            log.warning("%s: unreadable registration answer (%s)", reg.service_name, exc)
-            return None
-
-    async def _post_heartbeat(self, reg: Registration) -> bool:
-        try:
-            resp = await self._http.post(
-                f"/api/v1/services/{reg.service_name}/heartbeat",
-                params={"service_id": reg.service_id},
-            )
-        except self._httpx_errors as exc:
-            log.warning("%s: heartbeat failed (%s)", reg.service_name, _why(exc))
-            return False
-        if resp.status_code != 200:
-            log.info(
-                "%s: heartbeat answered %d; registering again", reg.service_name, resp.status_code
-            )
-            return False
-        return True
-
-    async def _keep_alive(self, name: str) -> None:
-        entry = self._regs[name]
-        ttl = entry.reg.ttl
-        interval = self._heartbeat_interval or ttl / 3
-        backoff = Backoff(base=0.5, cap=min(interval, 30.0))
-        while True:
-            if entry.confirmed:
-                backoff.reset()
-                await anyio.sleep(interval * random.uniform(0.9, 1.1))
-            else:
-                await anyio.sleep(backoff.next())
-            try:
-                entry.confirmed = await self._refresh_entry(entry)
-            except Exception:
-                # Never let the keep-alive die, nor take the host service with it.
-                log.exception("%s: unexpected error in the heartbeat loop", name)
-                entry.confirmed = False
-
-    async def _refresh_entry(self, entry: _RestRegistration) -> bool:
-        if entry.confirmed and await self._post_heartbeat(entry.reg):
-            return True
-        try:
-            return await self._post_register(entry.reg) is not None
-        except InvalidEvent as exc:  # the gateway's rules changed under us: keep trying, loudly
-            log.error("%s: %s", entry.reg.service_name, exc)
-            return False
-
-    async def _run_keep_alive(
-        self, name: str, *, task_status: TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        with anyio.CancelScope() as scope:
-            task_status.started(scope)
-            await self._keep_alive(name)
-
-    async def register(self, reg: Registration) -> tuple[ServiceInfo, bool]:
-        assert self._tg is not None
-        old = self._regs.get(reg.service_name)
-        if old is not None and old.reg.service_id != reg.service_id:
-            await self.unregister(reg.service_name)
-        info = await self._post_register(reg)
-        # Looked up after the POST: a concurrent first registration of the same
-        # name may have started its keep-alive meanwhile; one per name.
-        entry = self._regs.get(reg.service_name)
-        if entry is not None:
-            entry.reg = reg
-        else:
-            entry = _RestRegistration(reg, anyio.CancelScope())
-            self._regs[reg.service_name] = entry
-            entry.scope = await self._tg.start(self._run_keep_alive, reg.service_name)
-        entry.confirmed = info is not None
-        return (info if info is not None else reg.local_info()), info is not None
-
-    async def refresh(self, name: str) -> bool:
-        entry = self._regs.get(name)
-        if entry is None:
-            return False
-        entry.confirmed = await self._refresh_entry(entry)
-        return entry.confirmed
-
-    async def unregister(self, name: str) -> bool:
-        entry = self._regs.pop(name, None)
-        if entry is None:
-            return False
-        entry.scope.cancel()
-        self._cache.pop(name, None)
-        with anyio.CancelScope(shield=True):
-            try:
-                resp = await self._http.delete(
-                    f"/api/v1/services/{name}", params={"service_id": entry.reg.service_id}
-                )
-            except self._httpx_errors as exc:
-                log.warning(
-                    "%s: cannot reach %s to unregister (%s)", name, self.saga_url, _why(exc)
-                )
-                return False
-        if resp.status_code == 404 or 200 <= resp.status_code < 300:
-            return True
-        log.warning("%s: unregister answered %d: %s", name, resp.status_code, resp.text[:200])
-        return False
-
-    def is_registered(self, name: str) -> bool:
-        entry = self._regs.get(name)
-        return entry is not None and entry.confirmed
-
-    async def discover(self, name: str) -> ServiceInfo:
-        now = self._clock()
-        cached = self._cache.get(name)
-        if cached is not None and now - cached[0] < self._cache_ttl:
-            return cached[1].with_source("cache")
-        try:
-            resp = await self._http.get(f"/api/v1/services/{name}")
-        except self._httpx_errors as exc:
-            return self._stale_or_raise(name, cached, f"cannot reach {self.saga_url}: {_why(exc)}")
-        if resp.status_code == 404:
-            self._cache.pop(name, None)
-            raise ServiceNotFound(name)
-        if resp.status_code != 200:
-            return self._stale_or_raise(name, cached, f"the gateway answered {resp.status_code}")
-        try:
-            info = _info_from_wire(resp.content)
-        except msgspec.MsgspecError as exc:
-            return self._stale_or_raise(name, cached, f"unreadable answer: {exc}")
-        self._cache[name] = (now, info)
-        return info
-
-    def _stale_or_raise(
-        self, name: str, cached: tuple[float, ServiceInfo] | None, reason: str
-    ) -> ServiceInfo:
-        if cached is not None:
-            log.warning("%s: %s; serving the last answer", name, reason)
-            return cached[1].with_source("stale")
-        raise RegistryUnavailable(name, reason)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
 
 def _urls_from_env(saga_url: str | None, redis_url: str | None) -> tuple[str | None, str | None]:
@@ -657,7 +114,7 @@ class AsyncSagaServiceDiscovery:
     ) -> None:
         self.fallbacks: dict[str, str] = dict(fallbacks or {})
         for name, url in self.fallbacks.items():
-            if not is_valid_name(name):
+            if not identity.is_valid_name(name):
                 raise InvalidEvent("bad_name", f"fallback name {name!r} is not a service name")
             model.check_url(url, url_schemes)
         self.ttl = ttl
@@ -768,13 +225,14 @@ class AsyncSagaServiceDiscovery:
         ``source == "local"``, and the client keeps trying in the background.
         Registering a name again updates its URL and capabilities. Raises
         :class:`InvalidEvent` for bad arguments only. ``service_id`` defaults
-        to :func:`stable_service_id` (host, name and URL), so a restarted
-        service replaces its old record instead of adding a twin.
+        to :func:`identity.process_service_id` (host, pid, random): each process
+        is its own instance, so a recycled worker's leave never hides a live
+        sibling; a process that dies without leaving is reaped one ttl later.
         """
         self._check_open()
         if isinstance(capabilities, str):
             raise InvalidEvent("invalid", "capabilities must be a list of names, not a string")
-        sid = service_id or self._service_ids.get(name) or stable_service_id(name, url)
+        sid = service_id or self._service_ids.get(name) or identity.process_service_id()
         reg = Registration(
             service_name=name,
             service_url=url,
@@ -783,7 +241,7 @@ class AsyncSagaServiceDiscovery:
             metadata=dict(metadata or {}),
             ttl=self.ttl,
         )
-        _validate(reg, self.url_schemes)
+        check_registration(reg, self.url_schemes)
         info, confirmed = await self._backend.register(reg)
         self._service_ids[name] = sid
         if confirmed:
@@ -841,7 +299,7 @@ class AsyncSagaServiceDiscovery:
         or :class:`RegistryUnavailable` (both :class:`SagaError`).
         """
         self._check_open()
-        if not is_valid_name(name):
+        if not identity.is_valid_name(name):
             raise InvalidEvent("bad_name", f"service name {name!r} must match {model.NAME_PATTERN}")
         try:
             return await self._backend.discover(name)
@@ -886,43 +344,36 @@ class SagaServiceDiscovery:
         backend = kwargs.get("backend")
         self.mode: str = backend.mode if backend is not None else _mode_for(saga_url, redis_url)
         self._lock = threading.Lock()
-        self._portal_cm: Any = None
-        self._portal: BlockingPortal | None = None
-        self._client_cm: Any = None
+        self._owner: PortalOwner | None = None
         self._client: AsyncSagaServiceDiscovery | None = None
         self._closed = False
 
-    def _ensure(self) -> tuple[BlockingPortal, AsyncSagaServiceDiscovery]:
+    def _ensure(self) -> tuple[PortalOwner, AsyncSagaServiceDiscovery]:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this client is closed")
-            if self._client is None or self._portal is None:
-                import anyio.from_thread
-
-                self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
-                portal = self._portal_cm.__enter__()
+            if self._owner is None or self._client is None:
+                owner = PortalOwner()
                 try:
                     # Built in the loop's thread: its connections belong to that loop.
-                    client = portal.call(self._build)
-                    cm = portal.wrap_async_context_manager(client)
-                    cm.__enter__()
+                    client = owner.build(self._build)
+                    owner.enter(client)
                 except BaseException:
-                    self._portal_cm.__exit__(None, None, None)
-                    self._portal_cm = None
+                    owner.stop()
                     raise
-                self._portal, self._client, self._client_cm = portal, client, cm
+                self._owner, self._client = owner, client
                 atexit.register(self.close)
-            return self._portal, self._client
+            return self._owner, self._client
 
-    async def _build(self) -> AsyncSagaServiceDiscovery:
+    def _build(self) -> AsyncSagaServiceDiscovery:
         client = self._factory()
         client.fallbacks = self._fallbacks
         return client
 
     def _call(self, func: Callable[[AsyncSagaServiceDiscovery], Awaitable[T]]) -> T:
         """Run ``func(client)`` on the background loop and wait for its result."""
-        portal, client = self._ensure()
-        return portal.call(func, client)
+        owner, client = self._ensure()
+        return owner.call(func, client)
 
     @property
     def client(self) -> AsyncSagaServiceDiscovery:
@@ -939,15 +390,10 @@ class SagaServiceDiscovery:
             if self._closed:
                 return
             self._closed = True
-            cm, portal_cm = self._client_cm, self._portal_cm
-            self._client_cm = self._portal_cm = self._portal = self._client = None
+            owner, self._owner, self._client = self._owner, None, None
         atexit.unregister(self.close)
-        try:
-            if cm is not None:
-                cm.__exit__(None, None, None)
-        finally:
-            if portal_cm is not None:
-                portal_cm.__exit__(None, None, None)
+        if owner is not None:
+            owner.stop()
 
     def __enter__(self) -> SagaServiceDiscovery:
         return self.start()
@@ -990,8 +436,8 @@ class SagaServiceDiscovery:
     @property
     def registered_names(self) -> list[str]:
         # Read on the loop's thread: registering there changes the names meanwhile.
-        portal, client = self._ensure()
-        return portal.call(lambda: client.registered_names)
+        owner, client = self._ensure()
+        return owner.build(lambda: client.registered_names)
 
     def discover_service(self, name: str) -> ServiceInfo:
         """See :meth:`AsyncSagaServiceDiscovery.discover_service`."""

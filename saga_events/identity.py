@@ -16,6 +16,9 @@ Contract:
     ``service_id``): the same pair always gives the same id, so a client that
     re-registers refreshes its instance instead of adding a twin.
 
+* :func:`check_announce` is the one check of a record before it is sent
+  (agent, client, gateway): it runs the record through
+  :func:`model.decode_event`, the registrar's own validator.
 * The epoch (``saga:{ns}:epoch``) is ``<started_ms>-<hex>:<state>`` with state
   ``rebuilding`` or ``ready``; :func:`new_epoch` makes one and
   :func:`parse_epoch` is the only parser. The Lua scripts compare the state
@@ -31,9 +34,12 @@ import os
 import re
 import secrets
 import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from . import model
+from .errors import InvalidEvent
 from .model import NAME_PATTERN
 
 NAME_RE: Final = re.compile(NAME_PATTERN)
@@ -99,3 +105,40 @@ def parse_epoch(value: bytes | str | None) -> Epoch | None:
     epoch_id, _, state = text.partition(":")
     started, _, _ = epoch_id.partition("-")
     return Epoch(epoch_id, int(started) if started.isdigit() else None, state)
+
+
+def check_announce(
+    service_name: str,
+    service_id: str,
+    service_url: str,
+    capabilities: Iterable[str] = (),
+    metadata: Mapping[str, str] | None = None,
+    ttl_ms: int = model.DEFAULT_TTL_MS,
+    *,
+    schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
+) -> None:
+    """Raise :class:`InvalidEvent` unless the registrar would accept this record.
+
+    The one check of a record before it is sent, used by the agent, the
+    client (both modes) and the gateway: it builds the ``register`` event and
+    runs it through :func:`model.decode_event`, the registrar's own validator,
+    on the service's own channel. Nothing else decides what is valid; the
+    only addition is a TTL message in seconds, the unit callers pass.
+    """
+    if not model.MIN_TTL_MS <= ttl_ms <= model.MAX_TTL_MS:
+        raise InvalidEvent(
+            "bad_ttl",
+            f"ttl {ttl_ms / 1000:g} s is outside "
+            f"[{model.MIN_TTL_MS / 1000:g} s, {model.MAX_TTL_MS / 1000:g} s]",
+        )
+    event = model.Register(
+        service_name=service_name,
+        service_id=service_id,
+        incarnation=0,
+        seq=0,
+        service_url=service_url,
+        capabilities=tuple(capabilities),
+        metadata=dict(metadata or {}),
+        ttl_ms=ttl_ms,
+    )
+    model.decode_event(model.encode(event), service_name, schemes=schemes)

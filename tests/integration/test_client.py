@@ -206,30 +206,34 @@ CRASHING_SCRIPT = """
 import os, sys
 from saga_events import SagaServiceDiscovery
 
-saga = SagaServiceDiscovery(redis_url=sys.argv[1])
-print(saga.register_service("phoenix", "http://10.0.0.30:80").source, flush=True)
+saga = SagaServiceDiscovery(redis_url=sys.argv[1], ttl=2.0)
+info = saga.register_service("phoenix", "http://10.0.0.30:80")
+print(info.source, info.service_id, flush=True)
 os._exit(0)  # a crash: no leave
 """
 
 
-def test_restarted_service_replaces_its_crashed_record(
+def test_restarted_service_is_a_new_instance_and_its_crashed_record_is_reaped(
     saga_registry: SagaTestRegistry, saga_client: SagaServiceDiscovery
 ) -> None:
-    """After a crash (no leave) the restarted service takes over its record: no dead twin."""
+    """Each process is its own instance (issue 8): after a crash (no leave) the restarted
+    service registers a new id, and the crashed one is reaped after its ttl, as any crash."""
     proc = subprocess.run(
         [sys.executable, "-c", CRASHING_SCRIPT, saga_registry.redis_url],
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert proc.stdout.strip() == "registry", proc.stderr
-    crashed = saga_registry.wait_for("phoenix")
+    source, crashed_id = proc.stdout.split()
+    assert source == "registry", proc.stderr
+    assert saga_registry.wait_for("phoenix").service_id == crashed_id
     info = saga_client.register_service("phoenix", "http://10.0.0.30:80")
-    assert info.service_id == crashed.service_id
+    assert info.service_id != crashed_id
     _wait_sync(
-        lambda: [i.incarnation for i in saga_registry.instances("phoenix")] != [crashed.incarnation]
+        lambda: [i.service_id for i in saga_registry.instances("phoenix")] == [info.service_id],
+        20,
     )
-    assert [i.service_id for i in saga_registry.instances("phoenix")] == [crashed.service_id]
+    assert saga_client.is_registered("phoenix")
 
 
 async def _discovered_source(saga: AsyncSagaServiceDiscovery, name: str, want: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from anyio.abc import TaskStatus
 
@@ -385,25 +386,59 @@ def test_service_info_to_dict_has_the_seed_shape() -> None:
         "registered_at": "2025-01-01T00:00:00.000Z",
         "last_heartbeat": None,
         "metadata": {},
+        "ttl_seconds": None,
+        "draining": False,
         "source": "registry",
     }
 
 
-async def test_a_restarted_service_replaces_its_record_instead_of_adding_a_twin() -> None:
-    """The default service_id is stable for (host, name, url): a crash leaves no duplicate."""
+def test_service_info_decodes_the_rest_shape_and_gives_it_back() -> None:
+    """ServiceInfo.from_json reads the gateway's answer (unknown fields ignored, source is
+    the client's to say); to_dict gives the same fields back."""
+    import json
+
+    from saga_events import ServiceInfo
+
+    body = {
+        "service_id": "id-1",
+        "service_name": "gateway",
+        "service_url": "http://localhost:8000",
+        "capabilities": ["rest"],
+        "registered_at": "2025-01-01T00:00:00.000Z",
+        "last_heartbeat": "2025-01-01T00:00:05.250Z",
+        "metadata": {"zone": "a"},
+        "ttl_seconds": 30.0,
+        "draining": True,
+        "source": "fallback",
+        "added_later": 1,
+    }
+    info = ServiceInfo.from_json(json.dumps(body))
+    assert info.capabilities == ("rest",)
+    assert (info.ttl_seconds, info.draining, info.source) == (30.0, True, "registry")
+    assert info.last_heartbeat is not None and info.last_heartbeat.microsecond == 250_000
+    del body["added_later"]
+    assert info.to_dict() == {**body, "source": "registry"}
+    with pytest.raises(msgspec.ValidationError):
+        ServiceInfo.from_json(b'{"service_name": "x"}')
+
+
+async def test_two_clients_of_one_app_are_two_instances() -> None:
+    """The default service_id names the client's process (issue 8): two workers with the same
+    name and URL are two instances, and one leaving leaves the other registered."""
     registry = FakeRegistry()
-    crashed = registry.client()
-    async with crashed:
-        first = await crashed.register_service("svc", "http://10.0.0.1:80")
-        registry.available = False  # the crash: its leave never arrives
-    registry.available = True
-    assert len(registry.instances("svc")) == 1
-    async with registry.client() as restarted:
-        second = await restarted.register_service("svc", "http://10.0.0.1:80")
-        assert second.service_id == first.service_id
-        assert len(registry.instances("svc")) == 1
-        other = await restarted.register_service("svc2", "http://10.0.0.1:80")
-        assert other.service_id != first.service_id
+    async with registry.client() as older:
+        first = await older.register_service("svc", "http://10.0.0.1:80")
+        async with registry.client() as younger:
+            second = await younger.register_service("svc", "http://10.0.0.1:80")
+            assert second.service_id != first.service_id
+            assert {i.service_id for i in registry.instances("svc")} == {
+                first.service_id,
+                second.service_id,
+            }
+        assert [i.service_id for i in registry.instances("svc")] == [first.service_id]
+        assert older.is_registered("svc")
+        again = await older.register_service("svc", "http://10.0.0.2:80")
+        assert again.service_id == first.service_id  # one client keeps its id per name
 
 
 async def test_redis_mode_registers_with_the_clients_own_url_schemes() -> None:
@@ -469,7 +504,7 @@ def test_sync_twin_fallbacks_start_nothing_and_are_the_clients_own() -> None:
     saga = registry.sync_client(fallbacks={"auth": "http://localhost:8001"})
     try:
         assert saga.fallbacks == {"auth": "http://localhost:8001"}
-        assert saga._portal is None and saga._client is None
+        assert saga._owner is None and saga._client is None
         saga.fallbacks["audit"] = "http://localhost:8009"
         assert saga.discover_service("audit").service_url == "http://localhost:8009"
         assert saga.fallbacks is saga.client.fallbacks
