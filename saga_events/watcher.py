@@ -126,6 +126,35 @@ class RevCheck:
         return lost
 
 
+class Canary:
+    """The registrars' liveness as seen on the subscription.
+
+    ``beat`` on each liveness notification; ``lost`` is True once, when no
+    beat came for ``timeout`` s, and ``beat`` returns True once, when one
+    comes back after a loss.
+    """
+
+    def __init__(self, timeout: float, now: float) -> None:
+        self.timeout = timeout
+        self.last = now
+        self.is_lost = False
+
+    def restart(self, now: float) -> None:
+        self.last = now
+        self.is_lost = False
+
+    def beat(self, now: float) -> bool:
+        self.last = now
+        back, self.is_lost = self.is_lost, False
+        return back
+
+    def lost(self, now: float) -> bool:
+        if self.is_lost or now - self.last <= self.timeout:
+            return False
+        self.is_lost = True
+        return True
+
+
 class _Resync(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -184,8 +213,7 @@ class Watcher:
         self._on_state = on_state
         self._pipe = _wire.Pipe(client)
         now = self.clock.monotonic()
-        self._last_canary = now
-        self._canary_lost = False
+        self.canary = Canary(canary_timeout, now)
         self._last_rev_check = now
 
     async def release(self) -> None:
@@ -257,9 +285,7 @@ class Watcher:
             timing=self.timing,
         ) as sub:
             self.connected = True
-            now = self.clock.monotonic()
-            self._last_canary = now
-            self._canary_lost = False
+            self.canary.restart(self.clock.monotonic())
             pending, sub.pending = sub.pending, []
             if self.synced:
                 # A resync after a gap: if Redis restarted empty, wait for the
@@ -286,7 +312,7 @@ class Watcher:
                         last_resync = self.clock.monotonic()
                 if self.resync_interval is not None and now - last_resync >= self.resync_interval:
                     last_resync = now
-                    await self._resync("periodic", keep_stale=self._canary_lost)
+                    await self._resync("periodic", keep_stale=self.canary.is_lost)
 
     async def _handle_or_resync(self, sub: Subscription, batch: list[Any]) -> bool:
         try:
@@ -300,14 +326,13 @@ class Watcher:
 
     async def _check_canary(self, now: float) -> bool:
         """Go stale and resync once when the canary has been silent too long."""
-        if now - self._last_canary <= self.canary_timeout or self._canary_lost:
+        if not self.canary.lost(now):
             return False
-        self._canary_lost = True
         self.set_stale(True)
         log.warning(
             "no registrar liveness for %.1f s: notifications may be off or no "
             "registrar runs; resyncing and serving as stale",
-            now - self._last_canary,
+            now - self.canary.last,
         )
         await self._resync("canary lost", keep_stale=True)
         return True
@@ -319,7 +344,7 @@ class Watcher:
             return False
         self.stats.rev_resyncs += 1
         log.warning("registry revision %s is ahead of the notifications seen: resyncing", rev)
-        await self._resync("revision mismatch", keep_stale=self._canary_lost)
+        await self._resync("revision mismatch", keep_stale=self.canary.is_lost)
         return True
 
     async def _get_epoch(self) -> str | None:
@@ -369,9 +394,7 @@ class Watcher:
                     # 'expire' on a record is a backstop refresh: nothing to do.
                 else:
                     self.stats.canary_notifications += 1
-                    self._last_canary = self.clock.monotonic()
-                    if self._canary_lost:
-                        self._canary_lost = False
+                    if self.canary.beat(self.clock.monotonic()):
                         log.info("registrar liveness is back; resyncing")
                         await self._resync("canary back")
             elif kind == b"message":
