@@ -159,6 +159,7 @@ class Mirror:
             self.view,
             on_change=self._emit_all,
             on_state=self._wake_waiters,
+            wants_changes=lambda: bool(self._subscribers),
             timing=Timing(ping_interval=health_interval, ping_timeout=health_timeout),
             canary_timeout=canary_timeout,
             resync_interval=resync_interval,

@@ -17,7 +17,7 @@ Contract:
 * The key map is a dict that only the writer mutates, one key at a time;
   :meth:`View.snapshot` copies it in one C-level step under the GIL.
 * Cost: a change to one service costs O(log n) comparisons (bisect into the
-  sorted ids) plus one C-level copy of that service's tuples per publish,
+  sorted instances) plus one C-level copy of that service's tuples per publish,
   never a re-sort: a batch of k changes to a service of n instances costs
   O(k log n + n), not O(k n log n). ``stats`` counts the work for tests.
 * Pick policy is a :class:`Picker`: a callable given the snapshot and the
@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import sys
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -122,41 +122,42 @@ class ViewStats:
     copied_items: int = 0  # items copied into published tuples
 
 
+def _sid(inst: Instance) -> str:
+    return inst.service_id
+
+
 @dataclass
 class _Group:
-    """The writer's mutable, sorted state of one service (never seen by readers)."""
+    """The writer's mutable state of one service, sorted by id (never seen by readers)."""
 
-    ids: list[str] = field(default_factory=list)
     insts: list[Instance] = field(default_factory=list)
-    live_ids: list[str] = field(default_factory=list)
     live: list[Instance] = field(default_factory=list)
 
     def put(self, inst: Instance) -> None:
         sid = inst.service_id
-        i = bisect_left(self.ids, sid)
-        if i < len(self.ids) and self.ids[i] == sid:
-            self.insts[i] = inst
-        else:
-            self.ids.insert(i, sid)
-            self.insts.insert(i, inst)
-        j = bisect_left(self.live_ids, sid)
-        present = j < len(self.live_ids) and self.live_ids[j] == sid
+        _put_sorted(self.insts, inst, sid)
         if inst.draining:
-            if present:
-                del self.live_ids[j], self.live[j]
-        elif present:
-            self.live[j] = inst
+            _remove_sorted(self.live, sid)
         else:
-            self.live_ids.insert(j, sid)
-            self.live.insert(j, inst)
+            _put_sorted(self.live, inst, sid)
 
     def remove(self, sid: str) -> None:
-        i = bisect_left(self.ids, sid)
-        if i < len(self.ids) and self.ids[i] == sid:
-            del self.ids[i], self.insts[i]
-        j = bisect_left(self.live_ids, sid)
-        if j < len(self.live_ids) and self.live_ids[j] == sid:
-            del self.live_ids[j], self.live[j]
+        _remove_sorted(self.insts, sid)
+        _remove_sorted(self.live, sid)
+
+
+def _put_sorted(items: list[Instance], inst: Instance, sid: str) -> None:
+    i = bisect_left(items, sid, key=_sid)
+    if i < len(items) and items[i].service_id == sid:
+        items[i] = inst
+    else:
+        items.insert(i, inst)
+
+
+def _remove_sorted(items: list[Instance], sid: str) -> None:
+    i = bisect_left(items, sid, key=_sid)
+    if i < len(items) and items[i].service_id == sid:
+        del items[i]
 
 
 class View:
@@ -226,36 +227,44 @@ class View:
         self._group_remove(old)
         return Removed(old)
 
-    def replace(self, fresh: Mapping[str, Instance]) -> list[Change]:
-        """Make the view equal to ``fresh`` (a full list); return the differences.
+    def replace(self, fresh: Mapping[str, Instance], *, changes: bool = True) -> list[Change]:
+        """Make the view equal to ``fresh`` (a full list); return the differences
+        (none are built with ``changes=False``: a cold start of 100k instances
+        need not allocate 100k change objects that nobody reads).
 
         Services are rebuilt with one sort each, not one bisect per instance.
         """
-        changes: list[Change] = []
+        out: list[Change] = []
         for key in [k for k in self._records if k not in fresh]:
             change = self.remove(key)
-            if change is not None:
-                changes.append(change)
+            if change is not None and changes:
+                out.append(change)
         touched: set[str] = set()
+        records = self._records
         for key, inst in fresh.items():
-            old = self._records.get(key)
+            old = records.get(key)
             if old == inst:
                 continue
             inst = self._share(inst)
             if old is not None and old.service_name != inst.service_name:
                 self._group_remove(old)
-            self._records[key] = inst
+            records[key] = inst
             touched.add(inst.service_name)
-            changes.append(Added(inst) if old is None else Updated(inst, old))
+            if changes:
+                out.append(Added(inst) if old is None else Updated(inst, old))
         if touched:
-            by_service: dict[str, list[Instance]] = {}
-            for inst in self._records.values():
-                if inst.service_name in touched:
-                    by_service.setdefault(inst.service_name, []).append(inst)
-            for name in touched:
-                self._groups[name] = self._build_group(by_service.get(name, []))
+            # After the loop the view holds exactly ``fresh``: group the touched
+            # services' instances from it.
+            by_service: dict[str, list[Instance]] = {name: [] for name in touched}
+            for key in fresh:
+                inst = records[key]
+                group = by_service.get(inst.service_name)
+                if group is not None:
+                    group.append(inst)
+            for name, insts in by_service.items():
+                self._groups[name] = self._build_group(insts)
                 self._dirty.add(name)
-        return changes
+        return out
 
     def publish(self) -> bool:
         """Swap in new snapshots of the services changed since the last publish.
@@ -266,7 +275,7 @@ class View:
             return False
         for name in self._dirty:
             group = self._groups.get(name)
-            if group is None or not group.ids:
+            if group is None or not group.insts:
                 self._groups.pop(name, None)
                 self._services.pop(name, None)
                 continue
@@ -287,11 +296,10 @@ class View:
             group.remove(old.service_id)
         self._dirty.add(old.service_name)
 
-    def _build_group(self, insts: Iterable[Instance]) -> _Group:
-        ordered = sorted(insts, key=lambda i: i.service_id)
-        self.stats.sorted_items += len(ordered)
-        live = [i for i in ordered if not i.draining]
-        return _Group([i.service_id for i in ordered], ordered, [i.service_id for i in live], live)
+    def _build_group(self, insts: list[Instance]) -> _Group:
+        insts.sort(key=_sid)
+        self.stats.sorted_items += len(insts)
+        return _Group(insts, [i for i in insts if not i.draining])
 
     def _share(self, inst: Instance) -> Instance:
         """Let instances share one copy of their (immutable) service name and

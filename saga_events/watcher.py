@@ -183,6 +183,7 @@ class Watcher:
         *,
         on_change: Callable[[list[Change]], None],
         on_state: Callable[[], None],
+        wants_changes: Callable[[], bool] = lambda: True,
         timing: Timing = DEFAULT_TIMING,
         canary_timeout: float = 3.5,
         resync_interval: float | None = None,
@@ -211,6 +212,7 @@ class Watcher:
         self._applied = 0
         self._on_change = on_change
         self._on_state = on_state
+        self._wants_changes = wants_changes
         self._pipe = _wire.Pipe(client)
         now = self.clock.monotonic()
         self.canary = Canary(canary_timeout, now)
@@ -425,8 +427,9 @@ class Watcher:
                 raise _Resync(f"epoch {epoch}")
 
     def _apply(self, changes: list[Change]) -> None:
-        self.view.publish()
-        if changes:
+        """Publish the view, then report (``changes`` may be empty when nobody
+        listens for them; waiters still wake)."""
+        if self.view.publish() or changes:
             self._on_change(changes)
 
     async def _resync(self, reason: str, *, keep_stale: bool = False) -> None:
@@ -456,7 +459,7 @@ class Watcher:
         self.stats.snapshot_records += len(fresh)
         self.rev.reset(_int(raw_rev), applied)
         self._last_rev_check = self.clock.monotonic()
-        self._apply(self.view.replace(fresh))
+        self._apply(self.view.replace(fresh, changes=self._wants_changes()))
         self.synced = True
         if not keep_stale:
             self.set_stale(False)
