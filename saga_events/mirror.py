@@ -437,12 +437,15 @@ class SyncMirror:
     def changes(self) -> Iterator[Change]:
         """Every change applied to the view from this call on, as a blocking iterator.
 
-        Each ``next()`` waits in the mirror's loop; close the iterator (or let
-        it be collected) to stop following. Ends when the mirror closes;
-        raises :class:`ChangesOverflow` like the async stream.
+        Each ``next()`` waits in the mirror's loop; ``close()`` the iterator to
+        stop following. Ends when the mirror closes; raises
+        :class:`ChangesOverflow` like the async stream.
         """
+        # Subscribe now, not at the first next(): changes made in between are kept.
         stream = self._owner.build(self.mirror.changes)
+        return self._follow(stream)
 
+    def _follow(self, stream: ChangeStream) -> Iterator[Change]:
         async def next_change() -> Change | None:
             try:
                 return await stream.__anext__()
