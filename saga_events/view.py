@@ -17,7 +17,8 @@ Contract:
 * The key map is a dict that only the writer mutates, one key at a time;
   :meth:`View.snapshot` copies it in one C-level step under the GIL.
 * Cost: a change to one service costs O(log n) comparisons (bisect into the
-  sorted instances) plus one C-level copy of that service's tuples per publish,
+  sorted instances) plus a C-level copy of that service's tuples per batch
+  (open, then publish),
   never a re-sort: a batch of k changes to a service of n instances costs
   O(k log n + n), not O(k n log n). ``stats`` counts the work for tests.
 * Pick policy is a :class:`Picker`: a callable given the snapshot and the
@@ -83,7 +84,7 @@ class ServiceSnapshot:
         self.instances = instances
         self.live = live
         self.counter = counter
-        self._by_capability: dict[str, tuple[Instance, ...]] = {}
+        self._by_capability: dict[str, tuple[Instance, ...]] | None = None
 
     def live_with(self, capability: str | None) -> tuple[Instance, ...]:
         """The live instances that have ``capability`` (all of them for None).
@@ -93,10 +94,13 @@ class ServiceSnapshot:
         """
         if capability is None:
             return self.live
-        found = self._by_capability.get(capability)
+        cache = self._by_capability
+        if cache is None:
+            cache = self._by_capability = {}
+        found = cache.get(capability)
         if found is None:
             found = tuple(i for i in self.live if capability in i.capabilities)
-            self._by_capability[capability] = found
+            cache[capability] = found
         return found
 
 
@@ -126,9 +130,10 @@ def _sid(inst: Instance) -> str:
     return inst.service_id
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
-    """The writer's mutable state of one service, sorted by id (never seen by readers)."""
+    """The writer's mutable copy of one service, sorted by id, open only between a
+    change and the next publish (never seen by readers)."""
 
     insts: list[Instance] = field(default_factory=list)
     live: list[Instance] = field(default_factory=list)
@@ -169,9 +174,7 @@ class View:
         self.stats = ViewStats()
         self._records: dict[str, Instance] = {}
         self._services: dict[str, ServiceSnapshot] = {}
-        self._groups: dict[str, _Group] = {}
-        self._counters: dict[str, itertools.count[int]] = {}
-        self._dirty: set[str] = set()
+        self._open: dict[str, _Group] = {}  # services changed since the last publish
         self._shared_caps: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # -- reading (any thread) ------------------------------------------------------
@@ -216,8 +219,7 @@ class View:
         if old is not None and old.service_name != inst.service_name:
             self._group_remove(old)  # keys name their service: only a foreign record does this
         self._records[key] = inst
-        self._groups.setdefault(inst.service_name, _Group()).put(inst)
-        self._dirty.add(inst.service_name)
+        self._group(inst.service_name).put(inst)
         return Added(inst) if old is None else Updated(inst, old)
 
     def remove(self, key: str) -> Change | None:
@@ -262,8 +264,7 @@ class View:
                 if group is not None:
                     group.append(inst)
             for name, insts in by_service.items():
-                self._groups[name] = self._build_group(insts)
-                self._dirty.add(name)
+                self._open[name] = self._build_group(insts)
         return out
 
     def publish(self) -> bool:
@@ -271,30 +272,34 @@ class View:
 
         Returns True when any service changed.
         """
-        if not self._dirty:
+        if not self._open:
             return False
-        for name in self._dirty:
-            group = self._groups.get(name)
-            if group is None or not group.insts:
-                self._groups.pop(name, None)
+        for name, group in self._open.items():
+            if not group.insts:
                 self._services.pop(name, None)
                 continue
-            counter = self._counters.get(name)
-            if counter is None:
-                counter = self._counters[name] = itertools.count()
+            previous = self._services.get(name)
+            counter = previous.counter if previous is not None else itertools.count()
+            insts = tuple(group.insts)
+            # Usually nothing drains: then live is the same tuple.
+            live = insts if len(group.live) == len(insts) else tuple(group.live)
             self.stats.publishes += 1
-            self.stats.copied_items += len(group.insts) + len(group.live)
-            self._services[name] = ServiceSnapshot(
-                name, tuple(group.insts), tuple(group.live), counter
-            )
-        self._dirty.clear()
+            self.stats.copied_items += len(insts) + (0 if live is insts else len(live))
+            self._services[name] = ServiceSnapshot(name, insts, live, counter)
+        self._open.clear()
         return True
 
+    def _group(self, name: str) -> _Group:
+        """The open copy of ``name``, made from its snapshot at the first change."""
+        group = self._open.get(name)
+        if group is None:
+            snap = self._services.get(name)
+            group = _Group() if snap is None else _Group(list(snap.instances), list(snap.live))
+            self._open[name] = group
+        return group
+
     def _group_remove(self, old: Instance) -> None:
-        group = self._groups.get(old.service_name)
-        if group is not None:
-            group.remove(old.service_id)
-        self._dirty.add(old.service_name)
+        self._group(old.service_name).remove(old.service_id)
 
     def _build_group(self, insts: list[Instance]) -> _Group:
         insts.sort(key=_sid)
