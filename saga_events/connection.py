@@ -17,6 +17,10 @@ Contract:
   PINGs after ``ping_interval`` of quiet and raises :class:`TimeoutError`
   after ``ping_timeout`` of silence (a half-open socket, a Redis that
   restarted and forgot the subscription).
+* :func:`consume` is the whole loop for a plain consumer (the registrar's
+  event intake, the agent's control channel): subscribe, ``on_connect(sub)``
+  (resync, re-announce), then ``on_batch(batch)`` for every non-empty batch,
+  reconnecting forever.
 * :func:`run_forever` runs a session function again and again with
   exponential backoff and jitter. It never raises into its caller except
   on cancellation: transient errors (:data:`TRANSIENT`) and refusals
@@ -190,3 +194,38 @@ async def run_forever(
             if on_error is not None:
                 on_error(exc)
         await sleep(backoff.next())
+
+
+async def consume(
+    client: aioredis.Redis,
+    *,
+    name: str,
+    on_batch: Callable[[list[Any]], Awaitable[None]],
+    channels: Sequence[str] = (),
+    patterns: Sequence[str] = (),
+    on_connect: Callable[[Subscription], Awaitable[None]] | None = None,
+    timing: Timing = DEFAULT_TIMING,
+    on_error: Callable[[BaseException], None] | None = None,
+    stats: SessionStats | None = None,
+    limit: int = 1024,
+) -> None:
+    """Follow ``channels``/``patterns`` forever, reconnecting with backoff.
+
+    After each (re)subscription, ``on_connect(sub)`` runs first (messages that
+    came meanwhile wait in ``sub.pending``, delivered next); the backoff resets
+    once it returns. Each non-empty batch of raw replies goes to ``on_batch``,
+    in order. Errors from the callbacks count as session failures: logged,
+    passed to ``on_error``, retried after the backoff. Only cancellation ends it.
+    """
+
+    async def session(healthy: Callable[[], None]) -> None:
+        async with subscribe(client, channels=channels, patterns=patterns, timing=timing) as sub:
+            if on_connect is not None:
+                await on_connect(sub)
+            healthy()
+            while True:
+                batch = await sub.read(limit=limit)
+                if batch:
+                    await on_batch(batch)
+
+    await run_forever(session, name=name, timing=timing, on_error=on_error, stats=stats)
