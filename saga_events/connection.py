@@ -189,8 +189,10 @@ async def run_forever(
                 on_error(exc)
         except RedisError as exc:  # NOPERM, READONLY, MOVED, ...: not ours to fix
             stats.refusals += 1
-            stats.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("%s: Redis refused (%s); retrying with backoff", name, stats.last_error)
+            error = f"{type(exc).__name__}: {exc}"
+            if error != stats.last_error:  # once per distinct refusal, not every retry
+                log.error("%s: Redis refused (%s); retrying with backoff", name, error)
+            stats.last_error = error
             if on_error is not None:
                 on_error(exc)
         await sleep(backoff.next())

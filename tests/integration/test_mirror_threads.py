@@ -102,7 +102,7 @@ async def test_picks_from_threads_during_thousands_of_changes_never_fail(
                     newest[0] = n
                     if n % 50 == 0:
                         await anyio.lowlevel.checkpoint()  # let the mirror apply as it goes
-                await wait_mirror_matches(mirror, url)
+                await wait_mirror_matches(mirror, url, timeout=30)
             finally:
                 stop.set()
                 for t in threads:
