@@ -215,7 +215,6 @@ class View:
         old = self._records.get(key)
         if old == inst:
             return None
-        inst = self._share(inst)
         if old is not None and old.service_name != inst.service_name:
             self._group_remove(old)  # keys name their service: only a foreign record does this
         self._records[key] = inst
@@ -247,7 +246,6 @@ class View:
             old = records.get(key)
             if old == inst:
                 continue
-            inst = self._share(inst)
             if old is not None and old.service_name != inst.service_name:
                 self._group_remove(old)
             records[key] = inst
@@ -306,9 +304,10 @@ class View:
         self.stats.sorted_items += len(insts)
         return _Group(insts, [i for i in insts if not i.draining])
 
-    def _share(self, inst: Instance) -> Instance:
+    def share(self, inst: Instance) -> Instance:
         """Let instances share one copy of their (immutable) service name and
-        capability tuple: ~200 bytes less per instance in a large view."""
+        capability tuple: ~200 bytes less per instance in a large view. The watcher
+        calls it as it decodes, so the unshared copy dies at once."""
         name = sys.intern(inst.service_name)
         caps = self._shared_caps.get(inst.capabilities)
         if caps is None:

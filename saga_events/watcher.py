@@ -214,9 +214,9 @@ class Watcher:
         self._on_state = on_state
         self._wants_changes = wants_changes
         self._pipe = _wire.Pipe(client)
-        now = self.clock.monotonic()
-        self.canary = Canary(canary_timeout, now)
-        self._last_rev_check = now
+        # Both restart when a session starts (a Mirror may be built outside a loop).
+        self.canary = Canary(canary_timeout, 0.0)
+        self._last_rev_check = 0.0
 
     async def release(self) -> None:
         await self._pipe.release()
@@ -478,4 +478,4 @@ class Watcher:
         if self.keys.parse_inst(key) != (inst.service_name, inst.service_id):
             log.warning("ignoring record %s that names another instance", key)
             return None
-        return inst
+        return self.view.share(inst)

@@ -222,3 +222,12 @@ async def test_run_forever_retries_refusals_with_backoff_and_never_raises() -> N
     # Backoff grows while failing (full jitter: in [d/2, d]) and resets once healthy.
     assert 0.5 <= sleeps[0] <= 1 and 1 <= sleeps[1] <= 2 and 2 <= sleeps[2] <= 4
     assert sleeps[4] <= 1.0
+
+
+def test_a_mirror_can_be_built_outside_an_event_loop() -> None:
+    """Constructing is not connecting: no loop, no network, health fields set in __init__."""
+    from saga_events import Mirror
+
+    mirror = Mirror("redis://127.0.0.1:1")
+    assert mirror.stale and not mirror.has_synced and mirror.last_error is None
+    assert mirror.stats.resyncs == 0 and len(mirror) == 0
