@@ -149,6 +149,8 @@ class Mirror:
         self.fallbacks: dict[str, str] = dict(fallbacks or {})
         self.sync_timeout = sync_timeout
         self.view = View(picker)
+        self._by_service = self.view.by_service
+        self._round_robin = self.view.round_robin
         self._subscribers: list[MemoryObjectSendStream[Change]] = []
         self._overflowed: set[MemoryObjectSendStream[Change]] = set()
         self._changed = anyio.Event()
@@ -226,9 +228,14 @@ class Mirror:
 
         Falls back to ``fallbacks[name]``; raises :class:`ServiceNotFound`.
         """
-        inst = self.view.pick(name, capability)
-        if inst is not None:
-            return inst
+        # The View's pick, inlined for round-robin: this is the hot path.
+        snap = self._by_service.get(name)
+        if snap is not None:
+            live = snap.live if capability is None else snap.live_with(capability)
+            if live:
+                if self._round_robin:
+                    return live[next(snap.counter) % len(live)]
+                return self.view.picker(snap, live)
         url = self.fallbacks.get(name)
         if url is not None:
             return _fallback_instance(name, url)

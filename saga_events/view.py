@@ -28,6 +28,7 @@ Contract:
 from __future__ import annotations
 
 import itertools
+import operator
 import sys
 from bisect import bisect_left
 from collections.abc import Mapping
@@ -123,11 +124,9 @@ class ViewStats:
 
     publishes: int = 0  # service snapshots built
     sorted_items: int = 0  # items passed to a full sort (bulk loads only)
-    copied_items: int = 0  # items copied into published tuples
 
 
-def _sid(inst: Instance) -> str:
-    return inst.service_id
+_sid: Final = operator.attrgetter("service_id")  # C-level: bisect's key runs per comparison
 
 
 @dataclass(slots=True)
@@ -173,7 +172,10 @@ class View:
         self.picker: Picker = picker or RoundRobin()
         self.stats = ViewStats()
         self._records: dict[str, Instance] = {}
-        self._services: dict[str, ServiceSnapshot] = {}
+        #: name → current snapshot. Readers may look up and copy it; only the
+        #: writer assigns to it (one key at a time).
+        self.by_service: dict[str, ServiceSnapshot] = {}
+        self.round_robin = isinstance(self.picker, RoundRobin)
         self._open: dict[str, _Group] = {}  # services changed since the last publish
         self._shared_caps: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -181,22 +183,26 @@ class View:
 
     def service(self, name: str) -> ServiceSnapshot | None:
         """The current snapshot of ``name``, or None when it has no instance."""
-        return self._services.get(name)
+        return self.by_service.get(name)
 
     def pick(self, name: str, capability: str | None = None) -> Instance | None:
         """A live, non-draining instance of ``name`` chosen by the picker, or None."""
-        snap = self._services.get(name)
+        snap = self.by_service.get(name)
         if snap is None:
             return None
-        candidates = snap.live_with(capability)
-        return self.picker(snap, candidates) if candidates else None
+        live = snap.live if capability is None else snap.live_with(capability)
+        if not live:
+            return None
+        if self.round_robin:  # inlined: pick is the hot path
+            return live[next(snap.counter) % len(live)]
+        return self.picker(snap, live)
 
     def instances(self, name: str) -> list[Instance]:
-        snap = self._services.get(name)
+        snap = self.by_service.get(name)
         return list(snap.instances) if snap is not None else []
 
     def services(self) -> dict[str, list[Instance]]:
-        snaps = dict(self._services)  # one atomic copy
+        snaps = dict(self.by_service)  # one atomic copy
         return {name: list(snaps[name].instances) for name in sorted(snaps)}
 
     def snapshot(self) -> dict[str, Instance]:
@@ -274,16 +280,15 @@ class View:
             return False
         for name, group in self._open.items():
             if not group.insts:
-                self._services.pop(name, None)
+                self.by_service.pop(name, None)
                 continue
-            previous = self._services.get(name)
+            previous = self.by_service.get(name)
             counter = previous.counter if previous is not None else itertools.count()
             insts = tuple(group.insts)
             # Usually nothing drains: then live is the same tuple.
             live = insts if len(group.live) == len(insts) else tuple(group.live)
             self.stats.publishes += 1
-            self.stats.copied_items += len(insts) + (0 if live is insts else len(live))
-            self._services[name] = ServiceSnapshot(name, insts, live, counter)
+            self.by_service[name] = ServiceSnapshot(name, insts, live, counter)
         self._open.clear()
         return True
 
@@ -291,7 +296,7 @@ class View:
         """The open copy of ``name``, made from its snapshot at the first change."""
         group = self._open.get(name)
         if group is None:
-            snap = self._services.get(name)
+            snap = self.by_service.get(name)
             group = _Group() if snap is None else _Group(list(snap.instances), list(snap.live))
             self._open[name] = group
         return group
