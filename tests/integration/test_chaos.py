@@ -1,7 +1,7 @@
 """The chaos suite, short and seeded: every fault kind, zero invariant violations.
 
 Replay a failure with ``SAGA_CHAOS_SEED=<seed> pytest tests/integration/test_chaos.py``
-or ``python -m saga_events.chaos --seed <seed>``; soak with ``--soak MINUTES``.
+or ``python -m saga_events.testing.chaos --seed <seed>``; soak with ``--soak MINUTES``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from saga_events import Agent, Mirror, Registrar, Removed, testing
-from saga_events.chaos import FAULTS, ChaosConfig, run_chaos
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
 from saga_events.testing import eventually
+from saga_events.testing.chaos import FAULTS, ChaosConfig, run_chaos
 
 pytestmark = pytest.mark.anyio
 

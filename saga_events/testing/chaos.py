@@ -16,8 +16,8 @@ Between faults it churns: agents join, leave and change their records.
 The seed fixes the order and the parameters of the faults; timings still
 vary from run to run, which is the point. Run it by hand::
 
-    python -m saga_events.chaos --seed 7 --duration 60
-    python -m saga_events.chaos --soak 10         # ten minutes, random faults
+    python -m saga_events.testing.chaos --seed 7 --duration 60
+    python -m saga_events.testing.chaos --soak 10         # ten minutes, random faults
 
 A failing run prints its seed; ``--seed N`` replays the same schedule.
 """
@@ -45,16 +45,16 @@ import anyio.abc
 import anyio.to_thread
 import redis.asyncio as aioredis
 
-from . import model
-from ._redis import TRANSIENT, connect
-from ._wait import eventually
-from .agent import Agent
-from .embedded import RedisServer
-from .errors import ServiceNotFound
-from .keys import Keys
-from .mirror import Mirror, Removed
+from .. import model
+from .._redis import TRANSIENT, connect
+from .._wait import eventually
+from ..agent import Agent
+from ..embedded import RedisServer
+from ..errors import ServiceNotFound
+from ..keys import Keys
+from ..mirror import Mirror, Removed
 
-log = logging.getLogger("saga_events.chaos")
+log = logging.getLogger("saga_events.testing.chaos")
 
 #: Every fault kind, in the order the docs list them.
 FAULTS: Final = (
@@ -152,7 +152,7 @@ class ChaosReport:
         for v in self.violations:
             lines.append(f"  VIOLATION {v}")
         if self.violations:
-            lines.append(f"replay with: python -m saga_events.chaos --seed {self.seed}")
+            lines.append(f"replay with: python -m saga_events.testing.chaos --seed {self.seed}")
         return "\n".join(lines)
 
 
@@ -169,7 +169,7 @@ def _child(*args: str) -> subprocess.Popen[str]:
         )
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "saga_events.chaos", *args],
+            [sys.executable, "-m", "saga_events.testing.chaos", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -703,7 +703,7 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
 
 
 async def _serve_registrar(url: str, namespace: str) -> None:
-    from .registrar import Registrar
+    from ..registrar import Registrar
 
     # Production settings: rebuild_wait must outlast the agents' re-announce jitter.
     async with Registrar(url, namespace=namespace):
@@ -757,7 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "_mirror":
         anyio.run(_serve_mirror, args[1], args[2], args[3])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m saga_events.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m saga_events.testing.chaos", description=__doc__
+    )
     parser.add_argument("--seed", type=int, default=None, help="replay this seed")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument("--soak", type=float, default=None, metavar="MINUTES",
