@@ -78,7 +78,7 @@ def run_scenario(scenario: str, out: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def check_result(result: dict[str, Any], rows: list[str]) -> None:
+def check_result(result: dict[str, Any], rows: list[str], *, targets: bool = True) -> None:
     assert {"scenario", "machine", "params", "rows", "targets", "notes", "data"} <= set(result)
     assert result["machine"]["cores"] >= 1
     assert result["params"]["quick"] is True
@@ -93,7 +93,8 @@ def check_result(result: dict[str, Any], rows: list[str]) -> None:
     for target in result["targets"]:
         assert set(target) == {"target", "measured", "met"}
         assert target["met"] in (True, False, None)
-    assert result["targets"], "a scenario reports at least one target"
+    if targets:
+        assert result["targets"], "a scenario reports at least one target"
 
 
 @pytest.mark.parametrize("scenario", list(EXPECTED))
@@ -107,7 +108,10 @@ def test_bench_scenario_runs_at_tiny_size(scenario: str, tmp_path: Path) -> None
     assert header.split()[:5] == ["unit", "median", "p99", "p99.9", "samples"]
     result = json.loads((tmp_path / f"{name}.json").read_text())
     assert result["scenario"] == name
-    check_result(result, rows)
+    # The peers scenario's targets compare saga-events with ZooKeeper and etcd: with
+    # neither installed there is nothing to compare (.ci/run installs both from Debian).
+    peers_absent = scenario == "peers" and not set(result["data"]["ran"]) - {"saga-events"}
+    check_result(result, rows, targets=not peers_absent)
     png = (tmp_path / f"{name}.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 200_000
     if scenario == "peers":
