@@ -42,14 +42,14 @@ async def http_client(
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The seed's heartbeat loop over REST: register; heartbeat every ttl/3; on a 404
+    """The seed's heartbeat loop over REST: register; heartbeat every ttl/2; on a 404
     register again; on any other trouble try again at the next tick. Runs until cancelled;
     ``task_status`` is set once the first registration is confirmed."""
-    ttl = dep.config.ttl
+    ttl = dep.config.http_ttl
     body = {"service_name": slot.service, "service_url": slot.url,
             "service_id": slot.service_id, "ttl_seconds": ttl}  # fmt: skip
     registered = started = False
-    async with httpx.AsyncClient(base_url=dep.gateway_url, timeout=max(1.0, ttl / 3)) as http:
+    async with httpx.AsyncClient(base_url=dep.gateway_url, timeout=3.0) as http:
         while True:
             try:
                 if not registered:
@@ -72,7 +72,7 @@ async def http_client(
                     counts["http heartbeat" if ok else f"http {r.status_code}"] += 1
             except httpx.HTTPError:
                 counts["http error"] += 1
-            await anyio.sleep(ttl / 3)
+            await anyio.sleep(ttl / 2 if registered else 0.5)
 
 
 # -- threads reading pick() -----------------------------------------------------------------

@@ -43,8 +43,8 @@ class ChaosConfig:
 
     The client kinds, each switchable (0 / False turns it off):
 
-    * ``http_clients``: seed-style clients of a gateway (register, heartbeat every
-      ttl/3, re-register on 404), one per service ``svc-h``; they are stable.
+    * ``http_clients``: seed-style clients of a gateway (register with ``http_ttl``,
+      heartbeat every ``http_ttl``/2, re-register on 404) on service ``svc-h``; stable.
     * ``workers``: processes sharing one name and URL through
       ``SagaServiceDiscovery(redis_url=...)``; ``worker_recycle`` replaces one.
     * ``pick_threads``: OS threads calling ``mirror.pick()`` in a loop; any exception
@@ -66,6 +66,7 @@ class ChaosConfig:
     settle_timeout: float = 20.0
     namespace: str = "chaos"
     http_clients: int = 2
+    http_ttl: float = 20.0  # REST clients heartbeat every http_ttl/2, as the seed's loop
     workers: int = 2
     pick_threads: int = 2
     cpu_hogs: int = 2

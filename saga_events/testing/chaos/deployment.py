@@ -124,6 +124,7 @@ class Deployment:
         self.gateway_port = free_port()
         self.worker_slots: list[AgentSlot] = []
         self._dead_seen: set[int] = set()
+        self.reused: set[str] = set()  # instance keys a new slot took over on purpose
 
     @property
     def gateway_url(self) -> str:
@@ -232,6 +233,8 @@ class Deployment:
     ) -> AgentSlot:
         self._ids += 1
         sid = service_id or f"{service}-{self._ids}"
+        if service_id is not None:
+            self.reused.add(self.keys.inst(service, sid))
         slot = AgentSlot(
             service, sid, f"http://10.1.0.{self._ids % 250}:{8000 + self._ids}", stable
         )

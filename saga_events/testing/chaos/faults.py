@@ -73,6 +73,21 @@ async def registrar_pause(self: ChaosRun) -> None:
         # with leaves in it, which it must not undo when it wakes.
         await churn(self, 3)
         await anyio.sleep(self.rng.uniform(2.0, 5.0))
+        # And a crash: the backlog holds the victim's last heartbeats, and the other
+        # registrar reaps it meanwhile; nothing older than the reap may bring it back.
+        dep = self.dep
+        victims = [s for s in dep.slots if s.live and not s.stable and s.agent is not None]
+        if victims:
+            victim = self.rng.choice(victims)
+            key = dep.keys.inst(victim.service, victim.service_id)
+            await dep.stop_agent(victim, leave=False)
+            self.report.churn["crash"] += 1
+
+            async def reaped() -> bool:
+                return key not in await dep.truth()
+
+            limit = 4 * self.config.ttl + 5
+            await eventually(reaped, limit, interval=0.1, what=f"{key} reaped")
     finally:
         proc.send_signal(signal.SIGCONT)
 

@@ -10,6 +10,8 @@ Contract (the invariants; each broken one is a :class:`~.config.Violation`):
 * ``pick``: during a fault, no mirror drops a live instance of an always-present service
   (``pick()`` keeps answering, and mirror 0 reports no ``Removed`` for one);
 * ``thread``: no ``pick()`` from another thread raised, ever;
+* ``resurrect``: an instance removed after its client stopped (leave or crash, then
+  reaped) never comes back (mirror 0's change stream);
 * ``stale``: a mirror reports ``stale`` where the fault makes that mandatory;
 * ``crash``: no registrar or gateway process died (they are only killed by a fault).
 """
@@ -77,6 +79,8 @@ class ChaosRun:
         with anyio.move_on_after(self.config.settle_timeout):
             while True:
                 self._drain_threads()
+                for dead in dep.dead_children():
+                    self.violation("crash", f"{dead} died")
                 try:
                     truth = await dep.truth()
                 except TRANSIENT as exc:  # the harness's own connection broke too
@@ -138,15 +142,28 @@ class ChaosRun:
                         known[i].discard(name)
             await anyio.sleep(0.02)
 
-    async def count_stable_drops(self) -> None:
+    async def watch_changes(self) -> None:
+        """On mirror 0's change stream: a live stable instance removed (``pick``), or an
+        instance that was removed after its client stopped coming back (``resurrect``)."""
         dep = self.dep
+        gone: set[str] = set()  # stopped clients' instances, seen removed
         async with contextlib.aclosing(dep.mirrors[0].changes()) as changes:
             async for change in changes:
                 inst = change.instance
+                key = dep.keys.inst(inst.service_name, inst.service_id)
+                if not dep.counted(key):
+                    continue
+                expected = dep.expected()
+                if isinstance(change, Removed):
+                    if key not in expected:
+                        gone.add(key)
+                elif key in gone:
+                    gone.discard(key)
+                    worker = inst.service_name == WORKER_SERVICE  # ids are the client's
+                    if key not in expected and key not in dep.reused and not worker:
+                        self.violation("resurrect", f"mirror 0: {key} came back after removal")
                 stable = {dep.keys.inst(s.service, s.service_id) for s in dep.slots if s.stable}
-                if isinstance(change, Removed) and (
-                    dep.keys.inst(inst.service_name, inst.service_id) in stable
-                ):
+                if isinstance(change, Removed) and key in stable:
                     fault = self._fault or "start"
                     self.report.dropped_stable[fault] += 1
                     if fault not in DROPS_EXPECTED:
@@ -203,7 +220,7 @@ class ChaosRun:
             try:
                 await self.start_http_clients(tg)
                 await self.converge("start", anyio.current_time())
-                tg.start_soon(self.count_stable_drops)
+                tg.start_soon(self.watch_changes)
                 if config.hostile:
                     counts = self.report.clients
                     tg.start_soon(hostile_publisher, self.dep, counts, itertools.count())
@@ -219,6 +236,8 @@ class ChaosRun:
                 self._drain_threads()
             except Exception as exc:  # a part that would not come back ends the run
                 log.exception("chaos seed=%d: run aborted", config.seed)
+                for dead in self.dep.dead_children():
+                    self.violation("crash", f"{dead} died")
                 self.violation("harness", f"run aborted: {exc!r}")
             tg.cancel_scope.cancel()
         self.report.convergence.pop("start", None)
