@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pick-threads", type=int, default=2, help="pick() threads (0: none)")
     parser.add_argument("--cpu-hogs", type=int, default=2, help="busy loops per fault (0: none)")
     parser.add_argument("--no-hostile", action="store_true", help="no hostile publisher")
+    parser.add_argument("--no-bombs", action="store_true", help="hostile, but no JSON bombs")
     parser.add_argument("-v", "--verbose", action="store_true")
     ns = parser.parse_args(args)
     logging.basicConfig(
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ChaosConfig(
         seed=seed, duration=ns.duration, faults=kinds, http_clients=ns.http_clients,
         workers=ns.workers, pick_threads=ns.pick_threads, cpu_hogs=ns.cpu_hogs,
-        hostile=not ns.no_hostile,
+        hostile=not ns.no_hostile, hostile_bombs=not ns.no_bombs,
     )  # fmt: skip
     if ns.soak is not None:
         config.duration = ns.soak * 60

@@ -25,6 +25,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from ... import model
+from ...errors import ServiceNotFound
 from ...mirror import Mirror
 from .config import HOSTILE_SERVICE
 from .deployment import AgentSlot, Deployment
@@ -79,8 +80,9 @@ async def http_client(
 
 
 class PickThreads:
-    """OS threads calling ``pick()`` on every mirror for the always-present services,
-    in a tight loop. Any exception is recorded (first of each kind per fault)."""
+    """OS threads reading every mirror in a tight loop: ``services()``, ``snapshot()`` and
+    ``pick()`` of every service listed. Any exception is recorded (first of each kind per
+    fault), except ServiceNotFound for a service that may have just gone."""
 
     def __init__(
         self,
@@ -104,24 +106,38 @@ class PickThreads:
         n = 0
         while not self._stop.is_set():
             for i, mirror in enumerate(self._mirrors):
-                for name in sorted(self._services()):
+                stable = self._services()
+                try:
+                    # Every read the docs call thread-safe: services(), then pick() of each
+                    # (a name that vanished in between may raise ServiceNotFound, unless it
+                    # is one that always has a live instance), and the snapshot.
+                    names = set(mirror.services()) | stable
+                    mirror.snapshot()
+                except Exception as exc:
+                    self._record(i, "services()/snapshot()", exc)
+                    continue
+                for name in sorted(names):
                     try:
                         mirror.pick(name)
                         n += 1
-                    except Exception as exc:  # any exception is a violation
-                        fault = self._where()
-                        key = (fault, f"{type(exc).__name__}:{i}:{name}")
-                        with self._lock:
-                            if key not in self._seen:
-                                self._seen.add(key)
-                                self.errors.append(
-                                    (fault, f"mirror {i} pick({name!r}) raised {exc!r} in a thread")
-                                )
+                    except ServiceNotFound as exc:
+                        if name in stable:
+                            self._record(i, f"pick({name!r})", exc)
+                    except Exception as exc:  # any other exception is a violation
+                        self._record(i, f"pick({name!r})", exc)
             if n >= 1000:
                 with self._lock:
                     self.picks += n
                 n = 0
             time.sleep(0)  # let the event loop's thread in
+
+    def _record(self, i: int, call: str, exc: Exception) -> None:
+        fault = self._where()
+        key = (fault, f"{type(exc).__name__}:{i}:{call}")
+        with self._lock:
+            if key not in self._seen:
+                self._seen.add(key)
+                self.errors.append((fault, f"mirror {i} {call} raised {exc!r} in a thread"))
 
     def drain(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -129,6 +145,10 @@ class PickThreads:
         return errors
 
     def __enter__(self) -> PickThreads:
+        # Switch threads 50x more often than CPython's default: a reader then lands
+        # inside a writer's multi-step update far more often (races show in seconds).
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
         for t in self._threads:
             t.start()
         return self
@@ -137,6 +157,7 @@ class PickThreads:
         self._stop.set()
         for t in self._threads:
             t.join(10)
+        sys.setswitchinterval(self._interval)
 
 
 # -- the hostile publisher --------------------------------------------------------------------
@@ -156,27 +177,31 @@ def _bombs() -> Iterator[tuple[str, bytes]]:
     )  # fmt: skip
 
 
-async def hostile_publisher(dep: Deployment, counts: Counter[str], rounds: Iterator[int]) -> None:
+async def hostile_publisher(
+    dep: Deployment, counts: Counter[str], rounds: Iterator[int], *, bombs: bool = True
+) -> None:
     """Beside the faults: JSON bombs and oversized messages on live services' channels,
-    floods of fresh ids (valid, short-lived, under :data:`HOSTILE_SERVICE`) and leaves for
-    unknown ids of live services. Connection trouble (a fault) is ignored."""
+    floods of fresh ids (valid, short-lived, under fresh service names starting with
+    :data:`HOSTILE_SERVICE`, so readers meet names appearing) and leaves for unknown ids
+    of live services. Connection trouble (a fault) is ignored."""
     client = aioredis.Redis.from_url(dep.url, socket_timeout=5)
-    bombs = _bombs()
+    payloads = _bombs()
     keys = dep.keys
     try:
         for n in rounds:
             try:
-                what, payload = next(bombs)
-                await client.publish(keys.events("svc-a"), payload)
-                counts[f"hostile {what}"] += 1
+                if bombs:
+                    what, payload = next(payloads)
+                    await client.publish(keys.events("svc-a"), payload)
+                    counts[f"hostile {what}"] += 1
                 pipe = client.pipeline(transaction=False)
                 for i in range(100):
                     event = model.Register(
-                        service_name=HOSTILE_SERVICE, service_id=f"flood-{n}-{i}",
+                        service_name=f"{HOSTILE_SERVICE}-{n}-{i % 10}", service_id=f"flood-{i}",
                         incarnation=1, seq=1, service_url=f"http://10.66.{n % 250}.{i}:1",
                         ttl_ms=model.MIN_TTL_MS,
                     )  # fmt: skip
-                    pipe.publish(keys.events(HOSTILE_SERVICE), model.encode(event))
+                    pipe.publish(keys.events(event.service_name), model.encode(event))
                 for i in range(20):
                     leave = model.Leave(
                         service_name="svc-b", service_id=f"unknown-{n}-{i}", incarnation=1, seq=1

@@ -30,8 +30,8 @@ FAULTS: Final = (
 #: Faults after which a mirror may drop a live instance for a moment: none.
 DROPS_EXPECTED: Final = frozenset[str]()
 
-#: The service name the hostile publisher's valid-looking floods use; left out of the
-#: comparisons (its instances come and go on their own, which is the point).
+#: The prefix of the service names the hostile publisher's valid-looking floods use; left
+#: out of the comparisons (its instances come and go on their own, which is the point).
 HOSTILE_SERVICE: Final = "zz-hostile"
 
 
@@ -50,8 +50,8 @@ class ChaosConfig:
     * ``pick_threads``: OS threads calling ``mirror.pick()`` in a loop; any exception
       is a violation.
     * ``cpu_hogs``: busy-loop processes started for a few seconds at each fault.
-    * ``hostile``: a publisher of JSON bombs, oversized messages, floods of fresh ids
-      and leaves for unknown ids, beside the faults.
+    * ``hostile``: a publisher of floods of fresh ids and leaves for unknown ids beside
+      the faults, and with ``hostile_bombs`` JSON bombs, 1 MB and non-JSON messages.
     """
 
     seed: int = 1
@@ -71,11 +71,12 @@ class ChaosConfig:
     pick_threads: int = 2
     cpu_hogs: int = 2
     hostile: bool = True
+    hostile_bombs: bool = True  # with hostile: JSON bombs, 1 MB and non-JSON messages too
 
     def classic(self) -> ChaosConfig:
         """This config with every client kind added after the first release turned off."""
         self.http_clients = self.workers = self.pick_threads = self.cpu_hogs = 0
-        self.hostile = False
+        self.hostile = self.hostile_bombs = False
         self.faults = tuple(f for f in self.faults if f not in ("flags_flip", "worker_recycle"))
         return self
 

@@ -247,7 +247,7 @@ class Deployment:
     def counted(self, key: str) -> bool:
         """Whether ``key`` takes part in the comparisons (the hostile floods do not)."""
         parsed = self.keys.parse_inst(key)
-        return parsed is None or parsed[0] != HOSTILE_SERVICE
+        return parsed is None or not parsed[0].startswith(HOSTILE_SERVICE)
 
     async def start_agent(
         self, slot: AgentSlot, *, process: bool = False, clock_offset: float = 0.0

@@ -19,6 +19,7 @@ Contract (the invariants; each broken one is a :class:`~.config.Violation`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -223,16 +224,21 @@ class ChaosRun:
                 tg.start_soon(self.watch_changes)
                 if config.hostile:
                     counts = self.report.clients
-                    tg.start_soon(hostile_publisher, self.dep, counts, itertools.count())
+                    tg.start_soon(
+                        functools.partial(hostile_publisher, bombs=config.hostile_bombs),
+                        self.dep, counts, itertools.count(),
+                    )  # fmt: skip
                 with contextlib.ExitStack() as stack:
                     if config.pick_threads:
                         self._picks = stack.enter_context(
                             PickThreads(self.dep.mirrors, self.stable_services,
                                         config.pick_threads, self.where)
                         )  # fmt: skip
-                    await self._loop(start)
-                    if self._picks is not None:
-                        self.report.clients["thread picks"] += self._picks.picks
+                    try:
+                        await self._loop(start)
+                    finally:
+                        if self._picks is not None:
+                            self.report.clients["thread picks"] += self._picks.picks
                 self._drain_threads()
             except Exception as exc:  # a part that would not come back ends the run
                 log.exception("chaos seed=%d: run aborted", config.seed)
