@@ -10,11 +10,11 @@ from .errors import (
     SagaError,
     ServiceNotFound,
 )
-from .fake import FakeRegistry
 from .keys import Keys
 from .mirror import Added, Change, ChangesOverflow, Mirror, Removed, SyncMirror, Updated
 from .model import Drain, Heartbeat, Instance, Leave, Register
 from .registrar import ApplyResult, Registrar
+from .testing.fake import FakeRegistry
 
 __version__ = "0.1.0"
 

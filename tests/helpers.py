@@ -1,13 +1,17 @@
-"""Helpers for the project's own tests: agents and registrars in real subprocesses."""
+"""Helpers for the project's own tests: agents, registrars and other programs in real
+subprocesses, stopped and read with a bound (one copy of each, shared by every test file)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
@@ -26,6 +30,55 @@ AGENT_SCRIPT = textwrap.dedent(
 )
 
 
+def stop_process(
+    proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> int:
+    """Send ``sig`` (if it still runs), wait ``timeout``, then SIGKILL; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def close_streams(proc: subprocess.Popen[str]) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def read_lines_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
+    """Blocking: lines of stdout up to one matching the regex ``pattern``; bounded."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    if not found.wait(timeout):
+        raise AssertionError(f"no line matching {pattern!r} in {timeout} s: {''.join(lines)}")
+    return lines
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Blocking: poll a condition in another process (no event to await); bounded."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
 @contextmanager
 def agent_process(
     url: str, name: str, service_url: str, service_id: str, ttl: float = 60.0
@@ -40,12 +93,8 @@ def agent_process(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stop_process(proc, signal.SIGKILL, 10)
+        close_streams(proc)
 
 
 @contextmanager
@@ -61,12 +110,8 @@ def registrar_process(url: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stop_process(proc, signal.SIGKILL, 10)
+        close_streams(proc)
 
 
 async def read_line_until(

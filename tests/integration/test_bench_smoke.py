@@ -59,6 +59,11 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# The peers scenario starts a JVM ZooKeeper and etcd as well (about 65 s alone on 2 cores):
+# its bound is wider, so that a loaded machine does not fail it. Bounds, not timings.
+SCENARIO_TIMEOUT = {"peers": 300.0}
+
+
 def run_scenario(scenario: str, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -74,11 +79,11 @@ def run_scenario(scenario: str, out: Path) -> subprocess.CompletedProcess[str]:
         ],
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=SCENARIO_TIMEOUT.get(scenario, 100.0),
     )
 
 
-def check_result(result: dict[str, Any], rows: list[str]) -> None:
+def check_result(result: dict[str, Any], rows: list[str], *, targets: bool = True) -> None:
     assert {"scenario", "machine", "params", "rows", "targets", "notes", "data"} <= set(result)
     assert result["machine"]["cores"] >= 1
     assert result["params"]["quick"] is True
@@ -93,9 +98,11 @@ def check_result(result: dict[str, Any], rows: list[str]) -> None:
     for target in result["targets"]:
         assert set(target) == {"target", "measured", "met"}
         assert target["met"] in (True, False, None)
-    assert result["targets"], "a scenario reports at least one target"
+    if targets:
+        assert result["targets"], "a scenario reports at least one target"
 
 
+@pytest.mark.timeout(max(SCENARIO_TIMEOUT.values()) + 20)
 @pytest.mark.parametrize("scenario", list(EXPECTED))
 def test_bench_scenario_runs_at_tiny_size(scenario: str, tmp_path: Path) -> None:
     """`saga-events bench SCENARIO --quick` prints a table and writes JSON and a PNG."""
@@ -107,7 +114,10 @@ def test_bench_scenario_runs_at_tiny_size(scenario: str, tmp_path: Path) -> None
     assert header.split()[:5] == ["unit", "median", "p99", "p99.9", "samples"]
     result = json.loads((tmp_path / f"{name}.json").read_text())
     assert result["scenario"] == name
-    check_result(result, rows)
+    # The peers scenario's targets compare saga-events with ZooKeeper and etcd: with
+    # neither installed there is nothing to compare (.ci/run installs both from Debian).
+    peers_absent = scenario == "peers" and not set(result["data"]["ran"]) - {"saga-events"}
+    check_result(result, rows, targets=not peers_absent)
     png = (tmp_path / f"{name}.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 200_000
     if scenario == "peers":

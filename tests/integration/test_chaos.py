@@ -1,7 +1,7 @@
 """The chaos suite, short and seeded: every fault kind, zero invariant violations.
 
 Replay a failure with ``SAGA_CHAOS_SEED=<seed> pytest tests/integration/test_chaos.py``
-or ``python -m saga_events.chaos --seed <seed>``; soak with ``--soak MINUTES``.
+or ``python -m saga_events.testing.chaos --seed <seed>``; soak with ``--soak MINUTES``.
 """
 
 from __future__ import annotations
@@ -16,28 +16,36 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from saga_events import Agent, Mirror, Registrar, Removed, testing
-from saga_events.chaos import FAULTS, ChaosConfig, run_chaos
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
 from saga_events.testing import eventually
+from saga_events.testing.chaos import FAULTS, ChaosConfig, run_chaos
 
 pytestmark = pytest.mark.anyio
 
 SEED = int(os.environ.get("SAGA_CHAOS_SEED", "20261127"))
-DURATION = float(os.environ.get("SAGA_CHAOS_SECONDS", "45"))
+DURATION = float(os.environ.get("SAGA_CHAOS_SECONDS", "60"))
 
 
 @pytest.mark.timeout(DURATION + 90)
 async def test_registry_stays_right_under_seeded_faults(capsys: pytest.CaptureFixture[str]) -> None:
-    """Redis killed and paused, connections cut, registrars killed and paused, flags reset,
-    a slow mirror cut off, agents crashed and clock-jumped: after each fault heals, every
-    mirror equals Redis and Redis equals the live agents; pick() never fails meanwhile."""
-    report = await run_chaos(ChaosConfig(seed=SEED, duration=DURATION))
+    """Redis killed and paused, connections cut, registrars killed and paused, flags reset
+    and flipped, a slow mirror cut off, agents crashed and clock-jumped, workers recycled,
+    CPU hogs at each fault and a hostile publisher beside them; REST clients, worker
+    processes and pick() threads among the clients: after each fault heals, every mirror
+    equals Redis and Redis equals the live clients; pick() never fails meanwhile."""
+    config = ChaosConfig(seed=SEED, duration=DURATION)
+    assert config.http_clients and config.workers and config.pick_threads and config.cpu_hogs
+    assert config.hostile  # every client kind is on in CI
+    report = await run_chaos(config)
     with capsys.disabled():
         print("\n" + report.summary())  # noqa: T201 - the note CI keeps: faults per kind
     assert report.ok, report.summary()
     assert set(report.injected) == set(FAULTS), f"not every fault kind ran: {report.injected}"
     assert set(report.convergence) == set(FAULTS)
+    did = report.clients
+    assert did["http register"] and did["http heartbeat"] and did["thread picks"], did
+    assert did["cpu hogs started"] and did["hostile json bomb (list)"], did
     assert testing.run_chaos is run_chaos  # reusable from saga_events.testing
 
 

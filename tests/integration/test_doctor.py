@@ -115,7 +115,8 @@ def test_cli_fails_without_a_registrar_and_says_how_to_fix(redis_server: RedisSe
 def test_cli_json_and_exit_zero_on_a_healthy_deployment(redis_server: RedisServer) -> None:
     """The exit status says healthy; --json carries every finding."""
     registrar = subprocess.Popen(
-        [sys.executable, "-m", "saga_events.chaos", "_registrar", redis_server.url, "default"],
+        [sys.executable, "-m", "saga_events.testing.chaos", "_registrar", redis_server.url,
+         "default"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -12,10 +12,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 
 from saga_events import SyncMirror
 from saga_events.embedded import free_port
+from tests.helpers import close_streams, read_lines_until, stop_process, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STARTUP = 30.0  # seconds: bound for a process to import FastAPI and answer
@@ -40,37 +39,6 @@ class SagaUp:
     mirror: SyncMirror
 
 
-def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
-    """Lines of stdout up to one matching ``pattern`` (bounded by ``timeout``)."""
-    lines: list[str] = []
-    found = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(pattern, line):
-                found.set()
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    if not found.wait(timeout):
-        raise AssertionError(f"no line matching {pattern!r} in {timeout} s: {''.join(lines)}")
-    return lines
-
-
 @pytest.fixture(scope="module")
 def saga_up() -> Iterator[SagaUp]:
     """``saga-events up`` on free ports, with a mirror on its Redis for the checks."""
@@ -81,14 +49,14 @@ def saga_up() -> Iterator[SagaUp]:
         text=True,
     )
     try:
-        text = "".join(_read_until(proc, r"Press Ctrl-C", STARTUP))
+        text = "".join(read_lines_until(proc, r"Press Ctrl-C", STARTUP))
         redis_url = re.search(r"Redis:\s+(\S+)", text)
         saga_url = re.search(r"HTTP API:\s+(\S+)", text)
         assert redis_url and saga_url, text
         with SyncMirror(redis_url.group(1)) as mirror:
             yield SagaUp(proc, redis_url.group(1), saga_url.group(1), mirror)
     finally:
-        assert _stop(proc, signal.SIGINT) == 0
+        assert stop_process(proc, signal.SIGINT) == 0
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -107,19 +75,8 @@ def example(script: str, env: dict[str, str], *args: str) -> Iterator[subprocess
     try:
         yield proc
     finally:
-        _stop(proc)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition in another process (no event to await); bounded."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
+        stop_process(proc)
+        close_streams(proc)
 
 
 def answers(url: str) -> bool:
@@ -162,7 +119,7 @@ def check_registered_serves_and_leaves(saga_up: SagaUp, script: str, mode: str, 
         wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), STARTUP, "health")
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         assert health["registered"] is True
-        assert _stop(proc) in CLEAN_EXIT
+        assert stop_process(proc) in CLEAN_EXIT
         assert proc.stderr is not None
         assert f"unregistered {name}" in proc.stderr.read()
         # It said leave: gone at once, not after its 60 s TTL.
@@ -209,7 +166,7 @@ def test_gateway_routes_to_discovered_service_and_falls_back(saga_up: SagaUp) ->
         unknown = httpx.get(f"{gw}/nowhere/x", timeout=10)
         assert unknown.status_code == 502
         assert "nowhere" in unknown.json()["error"]
-        assert _stop(gw_proc) in CLEAN_EXIT
+        assert stop_process(gw_proc) in CLEAN_EXIT
         wait_until(lambda: not saga_up.mirror.instances("gateway"), 5, "gateway left")
 
 
@@ -261,7 +218,7 @@ def test_fastapi_service_starts_without_registry_and_registers_when_it_comes() -
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         try:
-            text = "".join(_read_until(up, r"Press Ctrl-C", STARTUP))
+            text = "".join(read_lines_until(up, r"Press Ctrl-C", STARTUP))
             redis_url = re.search(r"Redis:\s+(\S+)", text)
             assert redis_url, text
             with SyncMirror(redis_url.group(1)) as mirror:
@@ -272,9 +229,9 @@ def test_fastapi_service_starts_without_registry_and_registers_when_it_comes() -
                 5,
                 "registered in /health",
             )
-            assert _stop(service) in CLEAN_EXIT
+            assert stop_process(service) in CLEAN_EXIT
         finally:
-            assert _stop(up, signal.SIGINT) == 0
+            assert stop_process(up, signal.SIGINT) == 0
             if up.stdout is not None:
                 up.stdout.close()
 

@@ -24,14 +24,14 @@ from typing import Any
 
 from anyio.abc import TaskGroup
 
-from .agent import default_service_id
-from .client import (
+from ..agent import default_service_id
+from ..client import (
     AsyncSagaServiceDiscovery,
     Registration,
     SagaServiceDiscovery,
     ServiceInfo,
 )
-from .errors import RegistryUnavailable, ServiceNotFound
+from ..errors import RegistryUnavailable, ServiceNotFound
 
 
 class FakeRegistry:

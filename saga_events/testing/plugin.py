@@ -40,17 +40,17 @@ import anyio.from_thread
 import msgspec
 import pytest
 
-from . import model
-from ._redis import RedisLike, connect
-from ._wait import eventually
-from .agent import Agent
-from .client import AsyncSagaServiceDiscovery, SagaServiceDiscovery
-from .embedded import RedisServer
+from .. import model
+from .._redis import RedisLike, connect
+from .._wait import eventually
+from ..agent import Agent
+from ..client import AsyncSagaServiceDiscovery, SagaServiceDiscovery
+from ..embedded import RedisServer
+from ..keys import Keys
+from ..mirror import Mirror, SyncMirror
+from ..model import Instance
+from ..registrar import Registrar
 from .fake import FakeRegistry
-from .keys import Keys
-from .mirror import Mirror, SyncMirror
-from .model import Instance
-from .registrar import Registrar
 
 __all__ = [
     "FakeRegistry",
@@ -220,7 +220,7 @@ class SagaTestRegistry:
         if self._http_url is None:
             if self._registrar is None:
                 raise RuntimeError("the registrar is stopped: start_registrar() first")
-            from .gateway import run_gateway
+            from ..gateway import run_gateway
 
             future, (host, port) = self.portal.start_task(
                 run_gateway, self._registrar, self.redis_url, "127.0.0.1", self._http_port, token
@@ -391,17 +391,3 @@ def saga_mirror(saga_registry: SagaTestRegistry) -> Iterator[SyncMirror]:
     """A started :class:`SyncMirror` on ``saga_registry``."""
     with SyncMirror(saga_registry.redis_url, namespace=saga_registry.namespace) as mirror:
         yield mirror
-
-
-# -- the chaos harness (saga_events.chaos), re-exported for users' own suites ----------
-# Imported last: chaos imports nothing from here, so there is no import cycle.
-from .chaos import (  # noqa: E402
-    FAULTS,
-    ChaosConfig,
-    ChaosReport,
-    Deployment,
-    Violation,
-    run_chaos,
-)
-
-__all__ += ["FAULTS", "ChaosConfig", "ChaosReport", "Deployment", "Violation", "run_chaos"]
