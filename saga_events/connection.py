@@ -32,6 +32,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -104,6 +105,31 @@ class Subscription:
             batch = [r for r in batch if isinstance(r, list)]  # drop PONGs
         await self.check_health(now)
         return batch
+
+    async def barrier(self, limit: int = 100_000) -> list[Any]:
+        """PING with a token and return every message Redis sent before its PONG.
+
+        Redis answers commands in order, so once the PONG is read, every
+        notification it queued for this connection before the PING is in the
+        returned list. Raises TimeoutError after ``ping_timeout`` s.
+        """
+        token = secrets.token_hex(8).encode()
+        await self.pubsub.ping(message=token)
+        out, self.pending = self.pending, []
+        with anyio.fail_after(self.timing.ping_timeout):
+            while True:
+                batch = await self._reader.read(self.timing.ping_interval, 1024)
+                if batch:
+                    self.last_rx = anyio.current_time()
+                for i, reply in enumerate(batch):
+                    # RESP2 answers ["pong", token] on a subscribed connection; RESP3 the token.
+                    if reply == token or (isinstance(reply, list) and reply[-1:] == [token]):
+                        self.pending = [r for r in batch[i + 1 :] if isinstance(r, list)]
+                        return out
+                    if isinstance(reply, list):
+                        out.append(reply)
+                if len(out) > limit:
+                    raise TimeoutError(f"barrier: over {limit} messages before the PONG")
 
     async def check_health(self, now: float | None = None) -> None:
         """Raise TimeoutError on a silent subscription; PING it when quiet."""

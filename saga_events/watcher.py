@@ -4,20 +4,21 @@ One job: keep a :class:`~saga_events.view.View` equal to Redis, after
 client-go's ``Reflector``. It owns the protocol of the design's "Mirror
 protocol" and "Revision and anti-entropy" sections:
 
-* Subscribe first (records, the canary, the epoch), then snapshot (GET rev,
-  SMEMBERS index, MGET in chunks), then apply what was notified meanwhile,
+* Subscribe first (records, the canary, the epoch), then snapshot (SMEMBERS
+  index, MGET in chunks), then apply what was notified meanwhile,
   then watch: ``set`` → GET the key, ``del``/``expired``/``evicted`` →
   remove; GETs go out in notification order on one connection.
 * Stale, never empty: on a disconnect, a silent subscription, a lost canary
   or a new epoch, ``stale`` is set and the view is left as it was until a
   resync replaces it; while the epoch says ``rebuilding`` nothing is listed.
 * Anti-entropy: the registrar increments ``saga:{ns}:rev`` on every record
-  change. The watcher counts the record notifications it applies and every
-  ``rev_interval`` s GETs rev once; when rev ran ahead of the count by more
-  than the baseline and the notifications for that much are still missing at
-  the next check, one was lost: resync. So a lost notification (a flags gap,
-  an output-buffer disconnect, a bug) is repaired within about two intervals.
-  Without a rev key (an older registrar) the check is skipped.
+  change. The watcher counts the ``set``/``del`` record notifications it
+  applies and, right after each snapshot and then every ``rev_interval`` s,
+  compares that count with rev (two GETs and a PING on the subscription;
+  :class:`RevCheck` states the rule). A lost notification (a flags gap, an
+  output-buffer disconnect, a bug) is found at the next check and repaired
+  by a resync: within ``rev_interval`` plus a snapshot. Without a rev key
+  (an older registrar) nothing is checked.
 * Every change goes to ``on_change`` in the order applied, after the View
   has published it; ``on_state`` is called when ``stale`` flips.
 * Redis refusals (NOPERM, READONLY, MOVED...) never escape: ``run`` logs,
@@ -29,6 +30,7 @@ Time comes from a :class:`Clock` so the timing rules can be tested without waits
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -93,37 +95,42 @@ class MirrorStats:
 
 
 class RevCheck:
-    """Decides from (rev, applied count) pairs whether a notification was lost.
+    """Decides whether a record notification was lost, from the registry revision.
 
-    ``applied`` counts record-change notifications (set/del/expired/evicted)
-    since the last snapshot. ``rev - applied`` is constant while nothing is
-    lost, larger while notifications are in flight, smaller when a change
-    came without a rev increment (a record expired by Redis itself): the
-    baseline is the smallest offset seen. A loss is declared when the
-    notifications for the rev seen at the previous check have still not all
-    arrived, which in-flight messages cannot explain.
+    The registrar increments ``rev`` in the same script as each record change
+    it makes, and each such change notifies exactly one ``set`` (create,
+    update, restore) or ``del`` (leave, reap). ``applied`` counts those two
+    kinds only: Redis's own ``expired``/``evicted`` removals change no rev.
+    So, with nothing lost, ``rev - applied`` is a constant: the offset.
+
+    Each check reads rev (``before``), then reads the subscription past a
+    PING sent after that read (every notification of a change up to
+    ``before`` has then been counted), then reads rev again (``after``).
+    A loss is ``applied < before - offset``: exact, since no notification of
+    a change up to ``before`` can still be in flight. The offset is (re)taken
+    only when ``before == after``: then no change happened while the stream
+    was read, and the count holds nothing newer than ``before``. Until a
+    first such check after a snapshot, nothing is decided (the watcher
+    checks at once after each snapshot, so that window is one round trip).
     """
 
     def __init__(self) -> None:
-        self.reset(None, 0)
+        self.offset: int | None = None
 
-    def reset(self, rev: int | None, applied: int) -> None:
-        """At a snapshot that read ``rev`` after ``applied`` notifications."""
-        self._offset = None if rev is None else rev - applied
-        self._previous = rev
+    def forget(self) -> None:
+        """After a snapshot: the old offset says nothing about the new count."""
+        self.offset = None
 
-    def lost(self, rev: int | None, applied: int) -> bool:
+    def lost(self, before: int | None, applied: int, after: int | None) -> bool:
         """One check: True when a notification has been lost."""
-        if rev is None:
-            self._offset = self._previous = None
+        if before is None or after is None:
+            self.offset = None  # no rev (an older registrar, or none yet): nothing to check
             return False
-        if self._offset is None or self._previous is None or rev < self._previous:
-            self.reset(rev, applied)  # rev appeared, or went back (a new Redis): start over
-            return False
-        lost = applied < self._previous - self._offset
-        self._offset = min(self._offset, rev - applied)
-        self._previous = rev
-        return lost
+        if self.offset is not None and applied < before - self.offset:
+            return True
+        if before == after:
+            self.offset = before - applied
+        return False
 
 
 class Canary:
@@ -310,7 +317,7 @@ class Watcher:
                     last_resync = now
                 if now - self._last_rev_check >= self.rev_interval:
                     self._last_rev_check = now
-                    if await self._check_rev():
+                    if await self._check_rev(sub):
                         last_resync = self.clock.monotonic()
                 if self.resync_interval is not None and now - last_resync >= self.resync_interval:
                     last_resync = now
@@ -321,10 +328,13 @@ class Watcher:
             await self._handle(batch)
             return False
         except _Resync as exc:
-            self.set_stale(True)
-            await self._wait_until_epoch_ready(sub)
-            await self._resync(exc.reason)
+            await self._resync_after(sub, exc.reason)
             return True
+
+    async def _resync_after(self, sub: Subscription, reason: str) -> None:
+        self.set_stale(True)
+        await self._wait_until_epoch_ready(sub)
+        await self._resync(reason)
 
     async def _check_canary(self, now: float) -> bool:
         """Go stale and resync once when the canary has been silent too long."""
@@ -339,15 +349,31 @@ class Watcher:
         await self._resync("canary lost", keep_stale=True)
         return True
 
-    async def _check_rev(self) -> bool:
+    async def _check_rev(self, sub: Subscription) -> bool:
+        """Compare rev with the notifications applied (see :class:`RevCheck`); resync
+        on a loss. True when it resynced."""
         self.stats.rev_checks += 1
-        rev = _int(await self.client.get(self.keys.rev))
-        if not self.rev.lost(rev, self._applied):
+        before = _int(await self.client.get(self.keys.rev))
+        after = None
+        if before is not None:
+            try:
+                await self._read_past_barrier(sub)
+            except _Resync as exc:
+                await self._resync_after(sub, exc.reason)
+                return True
+            after = _int(await self.client.get(self.keys.rev))
+        if not self.rev.lost(before, self._applied, after):
             return False
         self.stats.rev_resyncs += 1
-        log.warning("registry revision %s is ahead of the notifications seen: resyncing", rev)
+        log.warning("registry revision %s is ahead of the notifications seen: resyncing", before)
         await self._resync("revision mismatch", keep_stale=self.canary.is_lost)
         return True
+
+    async def _read_past_barrier(self, sub: Subscription) -> None:
+        """Apply everything Redis queued on the subscription before a PING sent now."""
+        batch = await sub.barrier()
+        if batch:
+            await self._handle(batch)
 
     async def _get_epoch(self) -> str | None:
         raw = await self.client.get(self.keys.epoch)
@@ -390,7 +416,8 @@ class Watcher:
                         to_remove.pop(key, None)
                         to_get[key] = None
                     elif data in _REMOVE_EVENTS:
-                        self._applied += 1
+                        if data == b"del":  # expired/evicted are Redis's own: no rev
+                            self._applied += 1
                         to_get.pop(key, None)
                         to_remove[key] = None
                     # 'expire' on a record is a backstop refresh: nothing to do.
@@ -437,13 +464,7 @@ class Watcher:
         self.stats.snapshots += 1
         if self.synced:
             self.stats.resyncs += 1
-        # rev before the members: a change between the two is in the snapshot
-        # and counted again by its notification, which only lowers the baseline.
-        applied = self._applied
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.keys.rev)
-        pipe.smembers(self.keys.index)
-        raw_rev, raw_members = await pipe.execute()
+        raw_members = await self.client.smembers(self.keys.index)
         members = sorted(_text(m) for m in raw_members)
         fresh: dict[str, Instance] = {}
         chunks = [members[i : i + self.chunk_size] for i in range(0, len(members), self.chunk_size)]
@@ -457,8 +478,9 @@ class Watcher:
                     if inst is not None:
                         fresh[key] = inst
         self.stats.snapshot_records += len(fresh)
-        self.rev.reset(_int(raw_rev), applied)
-        self._last_rev_check = self.clock.monotonic()
+        self.rev.forget()
+        # Take the new offset at the next turn of the loop, not rev_interval later.
+        self._last_rev_check = -math.inf
         self._apply(self.view.replace(fresh, changes=self._wants_changes()))
         self.synced = True
         if not keep_stale:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from saga_events import Mirror, Registrar, model
+from saga_events import Agent, Mirror, Registrar, model
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
 from saga_events.model import Instance
@@ -126,3 +126,37 @@ async def test_without_a_rev_key_the_check_is_skipped(
         await eventually(lambda: mirror.stats.rev_checks >= checks + 3, 10, what="rev checks")
         await wait_mirror_matches(mirror, url)
         assert mirror.stats.rev_resyncs == 0
+
+
+async def test_a_registration_during_a_short_flags_gap_reaches_the_mirror_through_rev(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """Real registrar: flags cleared and put back by a third party, an agent registered
+    in between; nothing but the revision tells the mirror, and it converges.
+
+    Before the exact RevCheck (an offset taken while a notification was still in
+    flight hid exactly one loss for good) this waited forever."""
+    url = redis_server.url
+    # The registrar would notice the reset at its next flag check and bump the
+    # epoch; a third party's gap is shorter than that check's interval.
+    async with Registrar(url, rebuild_wait=0.1, config_check_interval=3600):
+        # Its first rebuild ends with an epoch change that resyncs every mirror:
+        # let that pass first, so that only the revision can repair the gap.
+        async def first_rebuild_done() -> bool:
+            return (await admin.get(K.epoch) or b"").endswith(b":ready")
+
+        await eventually(first_rebuild_done, 10, what="the first rebuild done")
+        async with (
+            Mirror(url, rev_interval=0.5, canary_timeout=60) as mirror,
+            Agent(url, "before", "http://h:1", ttl=30),
+        ):
+            await mirror.wait_for("before", timeout=10)
+            flags = (await admin.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+            await admin.config_set("notify-keyspace-events", "")
+            async with Agent(url, "during", "http://h:2", ttl=30) as agent:
+                key = K.inst("during", agent.service_id)
+                await eventually(lambda: admin.exists(key), 10, what="the record")
+                await admin.config_set("notify-keyspace-events", flags)
+                assert not mirror.instances("during")
+                await mirror.wait_for("during", timeout=20)
+                assert mirror.stats.rev_resyncs >= 1, mirror.stats

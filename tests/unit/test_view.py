@@ -162,29 +162,35 @@ def test_canary_is_lost_once_after_the_timeout_and_back_once() -> None:
     assert canary.lost(115.1)
 
 
-def test_rev_check_declares_a_loss_only_when_notifications_stay_missing() -> None:
+def test_rev_check_finds_a_loss_at_the_first_check_after_it() -> None:
+    """Counts are exact past the barrier: one missing notification is a loss at once."""
     check = RevCheck()
-    check.reset(rev=10, applied=0)
-    # Changes arrive with their notifications; some still in flight at a check.
-    assert not check.lost(rev=15, applied=3)  # 2 in flight
-    assert not check.lost(rev=15, applied=5)  # they arrived
-    # A change whose notification is lost: rev runs ahead for good.
-    assert not check.lost(rev=16, applied=5)  # could still be in flight
-    assert check.lost(rev=16, applied=5)
+    assert not check.lost(before=10, applied=0, after=10)  # the offset: 10
+    assert not check.lost(before=15, applied=5, after=17)  # 2 more came while reading
+    assert not check.lost(before=17, applied=7, after=17)
+    # A change whose notification is lost: rev runs ahead of the count.
+    assert check.lost(before=18, applied=7, after=18)
 
 
-def test_rev_check_tolerates_extra_notifications_and_a_missing_rev() -> None:
+def test_rev_check_takes_its_offset_only_from_a_quiet_check() -> None:
+    """A count read while rev moved may hold newer notifications: no offset from it."""
     check = RevCheck()
-    check.reset(rev=None, applied=0)
-    assert not check.lost(None, 50)  # an older registrar: no rev, no check
-    assert not check.lost(7, 50)  # rev appears: a new baseline
-    # A record expired by Redis itself: a notification without a rev increment.
-    assert not check.lost(7, 51)
-    assert not check.lost(8, 52)
-    assert not check.lost(8, 52)
-    assert not check.lost(3, 52)  # rev went back (a new Redis): start over
-    assert not check.lost(4, 52)
-    assert check.lost(4, 52)
+    assert not check.lost(before=10, applied=3, after=12)  # moving: no offset yet
+    assert check.offset is None
+    assert not check.lost(before=12, applied=5, after=12)
+    assert check.offset == 7
+    assert check.lost(before=13, applied=5, after=13)
+
+
+def test_rev_check_without_rev_and_after_a_snapshot() -> None:
+    """No rev key: nothing to compare. A snapshot forgets the offset."""
+    check = RevCheck()
+    assert not check.lost(None, 50, None)
+    assert not check.lost(7, 50, 7)
+    check.forget()
+    assert check.offset is None
+    assert not check.lost(3, 0, 3)  # a new Redis: a new offset
+    assert check.lost(4, 0, 4)
 
 
 @pytest.mark.anyio
