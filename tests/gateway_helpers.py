@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import httpx
 
 from saga_events import Mirror, Registrar
 from saga_events.embedded import free_port
-from saga_events.gateway import Gateway
+from saga_events.web import Gateway
 
 READY_LINE = "Press Ctrl-C to stop."
 
@@ -141,3 +142,35 @@ def saga_up(
         reader.join(10)
         if proc.stdout:
             proc.stdout.close()
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _canonical(key: str) -> str:
+    """``name{b="1",a="2"}`` as ``name{a="2",b="1"}`` (label order does not matter)."""
+    name, brace, labels = key.partition("{")
+    if not brace:
+        return key
+    pairs = sorted(_LABEL.findall(labels.removesuffix("}")))
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
+
+
+class Samples(dict[str, float]):
+    """Samples by ``name{labels}``, looked up whatever the order of the labels."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(_canonical(key))
+
+    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        return super().get(_canonical(key), default)
+
+
+def metric_samples(text: str) -> Samples:
+    """The samples of a Prometheus text exposition: ``name{labels}`` -> value."""
+    samples = Samples()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[_canonical(key)] = float(value)
+    return samples
