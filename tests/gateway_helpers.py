@@ -20,7 +20,7 @@ import httpx
 
 from saga_events import Mirror, Registrar
 from saga_events.embedded import free_port
-from saga_events.web import Gateway
+from saga_events.web import Gateway, Limits
 
 READY_LINE = "Press Ctrl-C to stop."
 
@@ -35,14 +35,21 @@ class Served:
 
 @asynccontextmanager
 async def serve_gateway(
-    registrar: Registrar, mirror: Mirror, redis_url: str, token: str | None = None
+    registrar: Registrar,
+    mirror: Mirror,
+    redis_url: str,
+    token: str | None = None,
+    *,
+    limits: Limits | None = None,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[Served]:
     """A gateway on a free port in the current event loop, and an httpx client for it."""
-    gateway = Gateway(registrar, mirror, redis_url, token=token)
+    gateway = Gateway(registrar, mirror, redis_url, token=token, limits=limits)
     async with anyio.create_task_group() as tg:
-        host, port = await tg.start(gateway.run, "127.0.0.1", 0)
-        base = f"http://{host}:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        bound, port = await tg.start(gateway.run, host, 0)
+        base = f"http://{'127.0.0.1' if bound == '0.0.0.0' else bound}:{port}"
+        pool = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(base_url=base, timeout=10, limits=pool) as client:
             yield Served(gateway, client, redis_url, base)
         tg.cancel_scope.cancel()
 

@@ -31,7 +31,14 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 
 from .. import __version__
 from .._redis import TRANSIENT, RateLimitedLog
@@ -73,6 +80,20 @@ def _reason_of_validation(key: str | None, message: str) -> str:
         "ttl_seconds": "bad_ttl",
         "metadata": "bad_metadata",
     }.get(field, "invalid")
+
+
+def _code_of(exc: RedisError) -> str | None:
+    """The reason code of the Redis errors that redis-py turns into classes."""
+    for cls, code in (
+        (NoPermissionError, "noperm"),
+        (ReadOnlyError, "readonly"),
+        (OutOfMemoryError, "oom"),
+        (BusyLoadingError, "loading"),
+        (AuthenticationError, "noauth"),
+    ):
+        if isinstance(exc, cls):
+            return code
+    return None
 
 
 def _error(status: int, reason: str, detail: str) -> Response[ErrorBody]:
@@ -145,7 +166,7 @@ def build_app(ctx: Context, *, max_body_bytes: int) -> Litestar:
             # READONLY during a failover, OOM, NOPERM under a narrow role...: the
             # Redis words (key names, ACL rules) are for the log only.
             match = _REDIS_CODE.search(str(exc))
-            code = match.group(1).lower() if match else "refused"
+            code = _code_of(exc) or (match.group(1).lower() if match else "refused")
             refusals.warning(
                 "Redis refused %s %s: %s", request.method, request.url.path, str(exc)[:300]
             )
