@@ -7,9 +7,10 @@ and put in front of it the checks that come before any route:
 * the Host header, on loopback binds: only ``localhost``, ``127.0.0.1``,
   ``[::1]`` (or the bound address) with the bound port; anything else is a
   ``421`` (a DNS-rebinding page cannot read or write the registry);
-* writes (POST and DELETE under ``/api/v1/services``) must not carry a
-  Content-Type other than ``application/json``, and a register must carry
-  it: ``415`` otherwise (a cross-site form post cannot register);
+* a register must carry ``Content-Type: application/json``, and the
+  bodyless writes (heartbeat, DELETE) must not carry a type a web page can
+  send cross-site without a preflight (form, multipart, ``text/plain``):
+  ``415`` otherwise, so a cross-site form post cannot write;
 * every answer is counted by method and status, and timed by route.
 
 Errors never show internals to callers: a Redis failure is ``503`` with
@@ -61,6 +62,10 @@ _REDIS_CODE: Final = re.compile(
     r"|NOREPLICAS|CLUSTERDOWN|CROSSSLOT|MOVED|ASK|TRYAGAIN|NOSCRIPT|EXECABORT)\b"
 )
 _KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The types a web page may POST cross-site without a CORS preflight.
+_FORM_TYPES: Final = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+)
 LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "[::1]")
 
 
@@ -253,8 +258,11 @@ class Front:
         if method in ("POST", "DELETE") and path.startswith("/api/v1/services"):
             ctype = _header(scope, b"content-type")
             media = ctype.split(";", 1)[0].strip().lower() if ctype is not None else None
-            needs_body = path == "/api/v1/services/register"
-            if media != "application/json" and (needs_body or media is not None):
+            if path == "/api/v1/services/register":
+                refused = media != "application/json"
+            else:  # bodyless: only what a cross-site page can send without a preflight
+                refused = media in _FORM_TYPES
+            if refused:
                 return (
                     415,
                     "unsupported_media_type",

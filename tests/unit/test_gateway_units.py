@@ -1,7 +1,10 @@
-"""The gateway's pure parts: its clock, its derived ids, its token check."""
+"""The gateway's pure parts: its clock, its derived ids, its token check, its metrics."""
 
 from __future__ import annotations
 
+import shutil
+
+import anyio
 import pytest
 
 from saga_events import Mirror, Registrar, model
@@ -83,3 +86,28 @@ async def test_metrics_print_every_digit_of_large_counters() -> None:
     assert samples['saga_events_applied_total{status="created"}'] == 2**40 + 1
     assert samples["saga_registry_services"] == 0
     assert samples["saga_mirror_stale_seconds"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not installed; .ci/run installs Debian's prometheus",
+)
+async def test_metrics_pass_promtool_check() -> None:
+    """``promtool check metrics`` accepts the exposition (names, types, help, histograms)."""
+    nowhere = "redis://127.0.0.1:9/0"  # never contacted: constructors do no I/O
+    gateway = Gateway(Registrar(nowhere), Mirror(nowhere), nowhere)
+    gateway.registrar.stats.applied["created"] = 3
+    gateway.stats.rejected["bad_json"] = 2
+    gateway.stats.responses[("POST", 200)] = 5
+    gateway.metrics.revision = 42
+    gateway.metrics.latency.labels("/api/v1/services/register", "POST").observe(0.004)
+    text = gateway.metrics_text()
+    assert "saga_registry_revision 42.0" in text.splitlines()
+    with anyio.fail_after(60):
+        run = await anyio.run_process(
+            ["promtool", "check", "metrics"], input=text.encode(), check=False
+        )
+    said = (run.stdout + run.stderr).decode()
+    assert run.returncode == 0, said
+    assert not said.strip(), said  # not even a lint warning
