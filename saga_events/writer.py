@@ -59,6 +59,7 @@ from typing import Final, Literal
 import anyio
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import model
 from ._redis import TRANSIENT
@@ -237,7 +238,7 @@ class Writer:
                     None if s is None else int(s) - inst.ttl_ms
                     for s, inst in zip(scores, insts, strict=True)
                 ]
-            except TRANSIENT:
+            except (*TRANSIENT, RedisError):  # down, or a role without ZSCORE
                 pass
         return [None] * len(insts)
 

@@ -547,3 +547,35 @@ async def test_delete_that_loses_every_race_answers_409_and_changes_nothing(
     monkeypatch.undo()
     again = await served.client.delete("/api/v1/services/gateway")
     assert again.json() == {"service_name": "gateway", "removed": [reg["service_id"]]}
+
+
+async def test_writer_alone_registers_heartbeats_and_removes_without_http(
+    registrar: Registrar, mirror: Mirror, redis_url: str
+) -> None:
+    """The write path has no HTTP in it: test helpers can call the Writer directly, and it
+    keeps the same promises (stable ids, read-your-writes, 404-like refusals)."""
+    import redis.asyncio as aioredis
+
+    from saga_events.writer import Registration, Writer, WriteRejected
+
+    client = aioredis.Redis.from_url(redis_url)
+    writer = Writer(registrar, mirror, client)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.follow_view)
+            inst, _now = await writer.register(Registration("pay", "http://localhost:9000"))
+            assert inst.service_id == stable_service_id("pay", "http://localhost:9000")
+            assert [i.service_id for i in mirror.instances("pay")] == [inst.service_id]
+            kept, _ = await writer.heartbeat("pay", None)
+            assert kept == [inst.service_id]
+            assert await writer.deregister("pay", None) == [inst.service_id]
+            assert mirror.instances("pay") == []  # read-your-writes, through the same view
+            with pytest.raises(WriteRejected) as missing:
+                await writer.heartbeat("pay", None)
+            assert missing.value.kind == "not_found"
+            with pytest.raises(WriteRejected) as bad:
+                await writer.register(Registration("pay", "ftp://x"))
+            assert (bad.value.kind, bad.value.reason) == ("invalid", "bad_url")
+            tg.cancel_scope.cancel()
+    finally:
+        await client.aclose()
