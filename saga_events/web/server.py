@@ -267,7 +267,9 @@ class Gateway:
             access_log=False,
             timeout_graceful_shutdown=2,
             timeout_keep_alive=max(1, round(limits.keep_alive_timeout)),
-            limit_concurrency=limits.max_connections,
+            # uvicorn 503s a request once connections >= the limit: +1 lets the
+            # last connection under the cap be served.
+            limit_concurrency=limits.max_connections + 1,
             h11_max_incomplete_event_size=limits.max_header_bytes,
             server_header=False,
         )
