@@ -208,26 +208,46 @@ async def test_idle_and_half_sent_connections_are_closed_and_health_answers(
         await eventually(healthy, timeout=30, what="/health answers 200")
 
 
+async def test_the_gateways_redis_pool_holds_more_than_100_commands_at_once(
+    registrar: Registrar, mirror: Mirror, redis_url: str
+) -> None:
+    """150 Redis commands in flight at once through the gateway's client: none fails for
+    want of a pool slot (redis-py's default pool of 100 raised MaxConnectionsError, a
+    false 503 for the 101st concurrent write)."""
+    limits = Limits(max_connections=300)
+    async with serve_gateway(registrar, mirror, redis_url, limits=limits) as s:
+        client = s.gateway.context.redis
+        assert client.connection_pool.max_connections >= limits.max_connections
+        done: list[object] = []
+
+        async def hold() -> None:  # BLPOP holds its connection until the timeout
+            done.append(await client.blpop(["saga-test:nothing"], timeout=0.5))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(150):
+                tg.start_soon(hold)
+        assert done == [None] * 150
+
+
 async def test_more_than_100_concurrent_writes_get_no_false_503(
     registrar: Registrar, mirror: Mirror, redis_url: str
 ) -> None:
-    """150 concurrent registrations all answer 200: the Redis pool is sized to the
-    gateway's connection cap (redis-py's default of 100 failed the 101st)."""
+    """110 concurrent registrations all answer 200 (over redis-py's default pool of 100)."""
     limits = Limits(max_connections=300)
     async with serve_gateway(registrar, mirror, redis_url, limits=limits) as s:
-        pool = s.gateway.context.redis.connection_pool
-        assert pool.max_connections >= limits.max_connections
         statuses: list[int] = []
 
         async def write(i: int) -> None:
             body = {**BODY, "service_id": f"w{i}"}
-            statuses.append((await s.client.post(REGISTER, json=body)).status_code)
+            # A generous read timeout: on a loaded machine the writes queue behind each other.
+            reply = await s.client.post(REGISTER, json=body, timeout=120)
+            statuses.append(reply.status_code)
 
         async with anyio.create_task_group() as tg:
-            for i in range(150):
+            for i in range(110):
                 tg.start_soon(write, i)
-        assert sorted(statuses) == [200] * 150, [c for c in statuses if c != 200][:5]
-        assert len(await registry_truth(redis_url)) == 150
+        assert sorted(statuses) == [200] * 110, [c for c in statuses if c != 200][:5]
+        assert len(await registry_truth(redis_url)) == 110
 
 
 # -- the heartbeat that races the reaper (issue 8) -------------------------------------------
@@ -276,7 +296,8 @@ async def test_heartbeat_racing_the_reaper_answers_404_and_recreates_nothing(
     finally:
         registrar.apply_many = original  # type: ignore[method-assign]
     assert raced
-    assert beat.status_code == 404, beat.text
+    truth = await registry_truth(redis_url)
+    assert beat.status_code == 404, (beat.text, registrar.stats.applied, truth)
     assert beat.json()["error"] == "not_found"
     assert await registry_truth(redis_url) == {}
     await eventually(lambda: not mirror.instances("pay"))
