@@ -72,7 +72,7 @@ log = logging.getLogger("saga_events.writer")
 
 WRITE_RETRIES: Final = 8
 
-RejectKind = Literal["invalid", "oversized", "not_found", "conflict"]
+RejectKind = Literal["invalid", "oversized", "not_found", "conflict", "capped"]
 
 
 class WriteRejected(SagaError):
@@ -300,6 +300,10 @@ class Writer:
                 result = await self.registrar.apply(event, after_newest=True)
                 if result.status != "stale":
                     break
+        if result is not None and result.status == "capped":  # the registrar's instance caps
+            raise WriteRejected(
+                "capped", "cap_refused", f"{name}: the registry's instance cap is reached"
+            )
         if result is None or event is None or result.status == "stale":
             raise WriteRejected(
                 "conflict",

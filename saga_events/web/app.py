@@ -56,7 +56,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]
 
-_STATUS_OF: Final = {"invalid": 422, "oversized": 400, "not_found": 404, "conflict": 409}
+_STATUS_OF: Final = {
+    "invalid": 422,
+    "oversized": 400,
+    "not_found": 404,
+    "conflict": 409,
+    "capped": 503,
+}
 _REDIS_CODE: Final = re.compile(
     r"(?:^|[\s:-])(OOM|READONLY|NOPERM|NOAUTH|WRONGPASS|LOADING|BUSY|MASTERDOWN|MISCONF"
     r"|NOREPLICAS|CLUSTERDOWN|CROSSSLOT|MOVED|ASK|TRYAGAIN|NOSCRIPT|EXECABORT)\b"

@@ -127,7 +127,10 @@ _ERR: Final = {
     409: "Another writer changed the instance meanwhile.",
     415: "Writes need 'Content-Type: application/json'.",
     422: "The registration breaks the registry's rules.",
-    503: "The registry is unavailable (Redis unreachable or refusing); nothing was changed.",
+    503: (
+        "The registry is unavailable (Redis unreachable or refusing, or its instance cap "
+        "is reached: cap_refused); nothing was changed."
+    ),
 }
 
 
