@@ -335,8 +335,8 @@ class Gateway:
 def gateway_missing() -> str | None:
     import importlib.util
 
-    if importlib.util.find_spec("saga_events.gateway") is None:
-        return "saga_events.gateway is not there (the HTTP gateway has not landed)"
+    if importlib.util.find_spec("saga_events.web.server") is None:
+        return "saga_events.web.server is not there (the HTTP gateway has not landed)"
     try:
         import httpx  # noqa: F401
     except ImportError:

@@ -61,7 +61,7 @@ async def _serve_registrar(
             address = None
             if http is not None:
                 # Imported only here: the web stack costs ~1 s of start-up.
-                from .gateway import run_gateway
+                from .web import run_gateway
 
                 address = await tg.start(run_gateway, registrar, url, http[0], http[1], api_token)
             on_ready(registrar, address)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import httpx
 
 from saga_events import Mirror, Registrar
 from saga_events.embedded import free_port
-from saga_events.gateway import Gateway
+from saga_events.web import Gateway, Limits
 
 READY_LINE = "Press Ctrl-C to stop."
 
@@ -34,14 +35,21 @@ class Served:
 
 @asynccontextmanager
 async def serve_gateway(
-    registrar: Registrar, mirror: Mirror, redis_url: str, token: str | None = None
+    registrar: Registrar,
+    mirror: Mirror,
+    redis_url: str,
+    token: str | None = None,
+    *,
+    limits: Limits | None = None,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[Served]:
     """A gateway on a free port in the current event loop, and an httpx client for it."""
-    gateway = Gateway(registrar, mirror, redis_url, token=token)
+    gateway = Gateway(registrar, mirror, redis_url, token=token, limits=limits)
     async with anyio.create_task_group() as tg:
-        host, port = await tg.start(gateway.run, "127.0.0.1", 0)
-        base = f"http://{host}:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        bound, port = await tg.start(gateway.run, host, 0)
+        base = f"http://{'127.0.0.1' if bound == '0.0.0.0' else bound}:{port}"
+        pool = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(base_url=base, timeout=10, limits=pool) as client:
             yield Served(gateway, client, redis_url, base)
         tg.cancel_scope.cancel()
 
@@ -141,3 +149,35 @@ def saga_up(
         reader.join(10)
         if proc.stdout:
             proc.stdout.close()
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _canonical(key: str) -> str:
+    """``name{b="1",a="2"}`` as ``name{a="2",b="1"}`` (label order does not matter)."""
+    name, brace, labels = key.partition("{")
+    if not brace:
+        return key
+    pairs = sorted(_LABEL.findall(labels.removesuffix("}")))
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
+
+
+class Samples(dict[str, float]):
+    """Samples by ``name{labels}``, looked up whatever the order of the labels."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(_canonical(key))
+
+    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        return super().get(_canonical(key), default)
+
+
+def metric_samples(text: str) -> Samples:
+    """The samples of a Prometheus text exposition: ``name{labels}`` -> value."""
+    samples = Samples()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[_canonical(key)] = float(value)
+    return samples

@@ -220,7 +220,7 @@ class SagaTestRegistry:
         if self._http_url is None:
             if self._registrar is None:
                 raise RuntimeError("the registrar is stopped: start_registrar() first")
-            from ..gateway import run_gateway
+            from ..web import run_gateway
 
             future, (host, port) = self.portal.start_task(
                 run_gateway, self._registrar, self.redis_url, "127.0.0.1", self._http_port, token

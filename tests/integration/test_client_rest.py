@@ -17,8 +17,8 @@ from saga_events import (
     SagaServiceDiscovery,
     ServiceNotFound,
 )
-from saga_events.gateway import run_gateway
 from saga_events.testing import SagaTestRegistry, eventually
+from saga_events.web import run_gateway
 
 pytestmark = pytest.mark.anyio
 

@@ -13,9 +13,11 @@ import pytest
 
 from saga_events import Agent, Mirror, Registrar, Removed
 from saga_events.embedded import RedisServer
-from saga_events.gateway import _WRITE_RETRIES, Gateway, derived_service_id
+from saga_events.identity import stable_service_id
 from saga_events.testing import registry_truth, wait_mirror_matches
-from tests.gateway_helpers import Served, serve_gateway
+from saga_events.web import Gateway
+from saga_events.writer import WRITE_RETRIES
+from tests.gateway_helpers import Served, metric_samples, serve_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +59,7 @@ async def test_register_answers_seed_shape_and_get_reads_it_at_once(served: Serv
     assert body["service_name"] == "gateway"
     assert body["service_url"] == "http://localhost:8000"
     assert body["capabilities"] == ["rest", "graphql", "grpc"]
-    assert body["service_id"] == derived_service_id("gateway", "http://localhost:8000")
+    assert body["service_id"] == stable_service_id("gateway", "http://localhost:8000")
     assert ISO_UTC.match(body["registered_at"]), body["registered_at"]
     assert ISO_UTC.match(body["last_heartbeat"]), body["last_heartbeat"]
     assert body["ttl_seconds"] == 60
@@ -290,8 +292,8 @@ async def test_bad_registration_is_rejected_counted_and_changes_nothing(
     assert served.gateway.stats.rejected[reason] == 1
     assert sum(served.gateway.registrar.stats.applied.values()) == applied_before
     assert await registry_truth(served.redis_url) == {}
-    metrics = (await served.client.get("/metrics")).text
-    assert f'saga_events_rejected_total{{source="http",reason="{reason}"}} 1' in metrics
+    metrics = metric_samples((await served.client.get("/metrics")).text)
+    assert metrics[f'saga_events_rejected_total{{source="http",reason="{reason}"}}'] == 1
 
 
 @pytest.mark.parametrize(
@@ -390,22 +392,24 @@ async def test_metrics_in_prometheus_text(served: Served) -> None:
     r = await served.client.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
-    text = r.text
-    for line in (
-        'saga_events_applied_total{status="created"} 1',
-        'saga_events_applied_total{status="refreshed"} 1',
-        'saga_events_received_total{source="http"} 3',
-        'saga_events_rejected_total{source="http",reason="bad_url"} 1',
-        "saga_registry_instances 1",
-        "saga_mirror_stale 0",
-        "saga_registry_reaped_total 0",
-        'saga_http_responses_total{method="POST",code="200"} 2',
-        'saga_http_responses_total{method="POST",code="422"} 1',
+    samples = metric_samples(r.text)
+    for key, value in (
+        ('saga_events_applied_total{status="created"}', 1),
+        ('saga_events_applied_total{status="refreshed"}', 1),
+        ('saga_events_received_total{source="http"}', 3),
+        ('saga_events_rejected_total{source="http",reason="bad_url"}', 1),
+        ("saga_registry_instances", 1),
+        ("saga_mirror_stale", 0),
+        ("saga_registry_reaped_total", 0),
+        ('saga_http_responses_total{method="POST",code="200"}', 2),
+        ('saga_http_responses_total{method="POST",code="422"}', 1),
     ):
-        assert line in text.splitlines(), f"{line!r} not in\n{text}"
-    for raw in text.splitlines():  # every sample line parses as name{labels} value
-        if raw and not raw.startswith("#"):
-            assert re.fullmatch(r"[a-z_]+(\{[^}]*\})? -?[0-9.e+]+", raw), raw
+        assert samples.get(key) == value, f"{key!r} is not {value} in\n{r.text}"
+    # request latency by route, as a histogram
+    assert (
+        samples['saga_http_request_duration_seconds_count'
+                '{route="/api/v1/services/register",method="POST"}'] == 3
+    )  # fmt: skip
 
 
 async def test_openapi_document_is_served(served: Served) -> None:
@@ -467,7 +471,9 @@ async def test_redis_refusing_writes_gets_503_not_500(redis_url: str) -> None:
                 await admin.config_set("maxmemory", "0")
             assert r.status_code == 503, r.text
             assert r.json()["error"] == "redis_error"
-            assert "OOM" in r.json()["detail"]
+            detail = r.json()["detail"]
+            assert "registry unavailable (oom)" in detail, detail
+            assert "saga:" not in detail and "script" not in detail  # no internals
             assert await registry_truth(redis_url) == {}
             assert (await s.client.post(REGISTER, json=SEED_BODY)).status_code == 200
     finally:
@@ -536,8 +542,40 @@ async def test_delete_that_loses_every_race_answers_409_and_changes_nothing(
     assert gone.status_code == 409, gone.text
     assert gone.json()["error"] == "conflict"
     assert reg["service_id"] in gone.json()["detail"]
-    assert leaves == _WRITE_RETRIES
+    assert leaves == WRITE_RETRIES
     assert await _truth_ids(served.redis_url) == {reg["service_id"]}
     monkeypatch.undo()
     again = await served.client.delete("/api/v1/services/gateway")
     assert again.json() == {"service_name": "gateway", "removed": [reg["service_id"]]}
+
+
+async def test_writer_alone_registers_heartbeats_and_removes_without_http(
+    registrar: Registrar, mirror: Mirror, redis_url: str
+) -> None:
+    """The write path has no HTTP in it: test helpers can call the Writer directly, and it
+    keeps the same promises (stable ids, read-your-writes, 404-like refusals)."""
+    import redis.asyncio as aioredis
+
+    from saga_events.writer import Registration, Writer, WriteRejected
+
+    client = aioredis.Redis.from_url(redis_url)
+    writer = Writer(registrar, mirror, client)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.follow_view)
+            inst, _now = await writer.register(Registration("pay", "http://localhost:9000"))
+            assert inst.service_id == stable_service_id("pay", "http://localhost:9000")
+            assert [i.service_id for i in mirror.instances("pay")] == [inst.service_id]
+            kept, _ = await writer.heartbeat("pay", None)
+            assert kept == [inst.service_id]
+            assert await writer.deregister("pay", None) == [inst.service_id]
+            assert mirror.instances("pay") == []  # read-your-writes, through the same view
+            with pytest.raises(WriteRejected) as missing:
+                await writer.heartbeat("pay", None)
+            assert missing.value.kind == "not_found"
+            with pytest.raises(WriteRejected) as bad:
+                await writer.register(Registration("pay", "ftp://x"))
+            assert (bad.value.kind, bad.value.reason) == ("invalid", "bad_url")
+            tg.cancel_scope.cancel()
+    finally:
+        await client.aclose()

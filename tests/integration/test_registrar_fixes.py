@@ -298,7 +298,7 @@ async def test_http_register_over_the_cap_is_refused(redis_url: str) -> None:
     """The gateway's write path goes through the same apply script and its caps."""
     import httpx
 
-    from saga_events.gateway import run_gateway
+    from saga_events.web import run_gateway
 
     async with (
         Registrar(redis_url, max_instances_per_service=1, own_view=False) as registrar,

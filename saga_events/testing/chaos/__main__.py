@@ -63,8 +63,8 @@ async def _serve_mirror(url: str, namespace: str, dump: str) -> None:
 
 
 async def _serve_gateway(url: str, namespace: str, port: str) -> None:
-    from ...gateway import run_gateway
     from ...registrar import Registrar
+    from ...web import run_gateway
 
     async with Registrar(url, namespace=namespace) as registrar, anyio.create_task_group() as tg:
         await tg.start(run_gateway, registrar, url, "127.0.0.1", int(port))

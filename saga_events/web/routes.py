@@ -1,0 +1,262 @@
+"""The REST routes: each translates HTTP to a writer or view call and back, nothing more.
+
+Contract: handlers parse the path, query and body (Litestar and msgspec,
+with the shapes of :mod:`saga_events.web.schema`), call
+:class:`~saga_events.writer.Writer` for writes or read the gateway's view,
+and return wire shapes. Ordering, ids, retries and read-your-writes are the
+writer's; status codes for its refusals are :mod:`saga_events.web.app`'s.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import anyio
+from litestar import Response, delete, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
+from litestar.params import Body, Parameter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .. import model
+from .._redis import TRANSIENT
+from ..errors import SagaError
+from ..writer import Registration, Writer, not_found
+from .metrics import CONTENT_TYPE, GatewayMetrics
+from .schema import (
+    NAME_DOC_PATTERN,
+    NAME_RULE,
+    DeregisterResult,
+    ErrorBody,
+    Health,
+    HeartbeatResult,
+    MirrorHealth,
+    RedisHealth,
+    RegisterRequest,
+    RegistrarHealth,
+    ServiceInfo,
+    ServiceList,
+)
+
+TOKEN_ENV: Final = "SAGA_API_TOKEN"
+
+PathName = Annotated[
+    str, Parameter(pattern=NAME_DOC_PATTERN, description=f"Service name: {NAME_RULE}.")
+]
+QueryId = Annotated[
+    str | None,
+    Parameter(
+        pattern=NAME_DOC_PATTERN,
+        required=False,
+        description="Only this instance of the service (default: every instance).",
+    ),
+]
+
+
+@dataclass
+class Context:
+    """What the routes work with: the writer (and through it the registrar and the
+    view), the metrics, a Redis client for reads, and the write token."""
+
+    writer: Writer
+    metrics: GatewayMetrics
+    redis: Redis
+    token: str | None
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        if not header:
+            return False
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(), self.token.encode())
+
+    async def describe(self, insts: list[model.Instance]) -> list[ServiceInfo]:
+        beats = await self.writer.last_heartbeats(insts)
+        return [ServiceInfo.of(i, b) for i, b in zip(insts, beats, strict=True)]
+
+    def choose(self, name: str) -> model.Instance | None:
+        """The instance a GET by name answers: round-robin over live ones, else a draining one."""
+        view = self.writer.view
+        insts = view.instances(name)
+        if not insts:
+            return None
+        try:
+            return view.pick(name)
+        except SagaError:
+            return insts[0]
+
+    async def health(self) -> tuple[int, Health]:
+        error: str | None = None
+        latency: float | None = None
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(1.0):
+                await self.redis.ping()
+            latency = round((time.perf_counter() - started) * 1000, 3)
+        except TimeoutError:
+            error = "timeout"
+        except TRANSIENT:
+            error = "unreachable"
+        reg, view = self.writer.registrar, self.writer.view
+        body = Health(
+            status="unavailable" if error else ("degraded" if view.stale else "ok"),
+            redis=RedisHealth(ok=error is None, latency_ms=latency, error=error),
+            registrar=RegistrarHealth(
+                rid=reg.rid,
+                subscribed=reg.subscribed,
+                uptime_seconds=round(time.time() - reg.started_ms / 1000, 3),
+            ),
+            mirror=MirrorHealth(synced=view.has_synced, stale=view.stale, instances=len(view)),
+        )
+        return (503 if error else 200), body
+
+
+_ERR: Final = {
+    400: "The request cannot be read: says what is wrong.",
+    401: "A bearer token is required for writes.",
+    404: "No live instance has that name.",
+    409: "Another writer changed the instance meanwhile.",
+    415: "Writes need 'Content-Type: application/json'.",
+    422: "The registration breaks the registry's rules.",
+    503: (
+        "The registry is unavailable (Redis unreachable or refusing, or its instance cap "
+        "is reached: cap_refused); nothing was changed."
+    ),
+}
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: ResponseSpec(ErrorBody, generate_examples=False, description=_ERR[c]) for c in codes}
+
+
+def handlers(ctx: Context) -> list[Any]:
+    """The route handlers of the REST API, bound to ``ctx``."""
+
+    def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if not ctx.authorized(connection.headers.get("authorization")):
+            raise NotAuthorizedException(
+                "this gateway requires 'Authorization: Bearer <token>' for writes "
+                f"(the token set in {TOKEN_ENV})"
+            )
+
+    write_security: list[dict[str, list[str]]] | None = [{"bearer": []}] if ctx.token else None
+    writer = ctx.writer
+
+    @post(
+        "/api/v1/services/register",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 409, 415, 422, 503),
+        security=write_security,
+        summary="Register (or re-register) an instance",
+        description=(
+            "Without service_id the id is derived from (service_name, service_url), so "
+            "registering again refreshes the same instance. The registration expires after "
+            "ttl_seconds (default 60) unless heartbeated. Needs Content-Type: application/json."
+        ),
+    )
+    async def register(
+        data: Annotated[RegisterRequest, Body(description="The instance to register.")],
+    ) -> ServiceInfo:
+        inst, now_ms = await writer.register(
+            Registration(
+                service_name=data.service_name,
+                service_url=data.service_url,
+                capabilities=tuple(data.capabilities),
+                service_id=data.service_id,
+                metadata=dict(data.metadata),
+                ttl_ms=round(data.ttl_seconds * 1000),
+            )
+        )
+        return ServiceInfo.of(inst, now_ms)
+
+    @post(
+        "/api/v1/services/{name:str}/heartbeat",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 415, 503),
+        security=write_security,
+        summary="Keep every live instance of a service alive",
+        description=(
+            "Moves the deadline of every instance of the service (or only ?service_id=). "
+            "404 when none is live (also when it expired a moment ago): register again."
+        ),
+    )
+    async def heartbeat(name: PathName, service_id: QueryId = None) -> HeartbeatResult:
+        ids, now_ms = await writer.heartbeat(name, service_id)
+        return HeartbeatResult(
+            service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
+        )
+
+    @delete(
+        "/api/v1/services/{name:str}",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 409, 415, 503),
+        security=write_security,
+        summary="Deregister every instance of a service",
+        description="Removes every instance of the service, or only ?service_id=.",
+    )
+    async def deregister(name: PathName, service_id: QueryId = None) -> DeregisterResult:
+        removed = await writer.deregister(name, service_id)
+        return DeregisterResult(service_name=name, removed=removed)
+
+    @get(
+        "/api/v1/services/{name:str}",
+        responses=_errors(400, 404),
+        summary="Discover one live instance of a service",
+        description="Round-robin over the live, non-draining instances.",
+    )
+    async def discover(name: PathName) -> ServiceInfo:
+        inst = ctx.choose(name)
+        if inst is None:
+            raise not_found(name, None)
+        return (await ctx.describe([inst]))[0]
+
+    @get("/api/v1/services", summary="List every service and its instances")
+    async def list_services() -> ServiceList:
+        services = writer.view.services()
+        flat = [i for insts in services.values() for i in insts]
+        infos = iter(await ctx.describe(flat))
+        return ServiceList(
+            services={name: [next(infos) for _ in insts] for name, insts in services.items()},
+            count=len(flat),
+            stale=writer.view.stale,
+        )
+
+    @get(
+        "/health",
+        responses={
+            503: ResponseSpec(Health, generate_examples=False, description="Redis is unreachable.")
+        },
+        summary="Redis, registrar and view state",
+    )
+    async def health() -> Response[Health]:
+        status, body = await ctx.health()
+        return Response(body, status_code=status)
+
+    @get("/metrics", media_type=CONTENT_TYPE, summary="Prometheus metrics")
+    async def metrics() -> str:
+        await _read_revision(ctx)
+        return ctx.metrics.render()
+
+    return [register, heartbeat, deregister, discover, list_services, health, metrics]
+
+
+async def _read_revision(ctx: Context) -> None:
+    """The registry revision for the gauge; left as it was when Redis does not answer."""
+    with anyio.move_on_after(0.5):
+        try:
+            raw = await ctx.redis.get(ctx.writer.registrar.keys.rev)
+        except (*TRANSIENT, RedisError):  # e.g. a role that may not GET it: left as it was
+            return
+        ctx.metrics.revision = int(raw) if raw is not None and raw.isdigit() else None
