@@ -74,6 +74,8 @@ from ._redis import TRANSIENT, RedisLike, connect
 from .errors import InvalidEvent, SagaError
 from .mirror import ChangesOverflow, Mirror
 from .registrar import ApplyResult, Registrar
+from .web.surface import web_routes
+from .web.watch import WatchHub
 
 log = logging.getLogger("saga_events.gateway")
 
@@ -420,6 +422,7 @@ class Gateway:
         self._app: Litestar | None = None
         self._locks: dict[tuple[str, str], tuple[anyio.Lock, int]] = {}
         self.address: tuple[str, int] | None = None
+        self.watch_hub = WatchHub(mirror, _info)  # the web surface (issue 12)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -489,6 +492,7 @@ class Gateway:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._follow_view)
                 tg.start_soon(self._watch_staleness)
+                await tg.start(self.watch_hub.run)
                 tg.start_soon(serve)
                 try:
                     with anyio.fail_after(10):
@@ -1067,7 +1071,10 @@ def build_app(gw: Gateway) -> Litestar:
         return _error(500, "internal", f"internal error: {type(exc).__name__}")
 
     app = Litestar(
-        route_handlers=[register, heartbeat, deregister, discover, list_services, health, metrics],
+        route_handlers=[
+            *[register, heartbeat, deregister, discover, list_services, health, metrics],
+            *web_routes(gw.watch_hub, gw.mirror),
+        ],
         exception_handlers={
             ValidationException: on_validation,
             HTTPException: on_http,

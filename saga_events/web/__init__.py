@@ -1,0 +1,1 @@
+"""The web surface of the gateway."""
