@@ -38,9 +38,10 @@
     return hay.some((s) => String(s).toLowerCase().includes(needle));
   }
 
+  // UTC, to the second: the same in every operator's browser and in the logs.
   function timeText(iso) {
     const d = new Date(iso);
-    return isNaN(d) ? String(iso) : d.toLocaleString();
+    return isNaN(d) ? String(iso) : d.toISOString().slice(0, 19).replace("T", " ") + "Z";
   }
 
   function metadataCell(metadata) {
