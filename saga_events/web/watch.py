@@ -58,7 +58,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import Stream
 from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import HTTPResponseBodyEvent, Send
+from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 from .. import model
 from ..mirror import Added, Change, ChangesOverflow, Mirror, Removed
@@ -300,18 +300,39 @@ class _GuardedStreaming(ASGIStreamingResponse):
     send_timeout: float = DEFAULT_SEND_TIMEOUT
 
     async def _stream(self, send: Send) -> None:
-        async for chunk in self.iterator:
-            body: HTTPResponseBodyEvent = {
-                "type": "http.response.body",
-                "body": chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding),
-                "more_body": True,
-            }
-            with anyio.move_on_after(self.send_timeout) as scope:
-                await send(body)
-            if scope.cancelled_caught:
-                log.info("watch stream dropped: a write waited %.0f s", self.send_timeout)
-                return  # the server closes a response that never completed
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            async for chunk in self.iterator:
+                body: HTTPResponseBodyEvent = {
+                    "type": "http.response.body",
+                    "body": chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding),
+                    "more_body": True,
+                }
+                with anyio.move_on_after(self.send_timeout) as scope:
+                    await send(body)
+                if scope.cancelled_caught:
+                    log.info("watch stream dropped: a write waited %.0f s", self.send_timeout)
+                    return  # the server closes a response that never completed
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # The watcher leaves the hub now, not whenever the generator is collected.
+            aclose = getattr(self.iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        # Litestar's version waits for the client to disconnect even after the stream
+        # has ended; a dropped reader must not hold the request that long.
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                try:
+                    await self._stream(send)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self._listen_for_disconnect(cancel_scope=tg.cancel_scope, receive=receive)
 
 
 class WatchStream(Stream):

@@ -15,6 +15,7 @@ import pytest
 
 from saga_events import Mirror, Registrar, model
 from saga_events._wait import eventually
+from saga_events.embedded import RedisServer
 from saga_events.sse_client import SSEEvent, SSEParser
 from tests.gateway_helpers import Served, serve_gateway
 
@@ -234,31 +235,36 @@ async def test_watch_needs_no_token_on_a_guarded_gateway(
             assert (await reader.next()).event == "snapshot"
 
 
+async def bulk_register(registrar: Registrar, count: int) -> None:
+    """``count`` instances of ~12 KB each (a few hundred fill the socket buffers)."""
+    big = "x" * 12_000
+    now = time.time_ns() // 1000
+    events: list[model.AnyEvent] = [
+        model.Register(
+            service_name="bulk",
+            service_id=f"b{i}",
+            incarnation=now,
+            seq=1,
+            service_url=f"http://10.1.{i // 250}.{i % 250}:80",
+            metadata={"pad": big},
+        )
+        for i in range(count)
+    ]
+    for chunk in range(0, count, 50):
+        await registrar.apply_many(events[chunk : chunk + 50])
+
+
 async def test_watch_slow_reader_gets_overflow_and_the_stream_ends(
     served: Served, registrar: Registrar
 ) -> None:
     """A reader that stops reading is cut off with a final overflow event, not buffered."""
     hub = served.gateway.watch_hub
     hub.queue_size = 4
-    big = "x" * 12_000  # ~12 KB per event: a few hundred fill the socket buffers
     count = 400
     async with watching(served) as reader:
         assert (await reader.next()).event == "snapshot"
         start = hub._n
-        now = time.time_ns() // 1000
-        events: list[model.AnyEvent] = [
-            model.Register(
-                service_name="bulk",
-                service_id=f"b{i}",
-                incarnation=now,
-                seq=1,
-                service_url=f"http://10.1.{i // 250}.{i % 250}:80",
-                metadata={"pad": big},
-            )
-            for i in range(count)
-        ]
-        for chunk in range(0, count, 50):
-            await registrar.apply_many(events[chunk : chunk + 50])
+        await bulk_register(registrar, count)
         # The hub has seen every change: the reader, which read nothing, overflowed.
         await eventually(lambda: hub._n - start >= count, timeout=30, what="hub saw all")
         await eventually(lambda: hub.overflows == 1, timeout=10, what="overflow")
@@ -275,3 +281,29 @@ async def test_watch_slow_reader_gets_overflow_and_the_stream_ends(
                 while True:
                     await reader._more()
     await eventually(lambda: hub.watchers == 0, what="watcher gone")
+
+
+async def test_watch_drops_a_reader_that_stops_reading(
+    served: Served, registrar: Registrar
+) -> None:
+    """A reader that reads nothing more is dropped once a write waits send_timeout."""
+    hub = served.gateway.watch_hub
+    hub.queue_size = 4
+    hub.send_timeout = 0.5
+    async with watching(served) as reader:
+        assert (await reader.next()).event == "snapshot"
+        await bulk_register(registrar, 400)
+        await eventually(lambda: hub.watchers == 0, timeout=30, what="stuck reader dropped")
+
+
+async def test_watch_tells_stale_and_current(served: Served, redis_server: RedisServer) -> None:
+    """When the gateway's view loses Redis the stream says stale, and current once back."""
+    await register(served, "orders", "http://10.0.0.1:80")
+    async with watching(served) as reader:
+        assert data(await reader.next())["stale"] is False
+        redis_server.kill()
+        stale = await reader.until(lambda e: e.event in ("stale", "current"), timeout=30)
+        assert stale.event == "stale" and data(stale) == {"stale": True}
+        redis_server.start()
+        current = await reader.until(lambda e: e.event in ("stale", "current"), timeout=60)
+        assert current.event == "current" and data(current) == {"stale": False}
