@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import Annotated, Final
 from urllib.parse import urlsplit
 
+import msgspec
 from litestar import get
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import Parameter
@@ -49,7 +50,12 @@ META: Final = "__meta_saga_"
 _NOT_LABEL: Final = re.compile(r"[^a-zA-Z0-9_]")
 _NAME_DOC_PATTERN: Final = model.NAME_PATTERN.removesuffix(r"\Z") + "$"
 
-TargetGroup = dict[str, list[str] | dict[str, str]]
+
+class TargetGroup(msgspec.Struct, kw_only=True):
+    """One ``http_sd_config`` target group: one instance's address and its labels."""
+
+    targets: list[str]
+    labels: dict[str, str]
 
 
 def label_name(key: str) -> str:
@@ -104,7 +110,7 @@ def prometheus_targets(
         }
         for key in sorted(inst.metadata):
             labels.setdefault(f"{META}metadata_{label_name(key)}", inst.metadata[key])
-        groups.append({"targets": [address], "labels": labels})
+        groups.append(TargetGroup(targets=[address], labels=labels))
     return groups
 
 
