@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -91,13 +92,17 @@ class _Event:
     frame: bytes
 
 
+_KEEPALIVE: Final = _Event(0, None, KEEPALIVE_FRAME)
+
+
 class _Watcher:
-    __slots__ = ("overflow", "receive", "send", "service")
+    __slots__ = ("last", "overflow", "receive", "send", "service")
 
     def __init__(self, service: str | None, size: int) -> None:
         self.service = service
         self.send, self.receive = anyio.create_memory_object_stream[_Event](size)
         self.overflow: str | None = None
+        self.last = time.monotonic()  # when something was last queued for it
 
     def wants(self, event: _Event) -> bool:
         return event.service is None or self.service is None or event.service == self.service
@@ -152,6 +157,7 @@ class WatchHub:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._follow_stale)
+                tg.start_soon(self._keep_alive)
                 started = False
                 while True:
                     try:
@@ -185,6 +191,20 @@ class WatchHub:
                 continue
             self._stale = want
             self._publish("stale" if want else "current", None, _encode({"stale": want}))
+
+    async def _keep_alive(self) -> None:
+        # The hub queues the keep-alives: a watcher's receive is never cancelled by a
+        # timeout (a memory stream can lose the item a cancelled receive was handed).
+        while True:
+            await anyio.sleep(min(self.keepalive, 1.0))
+            now = time.monotonic()
+            for w in self._watchers:
+                if w.overflow is None and now - w.last >= self.keepalive:
+                    try:
+                        w.send.send_nowait(_KEEPALIVE)
+                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        continue  # a full queue has events to send anyway
+                    w.last = now
 
     def _reread(self, *, publish: bool) -> None:
         now = {(i.service_name, i.service_id): i for i in self.mirror.snapshot().values()}
@@ -220,6 +240,7 @@ class WatchHub:
                 continue
             try:
                 w.send.send_nowait(event)
+                w.last = time.monotonic()
             except anyio.WouldBlock:
                 w.overflow = (
                     f"this reader fell {self.queue_size} events behind; "
@@ -258,7 +279,8 @@ class WatchHub:
             if service is None or key[0] == service:
                 services.setdefault(key[0], []).append(self.info(self._view[key]))
                 count += 1
-        body = {"services": services, "count": count, "stale": self.mirror.stale}
+        # The hub's own stale flag: the snapshot and the stale/current events agree.
+        body = {"services": services, "count": count, "stale": self._stale}
         return sse_frame("snapshot", _encode(body), self.last_id)
 
     async def stream(
@@ -274,18 +296,13 @@ class WatchHub:
         try:
             yield f"retry: {RETRY_MS}\n\n".encode() + b"".join(first)
             while True:
-                event: _Event | None = None
-                ended = False
-                with anyio.move_on_after(self.keepalive):
-                    try:
-                        event = await w.receive.receive()
-                    except anyio.EndOfStream:
-                        ended = True
-                if ended:
-                    if w.overflow is not None:
-                        yield sse_frame("overflow", _encode({"reason": w.overflow}))
-                    return
-                yield KEEPALIVE_FRAME if event is None else event.frame
+                try:
+                    event = await w.receive.receive()
+                except anyio.EndOfStream:
+                    break
+                yield event.frame
+            if w.overflow is not None:
+                yield sse_frame("overflow", _encode({"reason": w.overflow}))
         finally:
             self._watchers.discard(w)
             w.send.close()

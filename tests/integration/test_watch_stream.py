@@ -66,6 +66,10 @@ class Reader:
                 if pred(event):
                     return event
 
+    async def change(self, timeout: float = 10.0) -> SSEEvent:  # noqa: ASYNC109
+        """The next event that is not stale/current (the view may lag under load)."""
+        return await self.until(lambda e: e.event not in ("stale", "current"), timeout)
+
     async def comments(self, at_least: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         with anyio.fail_after(timeout):
             while self.parser.comments < at_least:
@@ -105,7 +109,7 @@ async def test_watch_starts_with_snapshot_then_added_and_removed(served: Served)
     """The stream opens with every live instance, then shows a register and a DELETE."""
     first = await register(served, "orders", "http://10.0.0.1:80", capabilities=["rest"])
     async with watching(served) as reader:
-        snap = await reader.next()
+        snap = await reader.change()
         assert snap.event == "snapshot"
         body = data(snap)
         assert body["count"] == 1 and body["stale"] is False
@@ -115,14 +119,14 @@ async def test_watch_starts_with_snapshot_then_added_and_removed(served: Served)
         assert reader.parser.retry == 1000
 
         second = await register(served, "billing", "http://10.0.0.2:80", metadata={"zone": "b"})
-        added = await reader.next()
+        added = await reader.change()
         assert added.event == "added"
         assert data(added)["service_id"] == second["service_id"]
         assert data(added)["metadata"] == {"zone": "b"}
 
         r = await served.client.delete("/api/v1/services/billing")
         assert r.status_code == 200, r.text
-        removed = await reader.next()
+        removed = await reader.change()
         assert removed.event == "removed"
         assert data(removed)["service_id"] == second["service_id"]
 
@@ -139,9 +143,9 @@ async def test_watch_updated_when_a_record_changes(served: Served) -> None:
     """Re-registering with new metadata is an updated event carrying the new record."""
     await register(served, "orders", "http://10.0.0.1:80", service_id="o1", metadata={"v": "1"})
     async with watching(served) as reader:
-        assert (await reader.next()).event == "snapshot"
+        assert (await reader.change()).event == "snapshot"
         await register(served, "orders", "http://10.0.0.1:80", service_id="o1", metadata={"v": "2"})
-        event = await reader.next()
+        event = await reader.change()
         assert event.event == "updated"
         assert data(event)["metadata"] == {"v": "2"}
 
@@ -151,12 +155,12 @@ async def test_watch_narrowed_to_one_service(served: Served) -> None:
     await register(served, "orders", "http://10.0.0.1:80")
     await register(served, "billing", "http://10.0.0.2:80")
     async with watching(served, params={"service": "billing"}) as reader:
-        snap = data(await reader.next())
+        snap = data(await reader.change())
         assert list(snap["services"]) == ["billing"] and snap["count"] == 1
         # Events keep their order: an orders event, were it sent, would come first.
         await register(served, "orders", "http://10.0.0.3:80")
         await register(served, "billing", "http://10.0.0.4:80")
-        event = await reader.next()
+        event = await reader.change()
         assert event.event == "added"
         assert data(event)["service_url"] == "http://10.0.0.4:80"
 
@@ -172,7 +176,7 @@ async def test_watch_resumes_after_last_event_id_without_a_snapshot(served: Serv
     """A reconnect with the last id gets exactly the events missed meanwhile."""
     await register(served, "orders", "http://10.0.0.1:80")
     async with watching(served) as reader:
-        last = (await reader.next()).id
+        last = (await reader.change()).id
     assert last is not None
     await register(served, "billing", "http://10.0.0.2:80")
     await register(served, "orders", "http://10.0.0.3:80")
@@ -180,7 +184,7 @@ async def test_watch_resumes_after_last_event_id_without_a_snapshot(served: Serv
     assert r.status_code == 200, r.text
 
     async with watching(served, headers={"Last-Event-ID": last}) as reader:
-        got = [await reader.next() for _ in range(3)]
+        got = [await reader.change() for _ in range(3)]
         assert [e.event for e in got] == ["added", "added", "removed"]
         assert [data(e)["service_url"] for e in got] == [
             "http://10.0.0.2:80",
@@ -189,7 +193,7 @@ async def test_watch_resumes_after_last_event_id_without_a_snapshot(served: Serv
         ]
         # And it goes on live from there.
         await register(served, "shipping", "http://10.0.0.5:80")
-        assert data(await reader.next())["service_name"] == "shipping"
+        assert data(await reader.change())["service_name"] == "shipping"
 
 
 async def test_watch_unknown_last_event_id_starts_with_a_snapshot(served: Served) -> None:
@@ -198,7 +202,7 @@ async def test_watch_unknown_last_event_id_starts_with_a_snapshot(served: Served
     hub = served.gateway.watch_hub
     for stale_id in ("0123abcd-1", f"{hub.hub_id}-999999", "garbage"):
         async with watching(served, headers={"Last-Event-ID": stale_id}) as reader:
-            snap = await reader.next()
+            snap = await reader.change()
             assert snap.event == "snapshot", stale_id
             assert data(snap)["count"] == 1
 
@@ -208,12 +212,12 @@ async def test_watch_resume_past_the_ring_starts_with_a_snapshot(served: Served)
     hub = served.gateway.watch_hub
     hub._ring = type(hub._ring)(hub._ring, maxlen=2)  # a tiny ring for this test
     async with watching(served) as reader:
-        last = (await reader.next()).id
+        last = (await reader.change()).id
     assert last is not None
     for i in range(4):
         await register(served, f"svc{i}", f"http://10.0.1.{i}:80")
     async with watching(served, headers={"Last-Event-ID": last}) as reader:
-        snap = await reader.next()
+        snap = await reader.change()
         assert snap.event == "snapshot"
         assert data(snap)["count"] == 4
 
@@ -222,7 +226,7 @@ async def test_watch_keepalive_comment(served: Served) -> None:
     """A quiet stream carries keep-alive comments."""
     served.gateway.watch_hub.keepalive = 0.05
     async with watching(served) as reader:
-        assert (await reader.next()).event == "snapshot"
+        assert (await reader.change()).event == "snapshot"
         await reader.comments(2)
 
 
@@ -232,7 +236,7 @@ async def test_watch_needs_no_token_on_a_guarded_gateway(
     """The stream is a read: no token, as for the other reads."""
     async with serve_gateway(registrar, mirror, redis_url, token="s3cret") as guarded:
         async with watching(guarded) as reader:
-            assert (await reader.next()).event == "snapshot"
+            assert (await reader.change()).event == "snapshot"
 
 
 async def bulk_register(registrar: Registrar, count: int) -> None:
@@ -262,7 +266,7 @@ async def test_watch_slow_reader_gets_overflow_and_the_stream_ends(
     hub.queue_size = 4
     count = 400
     async with watching(served) as reader:
-        assert (await reader.next()).event == "snapshot"
+        assert (await reader.change()).event == "snapshot"
         start = hub._n
         await bulk_register(registrar, count)
         # The hub has seen every change: the reader, which read nothing, overflowed.
@@ -291,7 +295,7 @@ async def test_watch_drops_a_reader_that_stops_reading(
     hub.queue_size = 4
     hub.send_timeout = 0.5
     async with watching(served) as reader:
-        assert (await reader.next()).event == "snapshot"
+        assert (await reader.change()).event == "snapshot"
         await bulk_register(registrar, 400)
         await eventually(lambda: hub.watchers == 0, timeout=30, what="stuck reader dropped")
 
@@ -300,7 +304,7 @@ async def test_watch_tells_stale_and_current(served: Served, redis_server: Redis
     """When the gateway's view loses Redis the stream says stale, and current once back."""
     await register(served, "orders", "http://10.0.0.1:80")
     async with watching(served) as reader:
-        assert data(await reader.next())["stale"] is False
+        assert data(await reader.change())["stale"] is False
         redis_server.kill()
         stale = await reader.until(lambda e: e.event in ("stale", "current"), timeout=30)
         assert stale.event == "stale" and data(stale) == {"stale": True}
