@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -111,8 +111,9 @@ def _error(status: int, reason: str, detail: str) -> Response[ErrorBody]:
     return Response(ErrorBody(status_code=status, error=reason, detail=detail), status_code=status)
 
 
-def build_app(ctx: Context, *, max_body_bytes: int) -> Litestar:
-    """The Litestar application serving ``ctx``'s routes."""
+def build_app(ctx: Context, *, max_body_bytes: int, extra_routes: Sequence[Any] = ()) -> Litestar:
+    """The Litestar application serving ``ctx``'s routes (and ``extra_routes``: the
+    watch stream, the dashboard, service discovery)."""
     stats = ctx.metrics.stats
     refusals = RateLimitedLog(log, burst=5, window=60.0)
     bugs = RateLimitedLog(log, burst=5, window=60.0)
@@ -207,7 +208,7 @@ def build_app(ctx: Context, *, max_body_bytes: int) -> Litestar:
         return _error(500, "internal", "internal error")
 
     return Litestar(
-        route_handlers=handlers(ctx),
+        route_handlers=[*handlers(ctx), *extra_routes],
         exception_handlers={
             ValidationException: on_validation,
             HTTPException: on_http,

@@ -109,6 +109,27 @@ class _Snapshot(Collector):
             "Services with at least one instance in the gateway's view.",
             value=services,
         )
+        yield GaugeMetricFamily(
+            "saga_watch_streams",
+            "Open GET /api/v1/watch streams (Server-Sent Events) on this gateway.",
+            value=o.watchers(),
+        )
+        yield CounterMetricFamily(
+            "saga_registrar_loop_restarts_total",
+            "Times the registrar's consume loop was restarted after an unexpected error.",
+            value=reg.loop_restarts,
+        )
+        yield CounterMetricFamily(
+            "saga_registry_restored_total",
+            "Instances written back from the registrar's last view after an empty restart.",
+            value=reg.restored,
+        )
+        ok = o.registrar.notifications_ok
+        yield GaugeMetricFamily(
+            "saga_registrar_notifications_ok",
+            "1 when the keyspace notification flags the mirrors need are set, else 0.",
+            value=1 if ok else 0,
+        )
         yield CounterMetricFamily(
             "saga_registry_reaped_total",
             "Instances removed by this registrar's reaper after their deadline (expiries).",
@@ -182,12 +203,14 @@ class GatewayMetrics:
         mirror: Mirror,
         *,
         view_timeouts: Callable[[], int] = lambda: 0,
+        watchers: Callable[[], int] = lambda: 0,
     ) -> None:
         self.registrar = registrar
         self.mirror = mirror
         self.stats = GatewayStats()
         self.revision: int | None = None
         self.view_timeouts = view_timeouts
+        self.watchers = watchers
         self._stale_since: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.latency = Histogram(

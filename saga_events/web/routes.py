@@ -107,13 +107,16 @@ class Context:
         except TRANSIENT:
             error = "unreachable"
         reg, view = self.writer.registrar, self.writer.view
+        flags_bad = reg.notifications_ok is False
         body = Health(
-            status="unavailable" if error else ("degraded" if view.stale else "ok"),
+            status="unavailable" if error else ("degraded" if view.stale or flags_bad else "ok"),
             redis=RedisHealth(ok=error is None, latency_ms=latency, error=error),
             registrar=RegistrarHealth(
                 rid=reg.rid,
                 subscribed=reg.subscribed,
                 uptime_seconds=round(time.time() - reg.started_ms / 1000, 3),
+                notifications_ok=reg.notifications_ok,
+                notifications_problem=reg.notifications_reason,
             ),
             mirror=MirrorHealth(synced=view.has_synced, stale=view.stale, instances=len(view)),
         )

@@ -151,6 +151,10 @@ class RegistrarHealth(msgspec.Struct, kw_only=True):
     rid: str
     subscribed: bool
     uptime_seconds: float
+    # False while the keyspace notification flags the mirrors need are missing
+    # (a registrar without CONFIG checks them; ``saga-events setup`` sets them).
+    notifications_ok: bool | None = None
+    notifications_problem: str = ""
 
 
 class MirrorHealth(msgspec.Struct, kw_only=True):

@@ -50,6 +50,9 @@ from ..writer import Writer
 from .app import LOOPBACK_NAMES, Front, build_app
 from .metrics import GatewayMetrics, GatewayStats
 from .routes import TOKEN_ENV, Context
+from .schema import ServiceInfo
+from .surface import web_routes
+from .watch import WatchHub
 
 log = logging.getLogger("saga_events.gateway")
 
@@ -202,8 +205,13 @@ class Gateway:
         self.token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
         self.max_body_bytes = max_body_bytes
         self.writer = Writer(registrar, mirror, self._redis, write_timeout=write_timeout)
+        # Push over HTTP, the dashboard and Prometheus SD read the same view.
+        self.watch_hub = WatchHub(mirror, ServiceInfo.of)
         self.metrics = GatewayMetrics(
-            registrar, mirror, view_timeouts=lambda: self.writer.view_timeouts
+            registrar,
+            mirror,
+            view_timeouts=lambda: self.writer.view_timeouts,
+            watchers=lambda: self.watch_hub.watchers,
         )
         self.context = Context(self.writer, self.metrics, self._redis, self.token)
         self._app: Litestar | None = None
@@ -218,7 +226,11 @@ class Gateway:
     def app(self) -> Litestar:
         """The Litestar application (built once)."""
         if self._app is None:
-            self._app = build_app(self.context, max_body_bytes=self.max_body_bytes)
+            self._app = build_app(
+                self.context,
+                max_body_bytes=self.max_body_bytes,
+                extra_routes=web_routes(self.watch_hub, self.mirror),
+            )
         return self._app
 
     @property
@@ -293,6 +305,7 @@ class Gateway:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.writer.follow_view)
                 tg.start_soon(self._watch_staleness)
+                await tg.start(self.watch_hub.run)
                 tg.start_soon(serve)
                 try:
                     with anyio.fail_after(10):

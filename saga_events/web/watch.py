@@ -1,0 +1,414 @@
+"""The watch stream: the gateway's view of the registry pushed over Server-Sent Events.
+
+``GET /api/v1/watch[?service=NAME]`` answers ``text/event-stream``:
+
+* ``retry: 1000`` (how long an EventSource waits before reconnecting), then
+  ``event: snapshot`` with every live instance (``{"services": {name:
+  [instance, ...]}, "count": n, "stale": bool}``, the REST list's shape),
+  then ``added`` / ``updated`` / ``removed`` with one instance each (the REST
+  API's instance shape; ``last_heartbeat`` is the record's ``registered_at``,
+  heartbeats are not changes), and ``stale`` / ``current`` with
+  ``{"stale": bool}`` when the gateway's view starts or stops lagging Redis.
+  ``?service=NAME`` narrows the snapshot and the instance events to one
+  service (``stale``/``current`` go to every watcher).
+* A comment line (``: keep-alive``) after every ``keepalive`` seconds (15 by
+  default) without an event, so proxies keep the connection open.
+* Event ids are ``<hub>-<n>``: ``hub`` is random per gateway process, ``n``
+  a gateway-local counter of the changes this hub has seen (the snapshot
+  carries the id of the last change it includes). They are not the
+  registry's ``saga:{ns}:rev``: a record does not carry the revision that
+  wrote it, so a change cannot be labelled with its exact revision, and an
+  id that only approximates it would let a client resume at a second
+  gateway and silently miss changes. A reconnect with ``Last-Event-ID``
+  (EventSource sends it by itself) resumes without a snapshot when the id
+  is this hub's and still in its ring of the last ``history`` events;
+  otherwise (another gateway, a restart, too old) it starts with a
+  snapshot. Either way the client's view ends up equal to the gateway's.
+* Order: every watcher sees the hub's events in one order, and the hub
+  applies the mirror's changes in the mirror's order; the snapshot and the
+  events after it are cut from the hub's own view, so nothing is missed or
+  repeated between them. When the hub itself falls behind the mirror
+  (:class:`~saga_events.mirror.ChangesOverflow`) it re-reads the view and
+  sends the differences as ordinary events.
+* A slow reader: each watcher has a queue of ``queue_size`` events. When it
+  is full the watcher gets no more events: it reads what is queued, then a
+  final ``event: overflow`` (no id; ``{"reason": ...}``), and the stream
+  ends; reconnecting with the last id it saw resumes (or snapshots). A
+  reader that stops reading altogether is dropped once a single write has
+  waited ``send_timeout`` seconds. Memory per watcher is bounded either way.
+
+Reads need no token, like every read of the gateway. It runs on the
+gateway's event loop and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from litestar import get
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import HeaderParameter, Parameter
+from litestar.response import Stream
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import HTTPResponseBodyEvent, Receive, Send
+
+from .. import model
+from ..mirror import Added, Change, ChangesOverflow, Mirror, Removed
+from ..model import Instance
+
+log = logging.getLogger("saga_events.web.watch")
+
+DEFAULT_KEEPALIVE: Final = 15.0
+DEFAULT_QUEUE_SIZE: Final = 1024
+DEFAULT_HISTORY: Final = 4096
+DEFAULT_SEND_TIMEOUT: Final = 30.0
+RETRY_MS: Final = 1000
+KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
+
+_encode = msgspec.json.Encoder().encode
+
+Key = tuple[str, str]
+
+
+def sse_frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
+    """One SSE frame; ``data`` must hold no newline (compact JSON holds none)."""
+    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
+    return head + b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    n: int
+    service: str | None  # None: for every watcher
+    frame: bytes
+
+
+_KEEPALIVE: Final = _Event(0, None, KEEPALIVE_FRAME)
+
+
+class _Watcher:
+    __slots__ = ("last", "overflow", "receive", "send", "service")
+
+    def __init__(self, service: str | None, size: int) -> None:
+        self.service = service
+        self.send, self.receive = anyio.create_memory_object_stream[_Event](size)
+        self.overflow: str | None = None
+        self.last = time.monotonic()  # when something was last queued for it
+
+    def wants(self, event: _Event) -> bool:
+        return event.service is None or self.service is None or event.service == self.service
+
+
+class WatchHub:
+    """Fans the mirror's changes out to SSE watchers; see the module docstring.
+
+    ``await tg.start(hub.run)`` follows the mirror (returns once the hub holds
+    the mirror's view); :meth:`stream` is one watcher's byte stream.
+    ``info(instance)`` gives an instance's JSON shape (the REST API's).
+    """
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        info: Callable[[Instance], Any],
+        *,
+        keepalive: float = DEFAULT_KEEPALIVE,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        history: int = DEFAULT_HISTORY,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    ) -> None:
+        self.mirror = mirror
+        self.info = info
+        self.keepalive = keepalive
+        self.queue_size = queue_size
+        self.send_timeout = send_timeout
+        self.hub_id = secrets.token_hex(4)
+        self.overflows = 0  # watchers cut off for being slow (a counter for /metrics)
+        self.resyncs = 0  # times the hub fell behind the mirror and re-read its view
+        self._n = 0
+        self._ring: deque[_Event] = deque(maxlen=history)
+        self._view: dict[Key, Instance] = {}
+        self._watchers: set[_Watcher] = set()
+        self._stale = mirror.stale
+
+    @property
+    def watchers(self) -> int:
+        """Open watch streams (a gauge for /metrics)."""
+        return len(self._watchers)
+
+    @property
+    def last_id(self) -> str:
+        """The id of the newest event (``<hub>-0`` before the first)."""
+        return f"{self.hub_id}-{self._n}"
+
+    # -- following the mirror ------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the mirror until cancelled or the mirror closes (then every stream ends)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._follow_stale)
+                tg.start_soon(self._keep_alive)
+                started = False
+                while True:
+                    try:
+                        async with self.mirror.changes() as changes:
+                            # Subscribed, then read: nothing falls between the two.
+                            self._reread(publish=started)
+                            if not started:
+                                started = True
+                                task_status.started()
+                            async for change in changes:
+                                self._apply(change)
+                        break  # the mirror closed
+                    except ChangesOverflow:
+                        self.resyncs += 1
+                        log.warning("watch hub fell behind the mirror; re-reading its view")
+                tg.cancel_scope.cancel()
+        finally:
+            for w in list(self._watchers):
+                w.send.close()
+
+    async def _follow_stale(self) -> None:
+        while True:
+            want = not self._stale
+
+            def reached(m: Mirror, want: bool = want) -> bool:
+                return m.stale == want
+
+            try:
+                await self.mirror.wait_until(reached, timeout=3600)
+            except TimeoutError:
+                continue
+            self._stale = want
+            self._publish("stale" if want else "current", None, _encode({"stale": want}))
+
+    async def _keep_alive(self) -> None:
+        # The hub queues the keep-alives: a watcher's receive is never cancelled by a
+        # timeout (a memory stream can lose the item a cancelled receive was handed).
+        while True:
+            await anyio.sleep(min(self.keepalive, 1.0))
+            now = time.monotonic()
+            for w in self._watchers:
+                if w.overflow is None and now - w.last >= self.keepalive:
+                    try:
+                        w.send.send_nowait(_KEEPALIVE)
+                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        continue  # a full queue has events to send anyway
+                    w.last = now
+
+    def _reread(self, *, publish: bool) -> None:
+        now = {(i.service_name, i.service_id): i for i in self.mirror.snapshot().values()}
+        if publish:
+            for key, inst in self._view.items():
+                if key not in now:
+                    self._publish("removed", key[0], _encode(self.info(inst)))
+            for key, inst in now.items():
+                old = self._view.get(key)
+                if old is None:
+                    self._publish("added", key[0], _encode(self.info(inst)))
+                elif old != inst:
+                    self._publish("updated", key[0], _encode(self.info(inst)))
+        self._view = now
+
+    def _apply(self, change: Change) -> None:
+        inst = change.instance
+        key = (inst.service_name, inst.service_id)
+        if isinstance(change, Removed):
+            self._view.pop(key, None)
+            name = "removed"
+        else:
+            self._view[key] = inst
+            name = "added" if isinstance(change, Added) else "updated"
+        self._publish(name, inst.service_name, _encode(self.info(inst)))
+
+    def _publish(self, name: str, service: str | None, data: bytes) -> None:
+        self._n += 1
+        event = _Event(self._n, service, sse_frame(name, data, f"{self.hub_id}-{self._n}"))
+        self._ring.append(event)
+        for w in self._watchers:
+            if w.overflow is not None or not w.wants(event):
+                continue
+            try:
+                w.send.send_nowait(event)
+                w.last = time.monotonic()
+            except anyio.WouldBlock:
+                w.overflow = (
+                    f"this reader fell {self.queue_size} events behind; "
+                    f"reconnect with Last-Event-ID to resume"
+                )
+                w.send.close()  # it reads what is queued, then the overflow event
+                self.overflows += 1
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # its stream is ending; it leaves the set itself
+
+    # -- one watcher ------------------------------------------------------------------------
+
+    def _replay(self, last_event_id: str | None, service: str | None) -> list[bytes] | None:
+        """The frames after ``last_event_id``, or None when they are not all at hand."""
+        if not last_event_id:
+            return None
+        hub, _, num = last_event_id.strip().rpartition("-")
+        if hub != self.hub_id or not (num.isascii() and num.isdigit()):
+            return None
+        n = int(num)
+        if n > self._n:
+            return None
+        if n < self._n and (not self._ring or self._ring[0].n > n + 1):
+            return None  # the ring no longer reaches back that far
+        return [
+            e.frame
+            for e in self._ring
+            if e.n > n and (e.service is None or service is None or e.service == service)
+        ]
+
+    def snapshot_frame(self, service: str | None) -> bytes:
+        """``event: snapshot`` of the hub's view (one service's part with ``service``)."""
+        services: dict[str, list[Any]] = {}
+        count = 0
+        for key in sorted(self._view):
+            if service is None or key[0] == service:
+                services.setdefault(key[0], []).append(self.info(self._view[key]))
+                count += 1
+        # The hub's own stale flag: the snapshot and the stale/current events agree.
+        body = {"services": services, "count": count, "stale": self._stale}
+        return sse_frame("snapshot", _encode(body), self.last_id)
+
+    async def stream(
+        self, service: str | None = None, last_event_id: str | None = None
+    ) -> AsyncIterator[bytes]:
+        """One watcher's SSE bytes, until the client leaves, overflows or the hub stops."""
+        # Everything up to the first yield runs without a checkpoint: the snapshot (or
+        # replay) and the watcher's queue start at the same point of the event order.
+        replay = self._replay(last_event_id, service)
+        first = replay if replay is not None else [self.snapshot_frame(service)]
+        w = _Watcher(service, self.queue_size)
+        self._watchers.add(w)
+        try:
+            yield f"retry: {RETRY_MS}\n\n".encode() + b"".join(first)
+            while True:
+                try:
+                    event = await w.receive.receive()
+                except anyio.EndOfStream:
+                    break
+                yield event.frame
+            if w.overflow is not None:
+                yield sse_frame("overflow", _encode({"reason": w.overflow}))
+        finally:
+            self._watchers.discard(w)
+            w.send.close()
+            w.receive.close()
+
+
+class _GuardedStreaming(ASGIStreamingResponse):
+    """Litestar's streaming response, but a write that waits ``send_timeout`` seconds
+    (the client stopped reading) ends the response instead of waiting forever."""
+
+    __slots__ = ()
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+
+    async def _stream(self, send: Send) -> None:
+        try:
+            async for chunk in self.iterator:
+                body: HTTPResponseBodyEvent = {
+                    "type": "http.response.body",
+                    "body": chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding),
+                    "more_body": True,
+                }
+                with anyio.move_on_after(self.send_timeout) as scope:
+                    await send(body)
+                if scope.cancelled_caught:
+                    log.info("watch stream dropped: a write waited %.0f s", self.send_timeout)
+                    return  # the server closes a response that never completed
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # The watcher leaves the hub now, not whenever the generator is collected.
+            aclose = getattr(self.iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        # Litestar's version waits for the client to disconnect even after the stream
+        # has ended; a dropped reader must not hold the request that long.
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                try:
+                    await self._stream(send)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self._listen_for_disconnect(cancel_scope=tg.cancel_scope, receive=receive)
+
+
+class WatchStream(Stream):
+    """The SSE response of :func:`watch_route`."""
+
+    def __init__(self, hub: WatchHub, service: str | None, last_event_id: str | None) -> None:
+        super().__init__(
+            hub.stream(service, last_event_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._send_timeout = hub.send_timeout
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().to_asgi_response(*args, **kwargs)
+        # The same slots, one method more: swap the class rather than copy Litestar's
+        # construction of the response.
+        response.__class__ = type(
+            "_Guarded", (_GuardedStreaming,), {"__slots__": (), "send_timeout": self._send_timeout}
+        )
+        return response
+
+
+_NAME_DOC_PATTERN: Final = model.NAME_PATTERN.removesuffix(r"\Z") + "$"
+
+
+def watch_route(hub: WatchHub) -> HTTPRouteHandler:
+    """The ``GET /api/v1/watch`` route handler serving ``hub``."""
+
+    @get(
+        "/api/v1/watch",
+        media_type="text/event-stream",
+        summary="Follow the registry: a snapshot, then every change (Server-Sent Events)",
+        description=(
+            "event: snapshot (every live instance, the list's shape), then added / updated / "
+            "removed (one instance each), stale / current, a ': keep-alive' comment every 15 s. "
+            "Reconnect with Last-Event-ID to resume without a new snapshot where the gateway "
+            "still holds the events since; a reader that falls behind gets event: overflow and "
+            "the stream ends."
+        ),
+    )
+    async def watch(
+        service: Annotated[
+            str | None,
+            Parameter(
+                pattern=_NAME_DOC_PATTERN,
+                required=False,
+                description="Only this service's instances.",
+            ),
+        ] = None,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Last-Event-ID",
+                required=False,
+                description="The id of the last event received; resumes after it.",
+            ),
+        ] = None,
+    ) -> Stream:
+        return WatchStream(hub, service, last_event_id)
+
+    return watch
