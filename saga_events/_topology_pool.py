@@ -1,7 +1,8 @@
 """A redis-py client whose connections find their node through a Topology (internal).
 
 Each new connection asks :meth:`Topology.address` where to go (cached there
-until a refresh). A reply that says the node is no longer the right one
+until a refresh); a pooled connection made before the last refresh reconnects
+when it is next checked out. A reply that says the node is no longer the right one
 (READONLY on a master, MOVED, ASK, TRYAGAIN, CLUSTERDOWN) or a broken
 connection refreshes the Topology, drops the connection and surfaces as a
 ConnectionError: the caller's reconnect loop then lands on the new node.
@@ -37,10 +38,19 @@ class _Resolving:
         self._topology = saga_topology
         self._namespace = saga_namespace
         self._role: Any = saga_topology.url.read_from
+        self._generation = -1
         super().__init__(**kwargs)
+
+    async def connect(self) -> None:
+        # The pool calls this on every checkout: a connection made before the last
+        # refresh may sit on a demoted master (graceful failover), so it goes again.
+        if self.is_connected and self._generation != self._topology.generation:  # type: ignore[attr-defined]
+            await self.disconnect()  # type: ignore[attr-defined]
+        await super().connect()  # type: ignore[misc]
 
     async def _connect(self) -> None:
         topology = self._topology
+        self._generation = topology.generation
         self.host, self.port = await topology.address(self._namespace, role=self._role)
         try:
             await super()._connect()  # type: ignore[misc]

@@ -27,10 +27,11 @@ Contract of :class:`Topology`:
   that master or owner, chosen at random so that readers spread; when no
   replica is healthy the master is returned (readers keep working).
 - Answers are cached until :meth:`Topology.refresh` (no I/O: the next call
-  asks the topology again). A part calls it after a connection error,
-  READONLY, MOVED, ASK, TRYAGAIN or CLUSTERDOWN. During a Sentinel failover or
-  a slot migration the answer may be :class:`TopologyUnavailable` for a while:
-  it is a ConnectionError, to be retried with backoff.
+  asks the topology again; ``generation`` counts refreshes). A part calls it
+  after a connection error, READONLY, MOVED, ASK, TRYAGAIN or CLUSTERDOWN.
+  During a Sentinel failover or a slot migration the answer may be
+  :class:`TopologyUnavailable` for a while: it is a ConnectionError, to be
+  retried with backoff.
 - Returned clients belong to the Topology (one per node, reused); close the
   Topology, never the clients.
 
@@ -355,6 +356,8 @@ class Topology:
         self._cache: dict[tuple[str, str], Address] = {}
         self._clients: dict[tuple[Address, bool], aioredis.Redis] = {}
         self._known: list[Address] = list(self.url.hosts)  # seeds, then nodes seen since
+        #: Incremented by every refresh(); a connection made before it reconnects.
+        self.generation = 0
 
     @property
     def kind(self) -> str:
@@ -363,6 +366,7 @@ class Topology:
     def refresh(self) -> None:
         """Forget every resolved address: the next call asks Sentinels or Cluster nodes again."""
         self._cache.clear()
+        self.generation += 1
 
     async def master(self) -> aioredis.Redis:
         """A client on the current master (one-node URL: that node). Not for a Cluster."""
@@ -486,7 +490,9 @@ class Topology:
             except (*TRANSIENT, RedisError):
                 continue
             for reply in replies:
-                info = dict(zip(reply[::2], reply[1::2], strict=True))
+                info = (
+                    reply if isinstance(reply, dict) else dict(zip(*[iter(reply)] * 2, strict=True))
+                )
                 flags = set(str(info.get("flags", "")).split(","))
                 if flags & {"s_down", "o_down", "disconnected"}:
                     continue
