@@ -373,10 +373,15 @@ class Topology:
         if self.url.kind == "cluster":
             raise TopologyError(self.url.text, "scheme", "a Cluster has no one master: use "
                                 "registry_node(namespace)")  # fmt: skip
+        if self.url.kind == "plain":
+            return self._client(("", 0), readonly=False)
         return self._client(await self.address(), readonly=False)
 
     async def replica(self) -> aioredis.Redis:
         """A client on a healthy replica of the master (the master if none is healthy)."""
+        if self.url.kind == "plain":
+            raise TopologyError(self.url.text, "scheme", "a one-node URL knows no replica: use "
+                                "redis+sentinel:// or redis+cluster://")  # fmt: skip
         if self.url.kind == "cluster":
             raise TopologyError(self.url.text, "scheme", "a Cluster has no one master: use "
                                 "registry_node(namespace, role='replica')")  # fmt: skip
@@ -386,6 +391,8 @@ class Topology:
         self, namespace: str = "default", *, role: ReadFrom = "master"
     ) -> aioredis.Redis:
         """A client on the node that serves namespace's registry (``role``: it or a replica)."""
+        if self.url.kind != "cluster":
+            return await (self.master() if role == "master" else self.replica())
         address = await self.address(namespace, role=role)
         readonly = self.url.kind == "cluster" and role == "replica"
         return self._client(address, readonly=readonly)

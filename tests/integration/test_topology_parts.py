@@ -33,4 +33,4 @@ async def test_parts_follow_a_sentinel_failover(group: SentinelGroup) -> None:
         async with Agent(url, "beta", "http://10.0.0.2:80", service_id="b1", ttl=30):
             await mirror.wait_until(lambda m: bool(m.instances("beta")), timeout=60)
         assert [i.service_id for i in mirror.instances("alpha")] == ["a1"]
-        assert group.master().port != old.port
+        assert group.wait_settled().port != old.port

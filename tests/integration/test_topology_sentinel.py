@@ -78,10 +78,16 @@ async def test_refresh_follows_a_promoted_replica_after_kill_9(group: SentinelGr
         await failover_once(group, topology, "after")
         new_master = group.wait_settled()
         assert await port_of(await topology.master()) == new_master.port
-        topology.refresh()
-        replica = await topology.replica()
-        role = await replica.role()
-        assert role[0] == b"slave" and int(role[2]) == new_master.port
+
+        async def linked_replica() -> aioredis.Redis | None:
+            # Until the Sentinels see a replica linked to the new master (their INFO
+            # refresh), replica() falls back to the master: readers keep working.
+            topology.refresh()
+            replica = await topology.replica()
+            role = await replica.role()
+            return replica if role[0] == b"slave" and int(role[2]) == new_master.port else None
+
+        replica = await eventually(linked_replica, 30, what="a replica of the new master")
         assert await eventually(lambda: replica.get("k"), 10, what="replicated") == b"after"
 
 

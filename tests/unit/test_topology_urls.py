@@ -6,7 +6,7 @@ import pytest
 
 from saga_events._redis import connect
 from saga_events.errors import SagaError, TopologyError
-from saga_events.topology import is_topology_url, parse_url, slot_of
+from saga_events.topology import Topology, is_topology_url, parse_url, slot_of
 
 
 def test_sentinel_url_with_everything() -> None:
@@ -156,3 +156,21 @@ def test_slot_of_follows_the_hash_tag() -> None:
     assert slot_of("default") == key_slot(b"default")
     assert slot_of("default") == key_slot(b"saga:{default}:inst:svc:1")
     assert slot_of("a") != slot_of("b")
+
+
+@pytest.mark.anyio
+async def test_one_node_topology_is_that_node() -> None:
+    """A redis:// Topology needs no resolution: master() and registry_node() are the node
+    (no connection is made to build them); replica() is refused with the schemes to use."""
+    async with Topology("redis://127.0.0.1:6399/2?read_from=master") as topology:
+        master = await topology.master()
+        kwargs = master.connection_pool.connection_kwargs
+        assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("127.0.0.1", 6399, 2)
+        assert await topology.registry_node("team-a") is master
+        with pytest.raises(TopologyError, match="knows no replica"):
+            await topology.replica()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
