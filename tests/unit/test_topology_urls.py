@@ -34,6 +34,9 @@ def test_passwords_never_show_in_messages_or_repr() -> None:
     with pytest.raises(TopologyError) as info:
         parse_url("redis+sentinel://u:hunter2@h:1/m?sentinel_password=hunter3&read_from=x")
     assert "hunter" not in str(info.value)
+    with pytest.raises(TopologyError) as info:
+        parse_url("redis+sentinel://u:hun@ter2@h:1/m?read_from=x")  # a raw '@' in it
+    assert "hun" not in str(info.value) and "ter2" not in str(info.value)
 
 
 @pytest.mark.parametrize(
