@@ -48,8 +48,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from ._redis import TRANSIENT
 from ._topology_url import (
@@ -132,12 +134,20 @@ def _owns(ranges: Iterable[str], slot: int) -> bool:
 class Topology:
     """Resolve a URL to the nodes a part needs, and again after :meth:`refresh`.
 
-    See the module docstring for the contract. Not thread-safe: one event loop.
+    See the module docstring for the contract. ``client_kwargs`` go to every client it
+    makes (redis-py's; by default they fail fast, without retries). Not thread-safe: one
+    event loop.
     """
 
     def __init__(self, url: str | TopologyURL, **client_kwargs: Any) -> None:
         self.url = url if isinstance(url, TopologyURL) else parse_url(url)
-        self._client_kwargs = client_kwargs
+        # Fail fast, as _redis.connect's clients do: the caller's session retries.
+        self._client_kwargs: dict[str, Any] = {
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 5.0,
+            "retry": Retry(NoBackoff(), 0),
+            **client_kwargs,
+        }
         self._cache: dict[tuple[str, str], Address] = {}
         self._clients: dict[tuple[Address, bool], aioredis.Redis] = {}
         self._known: list[Address] = list(self.url.hosts)  # seeds, then nodes seen since
