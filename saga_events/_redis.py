@@ -26,7 +26,7 @@ def connect(redis: RedisLike, *, namespace: str | None = None, **overrides: Any)
     part of saga-events has its own reconnect loop that knows what to redo
     after a reconnect (resubscribe, resync, re-announce). Sentinel and
     Cluster URLs (and ``read_from``) go to :func:`saga_events.topology.connect`;
-    a Cluster URL needs ``namespace``.
+    on a Cluster, ``namespace`` names the slot to follow.
     """
     if isinstance(redis, aioredis.Redis):
         return redis

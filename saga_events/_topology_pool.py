@@ -10,6 +10,7 @@ ConnectionError: the caller's reconnect loop then lands on the new node.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -31,12 +32,20 @@ if TYPE_CHECKING:
 _MOVED = (ReadOnlyError, MovedError, AskError, TryAgainError, ClusterDownError)
 
 
+@dataclass(slots=True)
+class Target:
+    """What a pool's connections follow: on a Cluster, a slot (shared by the pool)."""
+
+    slot: int | None
+    follow_moved: bool  # no namespace given: the slot of the last MOVED wins
+
+
 class _Resolving:
     """Mixin over redis-py's Connection: resolve on connect, re-resolve after a move."""
 
-    def __init__(self, *, saga_topology: Topology, saga_namespace: str, **kwargs: Any) -> None:
+    def __init__(self, *, saga_topology: Topology, saga_target: Target, **kwargs: Any) -> None:
         self._topology = saga_topology
-        self._namespace = saga_namespace
+        self._target = saga_target
         self._role: Any = saga_topology.url.read_from
         self._generation = -1
         super().__init__(**kwargs)
@@ -51,7 +60,11 @@ class _Resolving:
     async def _connect(self) -> None:
         topology = self._topology
         self._generation = topology.generation
-        self.host, self.port = await topology.address(self._namespace, role=self._role)
+        slot = self._target.slot
+        if slot is None:
+            self.host, self.port = await topology.address(role=self._role)
+        else:
+            self.host, self.port = await topology.slot_address(slot, role=self._role)
         try:
             await super()._connect()  # type: ignore[misc]
         except TRANSIENT:
@@ -68,6 +81,8 @@ class _Resolving:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _MOVED as exc:
+            if isinstance(exc, MovedError) and self._target.follow_moved:
+                self._target.slot = exc.slot_id
             self._topology.refresh()
             await self.disconnect()  # type: ignore[attr-defined]
             raise RedisConnectionError(
@@ -87,9 +102,14 @@ class ResolvingSSLConnection(_Resolving, SSLConnection):
 
 
 def open_resolving_client(
-    topology: Topology, namespace: str, kwargs: dict[str, Any]
+    topology: Topology, namespace: str | None, kwargs: dict[str, Any]
 ) -> aioredis.Redis:
     """A client (owning its pool) for ``namespace``'s node in ``topology``."""
+    from .topology import slot_of
+
+    target = Target(None, follow_moved=False)
+    if topology.url.kind == "cluster":
+        target = Target(slot_of(namespace or "default"), follow_moved=namespace is None)
     url = topology.url
     node: dict[str, Any] = dict(parse_url(url.node_url(url.hosts[0])))
     for key in ("host", "port", "connection_class"):
@@ -98,7 +118,7 @@ def open_resolving_client(
     pool = ConnectionPool(
         connection_class=ResolvingSSLConnection if url.tls else ResolvingConnection,
         saga_topology=topology,
-        saga_namespace=namespace,
+        saga_target=target,
         **node,
     )
     return aioredis.Redis.from_pool(pool)

@@ -196,18 +196,28 @@ class Topology:
         """The (host, port) behind :meth:`registry_node`; cached until :meth:`refresh`."""
         if self.url.kind == "plain":
             raise TopologyError(self.url.text, "scheme", "a one-node URL needs no resolution")
-        key = (namespace if self.url.kind == "cluster" else "", role)
+        key = ("", role)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        if self.url.kind == "cluster":
+            return await self.slot_address(slot_of(namespace), role=role)
         if self.url.kind == "sentinel":
             found = await (
                 self._sentinel_master() if role == "master" else self._sentinel_replica()
             )
-        else:
-            found = await self._cluster_node(slot_of(namespace), role)
         self._cache[key] = found
         return found
+
+    async def slot_address(self, slot: int, *, role: ReadFrom = "master") -> Address:
+        """Cluster: the (host, port) of the node serving ``slot`` (or of a replica of it)."""
+        if self.url.kind != "cluster":
+            raise TopologyError(self.url.text, "scheme", "only a Cluster has slots")
+        key = (f"slot:{slot}", role)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = await self._cluster_node(slot, role)
+        return cached
 
     async def aclose(self) -> None:
         """Close every client this Topology returned."""
@@ -360,7 +370,11 @@ def connect(url: str, *, namespace: str | None = None, **kwargs: Any) -> aioredi
     READONLY, MOVED, ASK, TRYAGAIN and CLUSTERDOWN replies become a
     ConnectionError after a :meth:`Topology.refresh`: a reconnect loop that
     retries connection errors follows a failover or a migration by itself.
-    A Cluster URL needs ``namespace`` (the slot to follow).
+    On a Cluster, ``namespace`` names the slot to follow; without it the client
+    starts at the ``default`` namespace's slot and moves to the slot of the
+    last MOVED it received, so a client used for one namespace lands on its
+    owner after one retry (a client used for several would go back and forth:
+    give the namespace).
     """
     from ._topology_pool import open_resolving_client
 
@@ -368,7 +382,4 @@ def connect(url: str, *, namespace: str | None = None, **kwargs: Any) -> aioredi
     if parsed.kind == "plain":
         assert parsed.plain_url is not None
         return aioredis.Redis.from_url(parsed.plain_url, **kwargs)
-    if parsed.kind == "cluster" and namespace is None:
-        raise TopologyError(parsed.text, "scheme", "redis+cluster:// needs the namespace whose "
-                            "slot to follow; this caller gives none")  # fmt: skip
-    return open_resolving_client(Topology(parsed, **kwargs), namespace or "default", kwargs)
+    return open_resolving_client(Topology(parsed, **kwargs), namespace, kwargs)

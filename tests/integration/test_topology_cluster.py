@@ -277,3 +277,43 @@ def _stat(node: RedisServer, kind: str) -> int:
         text = str(c.execute_command("CLUSTER", "INFO"))
     stats = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return int(stats.get(f"cluster_stats_messages_{kind}_received", 0))
+
+
+def namespace_away_from_default(cluster: EmbeddedCluster) -> str:
+    """A namespace whose slot is on another primary than the default namespace's."""
+    home = cluster.owner(slot_of("default"))
+    return next(f"team-{i}" for i in range(64) if cluster.owner(slot_of(f"team-{i}")) is not home)
+
+
+async def test_connect_without_namespace_follows_moved(cluster: EmbeddedCluster) -> None:
+    """A Cluster client made without a namespace starts at the default namespace's owner;
+    the first MOVED becomes a retry that lands on the owner of the key's slot."""
+    ns = namespace_away_from_default(cluster)
+    redis = connect(cluster.url)
+    try:
+
+        async def write() -> bool:
+            try:
+                return bool(await redis.set(Keys(ns).rev, 1))
+            except TRANSIENT:
+                return False
+
+        await eventually(write, 30, what="a write on the namespace's owner")
+        assert await port_of(redis) == cluster.owner(slot_of(ns)).port
+    finally:
+        await redis.aclose()
+
+
+async def test_parts_on_a_cluster_url(cluster: EmbeddedCluster) -> None:
+    """Registrar, mirror and agent given only the Cluster URL and a namespace that is not on
+    the default namespace's shard: the registration reaches the mirror."""
+    from saga_events import Agent, Mirror, Registrar
+
+    ns = namespace_away_from_default(cluster)
+    url = cluster.url
+    async with (
+        Registrar(url, namespace=ns, rebuild_wait=0.2),
+        Mirror(url, namespace=ns) as mirror,
+        Agent(url, "alpha", "http://10.0.0.1:80", service_id="a1", ttl=30, namespace=ns),
+    ):
+        await mirror.wait_until(lambda m: bool(m.instances("alpha")), timeout=30)

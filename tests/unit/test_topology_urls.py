@@ -144,10 +144,14 @@ def test_which_urls_the_topology_layer_takes(url: str, ours: bool) -> None:
     assert is_topology_url(url) is ours
 
 
-def test_connect_delegates_and_refuses_cluster_without_namespace() -> None:
-    """_redis.connect hands the new schemes over; a Cluster needs the namespace's slot."""
-    with pytest.raises(TopologyError, match="needs the namespace"):
-        connect("redis+cluster://127.0.0.1:7000")
+def test_connect_delegates_the_new_schemes() -> None:
+    """_redis.connect hands Sentinel and Cluster URLs to the topology layer (no I/O yet)
+    and refuses read_from=replica on one node."""
+    from saga_events._topology_pool import ResolvingConnection
+
+    for url in ("redis+cluster://127.0.0.1:7000", "redis+sentinel://127.0.0.1:1/m"):
+        client = connect(url)
+        assert client.connection_pool.connection_class is ResolvingConnection
     with pytest.raises(TopologyError, match="read_from"):
         connect("redis://127.0.0.1:1/0?read_from=replica")
 
