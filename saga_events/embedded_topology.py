@@ -256,12 +256,18 @@ class EmbeddedCluster:
             return [ln.split() for ln in str(c.execute_command("CLUSTER", "NODES")).splitlines()]
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Wait until every live node says cluster_state:ok, sees no live node failed, and
-        every live node has the same map of slots to primaries."""
+        """Wait until every live node says cluster_state:ok, sees no live node failed, agrees
+        with each replica on its primary, and has the same map of slots to primaries."""
         live = [n for n in self.nodes if n.process is not None]
         live_ids = {self.ids[n.port] for n in live}
 
         def ok() -> bool:
+            # Each replica's own word on whom it replicates; every node must agree with it
+            # (a primary that has not heard yet would not vote it in after a failure).
+            own = {}
+            for node in live:
+                mine = next(f for f in self.nodes_view(node) if "myself" in f[2])
+                own[mine[0]] = mine[3] if "slave" in mine[2] else "-"
             maps = set()
             for node in live:
                 with client(node) as c:
@@ -271,6 +277,8 @@ class EmbeddedCluster:
                 for f in view:
                     flags = set(f[2].split(","))
                     if f[0] in live_ids and flags & {"fail", "fail?", "handshake", "noaddr"}:
+                        return False
+                    if f[0] in own and own[f[0]] != ("-" if "master" in flags else f[3]):
                         return False
                     if "myself" in flags and "slave" in flags:
                         if info(node, "replication").get("master_link_status") != "up":
@@ -292,9 +300,13 @@ class EmbeddedCluster:
 
     def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
         pid = self.ids[primary.port]
-        view = self.nodes_view(primary)
-        ids = {f[0] for f in view if "slave" in f[2] and f[3] == pid}
-        return [n for n in self.nodes if self.ids[n.port] in ids and n.process is not None]
+        found = []
+        for node in self.nodes:
+            if node.process is not None and node is not primary:
+                mine = next(f for f in self.nodes_view(node) if "myself" in f[2])
+                if "slave" in mine[2] and mine[3] == pid:
+                    found.append(node)
+        return found
 
     def failover(self, primary: RedisServer, timeout: float = 30.0) -> RedisServer:
         """CLUSTER FAILOVER on a replica of ``primary``; return the promoted replica."""
