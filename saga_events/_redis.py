@@ -19,12 +19,14 @@ RedisLike = aioredis.Redis | str
 TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, TimeoutError)
 
 
-def connect(redis: RedisLike, **overrides: Any) -> aioredis.Redis:
+def connect(redis: RedisLike, *, namespace: str | None = None, **overrides: Any) -> aioredis.Redis:
     """Return an asyncio Redis client for a URL, or the client itself.
 
     Clients made here fail fast instead of retrying inside redis-py: every
     part of saga-events has its own reconnect loop that knows what to redo
-    after a reconnect (resubscribe, resync, re-announce).
+    after a reconnect (resubscribe, resync, re-announce). Sentinel and
+    Cluster URLs (and ``read_from``) go to :func:`saga_events.topology.connect`;
+    on a Cluster, ``namespace`` names the slot to follow.
     """
     if isinstance(redis, aioredis.Redis):
         return redis
@@ -36,6 +38,10 @@ def connect(redis: RedisLike, **overrides: Any) -> aioredis.Redis:
         "health_check_interval": 0,
     }
     kwargs.update(overrides)
+    from . import topology  # imported here: topology imports this module
+
+    if topology.is_topology_url(redis):
+        return topology.connect(redis, namespace=namespace, **kwargs)
     return aioredis.Redis.from_url(redis, **kwargs)
 
 

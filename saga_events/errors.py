@@ -7,7 +7,10 @@ All of them derive from one base class::
      ├── RegistryUnavailable      the registry cannot be reached and nothing else answers
      ├── InvalidEvent             an event or a registration failed validation
      ├── NotificationConfigError  keyspace notifications cannot be configured
-     └── RedisServerError         a private redis-server could not be started
+     ├── RedisServerError         a private redis-server could not be started
+     ├── TopologyError            a Redis URL is malformed (also a ValueError)
+     └── TopologyUnavailable      a well-formed topology cannot be resolved now (also a
+                                  ConnectionError, so reconnect loops retry it)
 """
 
 from __future__ import annotations
@@ -58,3 +61,23 @@ class NotificationConfigError(SagaError):
 
 class RedisServerError(SagaError):
     """Raised when a private ``redis-server`` cannot be found or started."""
+
+
+class TopologyError(SagaError, ValueError):
+    """Raised when a Redis URL is malformed; ``part`` names the piece at fault."""
+
+    def __init__(self, url: str, part: str, reason: str) -> None:
+        self.url = url
+        self.part = part
+        self.reason = reason
+        super().__init__(f"{url}: {part}: {reason}")
+
+
+class TopologyUnavailable(SagaError, ConnectionError):
+    """Raised when no node answers for a well-formed topology URL (no Sentinel, no owner)."""
+
+    def __init__(self, url: str, part: str, reason: str) -> None:
+        self.url = url
+        self.part = part
+        self.reason = reason
+        super().__init__(f"{url}: {part}: {reason}")

@@ -1,0 +1,124 @@
+"""A redis-py client whose connections find their node through a Topology (internal).
+
+Each new connection asks :meth:`Topology.address` where to go (cached there
+until a refresh); a pooled connection made before the last refresh reconnects
+when it is next checked out. A reply that says the node is no longer the right one
+(READONLY on a master, MOVED, ASK, TRYAGAIN, CLUSTERDOWN) or a broken
+connection refreshes the Topology, drops the connection and surfaces as a
+ConnectionError: the caller's reconnect loop then lands on the new node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, parse_url
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from ._redis import TRANSIENT
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+_MOVED = (ReadOnlyError, MovedError, AskError, TryAgainError, ClusterDownError)
+
+
+@dataclass(slots=True)
+class Target:
+    """What a pool's connections follow: on a Cluster, a slot (shared by the pool)."""
+
+    slot: int | None
+    follow_moved: bool  # no namespace given: the slot of the last MOVED wins
+
+
+class _Resolving:
+    """Mixin over redis-py's Connection: resolve on connect, re-resolve after a move."""
+
+    def __init__(self, *, saga_topology: Topology, saga_target: Target, **kwargs: Any) -> None:
+        self._topology = saga_topology
+        self._target = saga_target
+        self._role: Any = saga_topology.url.read_from
+        self._generation = -1
+        super().__init__(**kwargs)
+
+    async def connect(self) -> None:
+        # The pool calls this on every checkout: a connection made before the last
+        # refresh may sit on a demoted master (graceful failover), so it goes again.
+        if self.is_connected and self._generation != self._topology.generation:  # type: ignore[attr-defined]
+            await self.disconnect()  # type: ignore[attr-defined]
+        await super().connect()  # type: ignore[misc]
+
+    async def _connect(self) -> None:
+        topology = self._topology
+        self._generation = topology.generation
+        slot = self._target.slot
+        if slot is None:
+            self.host, self.port = await topology.address(role=self._role)
+        else:
+            self.host, self.port = await topology.slot_address(slot, role=self._role)
+        try:
+            await super()._connect()  # type: ignore[misc]
+        except TRANSIENT:
+            topology.refresh()
+            raise
+
+    async def on_connect(self) -> None:
+        await super().on_connect()  # type: ignore[misc]
+        if self._topology.url.kind == "cluster" and self._role == "replica":
+            await self.send_command("READONLY")  # type: ignore[attr-defined]
+            await super().read_response()  # type: ignore[misc]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except _MOVED as exc:
+            if isinstance(exc, MovedError) and self._target.follow_moved:
+                self._target.slot = exc.slot_id
+            self._topology.refresh()
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise RedisConnectionError(
+                f"the registry's node changed ({exc}); resolving again"
+            ) from exc
+        except TRANSIENT:
+            self._topology.refresh()
+            raise
+
+
+class ResolvingConnection(_Resolving, Connection):
+    pass
+
+
+class ResolvingSSLConnection(_Resolving, SSLConnection):
+    pass
+
+
+def open_resolving_client(
+    topology: Topology, namespace: str | None, kwargs: dict[str, Any]
+) -> aioredis.Redis:
+    """A client (owning its pool) for ``namespace``'s node in ``topology``."""
+    from .topology import slot_of
+
+    target = Target(None, follow_moved=False)
+    if topology.url.kind == "cluster":
+        target = Target(slot_of(namespace or "default"), follow_moved=namespace is None)
+    url = topology.url
+    node: dict[str, Any] = dict(parse_url(url.node_url(url.hosts[0])))
+    for key in ("host", "port", "connection_class"):
+        node.pop(key, None)
+    node.update(kwargs)
+    pool = ConnectionPool(
+        connection_class=ResolvingSSLConnection if url.tls else ResolvingConnection,
+        saga_topology=topology,
+        saga_target=target,
+        **node,
+    )
+    return aioredis.Redis.from_pool(pool)

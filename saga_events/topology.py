@@ -1,0 +1,385 @@
+"""Where the registry lives: Redis URLs for one node, Sentinel and Cluster, resolved to nodes.
+
+One job: turn a URL into the address of the node a part must talk to, and
+find it again after a fault. Nothing here subscribes, retries or sleeps; the
+connection layer does, and calls :meth:`Topology.refresh` after an error.
+
+URLs (``rediss`` forms use TLS for every node, Sentinels included)::
+
+    redis://[user:pw@]host:port[/db]                       one node (redis-py's URL)
+    redis+sentinel://[user:pw@]h:p[,h:p...]/<master>[/<db>][?sentinel_password=...]
+    redis+cluster://[user:pw@]h:p[,h:p...]                 any nodes as seeds, db 0
+
+``user:pw`` authenticate to the data nodes; the Sentinels' own credentials are
+the ``sentinel_username`` / ``sentinel_password`` query options. ``read_from``
+(``master``, the default, or ``replica``) picks where a reader goes; it is
+refused on a one-node URL, which has no replica. Other query options are
+redis-py's (``socket_timeout``, ``ssl_ca_certs``...) and apply to every node.
+
+Contract of :class:`Topology`:
+
+- ``master()`` is a node that answered ROLE = master when it was resolved
+  (Sentinel: the address the Sentinels give, checked on the node itself).
+- ``registry_node(ns)`` is the node that serves the slot of the ``{ns}`` hash
+  tag (Cluster: the primary whose own slot table says so; else the master);
+  keyspace notifications and classic pub/sub subscriptions belong there.
+- ``replica()`` / ``registry_node(ns, role="replica")`` is a replica linked to
+  that master or owner, chosen at random so that readers spread; when no
+  replica is healthy the master is returned (readers keep working).
+- Answers are cached until :meth:`Topology.refresh` (no I/O: the next call
+  asks the topology again; ``generation`` counts refreshes). A part calls it
+  after a connection error, READONLY, MOVED, ASK, TRYAGAIN or CLUSTERDOWN.
+  During a Sentinel failover or a slot migration the answer may be
+  :class:`TopologyUnavailable` for a while: it is a ConnectionError, to be
+  retried with backoff.
+- Returned clients belong to the Topology (one per node, reused); close the
+  Topology, never the clients.
+
+:func:`connect` builds a client whose connections resolve through a Topology
+each time they (re)connect and turn READONLY / MOVED / ASK into a
+ConnectionError, so a part's existing reconnect loop follows a failover.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from ._redis import TRANSIENT
+from ._topology_url import (
+    SCHEMES,
+    Address,
+    ReadFrom,
+    TopologyURL,
+    is_topology_url,
+    parse_url,
+)
+from .errors import TopologyError, TopologyUnavailable
+from .keys import Keys
+
+__all__ = [
+    "SCHEMES",
+    "Address",
+    "ReadFrom",
+    "Topology",
+    "TopologyURL",
+    "connect",
+    "is_topology_url",
+    "parse_url",
+    "slot_of",
+]
+
+
+_HOPS: Final = 4  # cluster nodes asked in turn when views disagree (after a migration)
+
+
+def slot_of(namespace: str) -> int:
+    """The Cluster slot of namespace's registry (every key carries the ``{ns}`` tag)."""
+    return key_slot(Keys(namespace).rev.encode())
+
+
+@dataclass(slots=True)
+class _ClusterView:
+    """One node's ``CLUSTER NODES``: who serves ``slot``, and its healthy replicas."""
+
+    owner: Address | None = None
+    owner_id: str = ""
+    myself: Address | None = None
+    replicas: list[Address] = field(default_factory=list)
+    nodes: list[Address] = field(default_factory=list)
+
+
+def _parse_cluster_nodes(raw: str, slot: int, asked: Address) -> _ClusterView:
+    view = _ClusterView()
+    lines = [line.split() for line in raw.splitlines() if line.strip()]
+    links: dict[str, tuple[Address, list[str], str, str]] = {}
+    for fields in lines:
+        node_id, endpoint, flags = fields[0], fields[1], fields[2].split(",")
+        hostport = endpoint.split("@", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        address = (host or asked[0], int(port)) if port.isdigit() else asked
+        if "myself" in flags:
+            address = asked  # a node may not know its own announced address
+            view.myself = address
+        links[node_id] = (address, flags, fields[3], fields[7])
+        if "noaddr" not in flags and "handshake" not in flags:
+            view.nodes.append(address)
+        if "master" in flags and "fail" not in flags and _owns(fields[8:], slot):
+            view.owner, view.owner_id = address, node_id
+    for address, flags, master_id, link in links.values():
+        healthy = not {"fail", "fail?", "noaddr", "handshake"} & set(flags)
+        if master_id == view.owner_id and healthy and link == "connected" and "slave" in flags:
+            view.replicas.append(address)
+    return view
+
+
+def _owns(ranges: Iterable[str], slot: int) -> bool:
+    for item in ranges:
+        if item.startswith("["):
+            continue  # a migration marker ([slot->-id] / [slot-<-id]) is not ownership
+        low, _, high = item.partition("-")
+        if int(low) <= slot <= int(high or low):
+            return True
+    return False
+
+
+class Topology:
+    """Resolve a URL to the nodes a part needs, and again after :meth:`refresh`.
+
+    See the module docstring for the contract. ``client_kwargs`` go to every client it
+    makes (redis-py's; by default they fail fast, without retries). Not thread-safe: one
+    event loop.
+    """
+
+    def __init__(self, url: str | TopologyURL, **client_kwargs: Any) -> None:
+        self.url = url if isinstance(url, TopologyURL) else parse_url(url)
+        # Fail fast, as _redis.connect's clients do: the caller's session retries.
+        self._client_kwargs: dict[str, Any] = {
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 5.0,
+            "retry": Retry(NoBackoff(), 0),
+            **client_kwargs,
+        }
+        self._cache: dict[tuple[str, str], Address] = {}
+        self._clients: dict[tuple[Address, bool], aioredis.Redis] = {}
+        self._known: list[Address] = list(self.url.hosts)  # seeds, then nodes seen since
+        #: Incremented by every refresh(); a connection made before it reconnects.
+        self.generation = 0
+
+    @property
+    def kind(self) -> str:
+        return self.url.kind
+
+    def refresh(self) -> None:
+        """Forget every resolved address: the next call asks Sentinels or Cluster nodes again."""
+        self._cache.clear()
+        self.generation += 1
+
+    async def master(self) -> aioredis.Redis:
+        """A client on the current master (one-node URL: that node). Not for a Cluster."""
+        if self.url.kind == "cluster":
+            raise TopologyError(self.url.text, "scheme", "a Cluster has no one master: use "
+                                "registry_node(namespace)")  # fmt: skip
+        if self.url.kind == "plain":
+            return self._client(("", 0), readonly=False)
+        return self._client(await self.address(), readonly=False)
+
+    async def replica(self) -> aioredis.Redis:
+        """A client on a healthy replica of the master (the master if none is healthy)."""
+        if self.url.kind == "plain":
+            raise TopologyError(self.url.text, "scheme", "a one-node URL knows no replica: use "
+                                "redis+sentinel:// or redis+cluster://")  # fmt: skip
+        if self.url.kind == "cluster":
+            raise TopologyError(self.url.text, "scheme", "a Cluster has no one master: use "
+                                "registry_node(namespace, role='replica')")  # fmt: skip
+        return self._client(await self.address(role="replica"), readonly=False)
+
+    async def registry_node(
+        self, namespace: str = "default", *, role: ReadFrom = "master"
+    ) -> aioredis.Redis:
+        """A client on the node that serves namespace's registry (``role``: it or a replica)."""
+        if self.url.kind != "cluster":
+            return await (self.master() if role == "master" else self.replica())
+        address = await self.address(namespace, role=role)
+        readonly = self.url.kind == "cluster" and role == "replica"
+        return self._client(address, readonly=readonly)
+
+    async def address(self, namespace: str = "default", *, role: ReadFrom = "master") -> Address:
+        """The (host, port) behind :meth:`registry_node`; cached until :meth:`refresh`."""
+        if self.url.kind == "plain":
+            raise TopologyError(self.url.text, "scheme", "a one-node URL needs no resolution")
+        key = ("", role)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if self.url.kind == "cluster":
+            return await self.slot_address(slot_of(namespace), role=role)
+        if self.url.kind == "sentinel":
+            found = await (
+                self._sentinel_master() if role == "master" else self._sentinel_replica()
+            )
+        self._cache[key] = found
+        return found
+
+    async def slot_address(self, slot: int, *, role: ReadFrom = "master") -> Address:
+        """Cluster: the (host, port) of the node serving ``slot`` (or of a replica of it)."""
+        if self.url.kind != "cluster":
+            raise TopologyError(self.url.text, "scheme", "only a Cluster has slots")
+        key = (f"slot:{slot}", role)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = await self._cluster_node(slot, role)
+        return cached
+
+    async def aclose(self) -> None:
+        """Close every client this Topology returned."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    async def __aenter__(self) -> Topology:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _client(self, address: Address, *, readonly: bool) -> aioredis.Redis:
+        if self.url.kind == "plain":
+            address = ("", 0)
+        client = self._clients.get((address, readonly))
+        if client is None:
+            client = self._new_client(address, readonly=readonly)
+            self._clients[(address, readonly)] = client
+        return client
+
+    def _new_client(self, address: Address, *, readonly: bool) -> aioredis.Redis:
+        if self.url.kind == "plain":
+            assert self.url.plain_url is not None
+            return aioredis.Redis.from_url(self.url.plain_url, **self._client_kwargs)
+        kwargs = dict(self._client_kwargs)
+        if readonly:
+            kwargs["redis_connect_func"] = _readonly_on_connect
+        return aioredis.Redis.from_url(self.url.node_url(address), **kwargs)
+
+    async def _ask(self, address: Address, *command: Any, sentinel: bool = False) -> Any:
+        """One command on a short-lived connection (resolution holds nothing open)."""
+        url = self.url.sentinel_url(address) if sentinel else self.url.node_url(address)
+        kwargs = {k: v for k, v in self._client_kwargs.items() if k != "client_name"}
+        kwargs.setdefault("socket_connect_timeout", 1.0)
+        kwargs.setdefault("socket_timeout", 2.0)
+        kwargs["decode_responses"] = True
+        async with aioredis.Redis.from_url(url, **kwargs) as client:
+            return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+
+    async def _role(self, address: Address) -> list[Any]:
+        reply = await self._ask(address, "ROLE")
+        return list(reply)
+
+    async def _sentinel_master(self) -> Address:
+        name = self.url.master_name
+        problems: list[str] = []
+        for sentinel in self.url.hosts:
+            where = f"{sentinel[0]}:{sentinel[1]}"
+            try:
+                reply = await self._ask(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", name,
+                                        sentinel=True)  # fmt: skip
+            except (*TRANSIENT, RedisError) as exc:
+                problems.append(f"Sentinel {where}: {exc}")
+                continue
+            if not reply:
+                problems.append(f"Sentinel {where} does not monitor {name!r}")
+                continue
+            address = (str(reply[0]), int(reply[1]))
+            try:
+                role = await self._role(address)
+            except (*TRANSIENT, RedisError) as exc:
+                problems.append(f"master {address[0]}:{address[1]} (from {where}): {exc}")
+                continue
+            if role and role[0] == "master":
+                return address
+            problems.append(f"{address[0]}:{address[1]} (from {where}) is a {role[0]}")
+        unknown = all("does not monitor" in p for p in problems)
+        part = f"master name {name!r}" if unknown else "sentinels"
+        raise TopologyUnavailable(self.url.text, part, "; ".join(problems) or "none listed")
+
+    async def _sentinel_replica(self) -> Address:
+        master = await self._sentinel_master()
+        candidates: list[Address] = []
+        for sentinel in self.url.hosts:
+            try:
+                replies = await self._ask(sentinel, "SENTINEL", "REPLICAS", self.url.master_name,
+                                          sentinel=True)  # fmt: skip
+            except (*TRANSIENT, RedisError):
+                continue
+            for reply in replies:
+                info = (
+                    reply if isinstance(reply, dict) else dict(zip(*[iter(reply)] * 2, strict=True))
+                )
+                flags = set(str(info.get("flags", "")).split(","))
+                if flags & {"s_down", "o_down", "disconnected"}:
+                    continue
+                if info.get("master-link-status") == "ok":
+                    candidates.append((str(info["ip"]), int(info["port"])))
+            break
+        return await self._pick_replica(candidates, master)
+
+    async def _pick_replica(self, candidates: list[Address], master: Address) -> Address:
+        random.shuffle(candidates)
+        for address in candidates:
+            try:
+                role = await self._role(address)
+            except (*TRANSIENT, RedisError):
+                continue
+            if role[0] == "slave" and role[3] == "connected":
+                return address
+        return master  # no healthy replica: readers keep working on the master
+
+    async def _cluster_node(self, slot: int, role: ReadFrom) -> Address:
+        problems: list[str] = []
+        for seed in list(self._known):
+            address: Address | None = seed
+            for _ in range(_HOPS):
+                assert address is not None
+                try:
+                    view = _parse_cluster_nodes(
+                        await self._ask(address, "CLUSTER", "NODES"), slot, address
+                    )
+                except (*TRANSIENT, RedisError) as exc:
+                    problems.append(f"node {address[0]}:{address[1]}: {exc}")
+                    break
+                self._learn(view.nodes)
+                if view.owner is None:
+                    problems.append(f"node {address[0]}:{address[1]} knows no owner of slot {slot}")
+                    break
+                if view.owner == view.myself:  # the owner's own table is the one that counts
+                    if role == "master":
+                        return view.owner
+                    return await self._pick_replica(view.replicas, view.owner)
+                address = view.owner
+        raise TopologyUnavailable(self.url.text, "host list", "; ".join(problems[-4:]))
+
+    def _learn(self, nodes: Iterable[Address]) -> None:
+        for node in nodes:
+            if node not in self._known:
+                self._known.append(node)
+
+
+async def _readonly_on_connect(connection: Any) -> None:
+    """Cluster replicas serve reads only after READONLY (per connection)."""
+    await connection.on_connect()
+    await connection.send_command("READONLY")
+    await connection.read_response()
+
+
+def connect(url: str, *, namespace: str | None = None, **kwargs: Any) -> aioredis.Redis:
+    """A client for any accepted URL whose connections follow the topology.
+
+    One-node URLs get redis-py's client. Sentinel and Cluster URLs get a client
+    whose every new connection resolves through a :class:`Topology` (the node
+    for ``namespace``; ``read_from`` picks master or replica) and whose
+    READONLY, MOVED, ASK, TRYAGAIN and CLUSTERDOWN replies become a
+    ConnectionError after a :meth:`Topology.refresh`: a reconnect loop that
+    retries connection errors follows a failover or a migration by itself.
+    On a Cluster, ``namespace`` names the slot to follow; without it the client
+    starts at the ``default`` namespace's slot and moves to the slot of the
+    last MOVED it received, so a client used for one namespace lands on its
+    owner after one retry (a client used for several would go back and forth:
+    give the namespace).
+    """
+    from ._topology_pool import open_resolving_client
+
+    parsed = parse_url(url)
+    if parsed.kind == "plain":
+        assert parsed.plain_url is not None
+        return aioredis.Redis.from_url(parsed.plain_url, **kwargs)
+    return open_resolving_client(Topology(parsed, **kwargs), namespace, kwargs)
