@@ -43,6 +43,9 @@ class Target:
 class _Resolving:
     """Mixin over redis-py's Connection: resolve on connect, re-resolve after a move."""
 
+    host: str
+    port: int
+
     def __init__(self, *, saga_topology: Topology, saga_target: Target, **kwargs: Any) -> None:
         self._topology = saga_topology
         self._target = saga_target
