@@ -105,31 +105,37 @@ class RevCheck:
 
     Each check reads rev (``before``), then reads the subscription past a
     PING sent after that read (every notification of a change up to
-    ``before`` has then been counted), then reads rev again (``after``).
-    A loss is ``applied < before - offset``: exact, since no notification of
-    a change up to ``before`` can still be in flight. The offset is (re)taken
-    only when ``before == after``: then no change happened while the stream
-    was read, and the count holds nothing newer than ``before``. Until a
-    first such check after a snapshot, nothing is decided (the watcher
-    checks at once after each snapshot, so that window is one round trip).
+    ``before`` has then been counted, and perhaps some of later changes), then
+    reads rev again (``after``). With nothing lost the offset therefore lies
+    in ``[before - applied, after - applied]``; the check keeps the
+    intersection of these intervals since the last snapshot. A loss shifts
+    every later interval up by the number lost: when one no longer meets the
+    intersection, a notification was lost. A quiet check (``before ==
+    after``) pins the offset exactly, so one lost notification is found at
+    the next check; under constant churn the intersection narrows as checks
+    add up. Fewer notifications than possible is the only conclusion drawn:
+    more (records deleted behind the registrar's back) starts over.
     """
 
     def __init__(self) -> None:
-        self.offset: int | None = None
+        self.bounds: tuple[int, int] | None = None
 
     def forget(self) -> None:
-        """After a snapshot: the old offset says nothing about the new count."""
-        self.offset = None
+        """After a snapshot: the old bounds say nothing about the new count."""
+        self.bounds = None
 
     def lost(self, before: int | None, applied: int, after: int | None) -> bool:
         """One check: True when a notification has been lost."""
         if before is None or after is None:
-            self.offset = None  # no rev (an older registrar, or none yet): nothing to check
+            self.bounds = None  # no rev (an older registrar, or none yet): nothing to check
             return False
-        if self.offset is not None and applied < before - self.offset:
+        low, high = before - applied, after - applied
+        if self.bounds is None or high < self.bounds[0]:
+            self.bounds = (low, high)
+            return False
+        if low > self.bounds[1]:
             return True
-        if before == after:
-            self.offset = before - applied
+        self.bounds = (max(low, self.bounds[0]), min(high, self.bounds[1]))
         return False
 
 

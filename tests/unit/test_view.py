@@ -172,14 +172,18 @@ def test_rev_check_finds_a_loss_at_the_first_check_after_it() -> None:
     assert check.lost(before=18, applied=7, after=18)
 
 
-def test_rev_check_takes_its_offset_only_from_a_quiet_check() -> None:
-    """A count read while rev moved may hold newer notifications: no offset from it."""
+def test_rev_check_narrows_its_bounds_under_churn() -> None:
+    """A count read while rev moved bounds the offset; the bounds narrow, a loss leaves them."""
     check = RevCheck()
-    assert not check.lost(before=10, applied=3, after=12)  # moving: no offset yet
-    assert check.offset is None
-    assert not check.lost(before=12, applied=5, after=12)
-    assert check.offset == 7
-    assert check.lost(before=13, applied=5, after=13)
+    assert not check.lost(before=10, applied=3, after=12)  # offset in [7, 9]
+    assert check.bounds == (7, 9)
+    assert not check.lost(before=20, applied=12, after=21)  # [8, 9]
+    assert check.bounds == (8, 9)
+    # A later check that still meets the bounds: nothing concluded, bounds kept.
+    assert not check.lost(before=25, applied=16, after=27)  # [9, 11]
+    assert check.bounds == (9, 9)
+    # Two notifications lost: every later interval is 2 higher, above the bounds.
+    assert check.lost(before=30, applied=19, after=32)  # [11, 13] vs [9, 9]
 
 
 def test_rev_check_without_rev_and_after_a_snapshot() -> None:
@@ -188,7 +192,7 @@ def test_rev_check_without_rev_and_after_a_snapshot() -> None:
     assert not check.lost(None, 50, None)
     assert not check.lost(7, 50, 7)
     check.forget()
-    assert check.offset is None
+    assert check.bounds is None
     assert not check.lost(3, 0, 3)  # a new Redis: a new offset
     assert check.lost(4, 0, 4)
 
