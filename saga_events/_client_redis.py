@@ -148,8 +148,11 @@ class _RedisBackend:
             self._waited_for_sync = True
             with anyio.move_on_after(self._discovery_timeout):
                 await self._mirror_synced.wait()
-        if not self._mirror_synced.is_set():
-            raise RegistryUnavailable(name, "the mirror has not synced with Redis yet")
+        # ``run`` also reports started when Redis refused the mirror (an ACL without
+        # its grants): it serves nothing then, which is "unavailable", not "not found".
+        if not self._mirror_synced.is_set() or not self._mirror.has_synced:
+            why = self._mirror.last_error or "the mirror has not synced with Redis yet"
+            raise RegistryUnavailable(name, why)
         inst = self._mirror.pick(name)  # raises ServiceNotFound
         return ServiceInfo.from_instance(inst, "stale" if self._mirror.stale else "registry")
 
