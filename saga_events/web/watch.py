@@ -403,6 +403,10 @@ def watch_route(hub: WatchHub) -> HTTPRouteHandler:
             "still holds the events since; a reader that falls behind gets event: overflow and "
             "the stream ends."
         ),
+        response_description=(
+            "An endless text/event-stream of 'id:', 'event:' and 'data:' lines (data is JSON); "
+            "see docs/API.md."
+        ),
     )
     async def watch(
         service: Annotated[

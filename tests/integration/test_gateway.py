@@ -423,6 +423,15 @@ async def test_openapi_document_is_served(served: Served) -> None:
     assert set(paths["/api/v1/services/{name}"]) == {"get", "delete"}
     for p in ("/api/v1/services", "/health", "/metrics"):
         assert "get" in paths[p]
+    # The web surface: the stream, Prometheus SD and the dashboard, with their media types.
+    watch = paths["/api/v1/watch"]["get"]
+    assert set(watch["responses"]["200"]["content"]) == {"text/event-stream"}
+    assert {p["name"] for p in watch["parameters"]} == {"service", "Last-Event-ID"}
+    assert "400" in watch["responses"]
+    sd = paths["/api/v1/sd/prometheus"]["get"]
+    assert set(sd["responses"]["200"]["content"]) == {"application/json"}
+    assert {p["name"] for p in sd["parameters"]} == {"service", "capability"}
+    assert set(paths["/ui"]["get"]["responses"]["200"]["content"]) == {"text/html"}
 
 
 async def test_concurrent_writes_from_two_gateways_converge(served: Served, redis_url: str) -> None:
