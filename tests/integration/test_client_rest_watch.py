@@ -79,7 +79,8 @@ async def test_discover_after_another_clients_register_comes_from_the_stream(
         with pytest.raises(ServiceNotFound, match="no-such"):
             await reader.discover_service("no-such")
         follower = backend._follower
-        assert follower is not None and follower.current
+        assert follower is not None
+        await follower.wait_until(lambda f: f.current, 10)
         info = await writer.register_service("orders", "http://10.1.0.1:80", ["rest"])
         await follower.wait_until(lambda f: bool(f.instances("orders")), 10)
         before = await discover_gets(saga_url)
@@ -156,7 +157,7 @@ async def test_stream_down_serves_the_last_view_then_polls(saga_url: str, mirror
         await reader.discover_service("flaky")  # starts the follower
         follower = backend._follower
         assert follower is not None
-        await follower.wait_until(lambda f: bool(f.instances("flaky")), 10)
+        await follower.wait_until(lambda f: f.current and bool(f.instances("flaky")), 10)
         assert (await reader.discover_service("flaky")).source == "registry"
         # The follower marks the view down when its connection ends; the view stays.
         follower.connected = False
