@@ -31,14 +31,19 @@ from saga_events.model import new_incarnation
 MOVING = "bench-moving"
 
 
-def staleness(url: str, clients: int, cache_ttl: float, bar: Any) -> dict[str, Any]:
+def staleness(
+    url: str, clients: int, cache_ttl: float, bar: Any, stream_rounds: int = 0
+) -> dict[str, Any]:
     """Seconds after a record change until each poll-and-cache client sees it.
 
     The clients fill their caches at uniformly spread times over one cache
     period before the change (as independent clients would), then ask every
     20 ms. A mirror in the same process measures the push path beside them.
+    Then ``stream_rounds`` more changes time the mirror beside ``clients``
+    REST-stream clients (bench/_reststream.py).
     """
     import _pollcache
+    import _reststream
     import anyio
     import httpx
     import redis.asyncio as aioredis
@@ -128,6 +133,31 @@ def staleness(url: str, clients: int, cache_ttl: float, bar: Any) -> dict[str, A
                     # The clients end themselves once they see the change; the task
                     # group waits for them, bounded here.
                     tg.cancel_scope.deadline = anyio.current_time() + cache_ttl + 30
+                stream: dict[str, Any] | None = None
+                if gateway is not None and stream_rounds > 0:
+                    bar.set_description("REST-stream vs mirror")
+
+                    def move(i: int, url: str) -> None:
+                        raw.send(
+                            [
+                                _roles.publish_cmd(
+                                    MOVING,
+                                    _roles.announce(
+                                        "heartbeat",
+                                        MOVING,
+                                        "mover",
+                                        incarnation=inc,
+                                        seq=3 + i,
+                                        url=url,
+                                        ttl_ms=3_600_000,
+                                    ),
+                                )
+                            ]
+                        )
+
+                    stream = await _reststream.measure(
+                        mirror, gateway.base_url, MOVING, move, stream_rounds, clients, bar
+                    )
             raw.close()
             await r.aclose()
             if http is not None:
@@ -137,6 +167,7 @@ def staleness(url: str, clients: int, cache_ttl: float, bar: Any) -> dict[str, A
                 "mirror_s": mirror_seen,
                 "source": source,
                 "lost": clients - len(seen),
+                "stream": stream,
             }
         finally:
             if gateway is not None:
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-ttl", type=float, default=None, help="poll-and-cache TTL, s")
     p.add_argument("--clients", type=int, default=None, help="poll-and-cache clients")
     p.add_argument("--no-staleness", action="store_true", help="skip the poll-and-cache part")
+    p.add_argument("--stream-rounds", type=int, default=None, help="REST-stream vs mirror moves")
     args = p.parse_args(argv)
     h.configure(args)
     q = args.quick
@@ -166,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     crash_ttl = 1.0 if q else 2.0
     cache_ttl = args.cache_ttl or (0.5 if q else 30.0)
     clients = args.clients or (5 if q else 100)
+    stream_rounds = args.stream_rounds if args.stream_rounds is not None else (20 if q else 200)
     report = h.Report(
         "propagation",
         {
@@ -177,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             "crash_ttl_s": crash_ttl,
             "poll_cache_ttl_s": cache_ttl,
             "poll_cache_clients": clients,
+            "stream_rounds": stream_rounds,
             "quick": q,
         },
     )
 
-    total = len(m_values) * (pairs + crash_rounds) + clients
+    total = len(m_values) * (pairs + crash_rounds) + clients + stream_rounds
     with h.progress(total, "propagation") as bar:
         backend = prop.SagaBackend(crash_ttl)
         results = prop.run_backend(
@@ -194,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.ExitStack() as stack:
                 server = stack.enter_context(h.redis_server())
                 _roles.start_registrars(server.url, 1, stack)
-                st = staleness(server.url, clients, cache_ttl, bar)
+                st = staleness(server.url, clients, cache_ttl, bar, stream_rounds)
     if st is not None:
         report.add(
             f"poll-and-cache ({cache_ttl:g} s TTL) staleness",
@@ -205,6 +239,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         report.add("mirror staleness (same change)", "s", st["mirror_s"])
         report.data["staleness_s"] = st["seen_s"]
+        stream = st.get("stream")
+        if stream:
+            ms = [x * 1000 for x in stream["mirror_s"]]
+            rs = [x * 1000 for x in stream["stream_s"]]
+            report.add("Redis mirror, record change -> new URL", "ms", ms)
+            report.add(
+                f"REST-stream client x{clients}, record change -> new URL",
+                "ms",
+                rs,
+                discoveries_that_polled=stream["polled"],
+            )
+            poll = report.row(f"poll-and-cache ({cache_ttl:g} s TTL) staleness").stats
+            mirror_row = report.row("Redis mirror, record change -> new URL").stats
+            rest_row = report.row(f"REST-stream client x{clients}, record change -> new URL").stats
+            for key in ("median", "p99"):
+                report.note(
+                    f"{key}: REST-stream / mirror = "
+                    f"{float(rest_row[key]) / float(mirror_row[key]):.2f}, "
+                    f"poll-and-cache / REST-stream = "
+                    f"{float(poll[key]) * 1000 / float(rest_row[key]):.0f}"
+                )
     for m, s in results.items():
         report.data[f"register_ms_M{m}"] = s.all_ms["register"]
 

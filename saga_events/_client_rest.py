@@ -1,9 +1,21 @@
-"""The client's REST transport: the seed's HTTP API with keep-alive and a cache (internal).
+"""The client's REST transport: the seed's HTTP API with keep-alive, a watch and a cache (internal).
 
 Contract: each registration is heartbeated in the background and registered
-again when a heartbeat is not answered 200; discovery answers are cached
-``cache_ttl`` seconds and served ``stale`` while the gateway is unreachable.
-Only the gateway's 400/413/422 raise (:class:`InvalidEvent`).
+again when a heartbeat is not answered 200. Discovery follows the gateway's
+watch stream (``GET /api/v1/watch``, a :class:`WatchFollower` started on the
+first ``discover``) and answers from its view, round-robin over the live
+instances, without a request: current within milliseconds. It asks the
+gateway (``GET /api/v1/services/{name}``, the poll path) instead when the
+view has no live instance of the name (a registration may be a few
+milliseconds ahead of the stream), when this client's own register or
+unregister of the name has not reached the view yet (read-your-writes), and
+when the view stopped being current (stream down or the gateway stale) more
+than ``cache_ttl`` seconds ago; within ``cache_ttl`` the last view is served
+marked ``cache``. A gateway without the endpoint (404/405) is polled for good.
+Poll answers are cached ``cache_ttl`` seconds; while the gateway is
+unreachable the last poll answer, else the view's last instance, is served
+``stale``. Only the gateway's 400/413/422 raise
+(:class:`InvalidEvent`).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ._redis import Backoff
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
+from .sse_client import WatchFollower, WatchUnsupported
 
 if TYPE_CHECKING:
     import httpx
@@ -55,6 +68,7 @@ class _RestBackend:
         heartbeat_interval: float | None,
         clock: Callable[[], float] = time.monotonic,
         transport: Any = None,
+        watch: bool = True,
     ) -> None:
         try:
             import httpx
@@ -74,6 +88,14 @@ class _RestBackend:
         self._cache: dict[str, tuple[float, ServiceInfo]] = {}
         self._regs: dict[str, _RestRegistration] = {}
         self._tg: TaskGroup | None = None
+        self._timeout = timeout
+        self._watch = watch  # False once the gateway has no stream or the follower failed
+        self._follower: WatchFollower | None = None
+        self._rr: dict[str, int] = {}
+        # Our own writes not seen in the view yet: name -> (service_id, url or None if left).
+        self._own: dict[str, tuple[str, str | None]] = {}
+        self.watch_answers = 0  # discoveries answered from the stream's view
+        self.poll_answers = 0  # discoveries that asked the gateway
 
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
@@ -114,6 +136,7 @@ class _RestBackend:
             )
             return None
         self._cache.pop(reg.service_name, None)
+        self._own[reg.service_name] = (reg.service_id, reg.service_url)
         try:
             return ServiceInfo.from_json(resp.content)
         except msgspec.MsgspecError as exc:
@@ -201,6 +224,7 @@ class _RestBackend:
             return False
         entry.scope.cancel()
         self._cache.pop(name, None)
+        self._own[name] = (entry.reg.service_id, None)
         with anyio.CancelScope(shield=True):
             try:
                 resp = await self._http.delete(
@@ -220,7 +244,82 @@ class _RestBackend:
         entry = self._regs.get(name)
         return entry is not None and entry.confirmed
 
+    # -- discovery -----------------------------------------------------------------------
+
+    def _start_follower(self) -> WatchFollower | None:
+        if not self._watch or self._tg is None:
+            return None
+        if self._follower is None:
+            self._follower = WatchFollower(self.saga_url, client=self._http, clock=self._clock)
+            self._tg.start_soon(self._follow, self._follower)
+        return self._follower
+
+    async def _follow(self, follower: WatchFollower) -> None:
+        try:
+            await follower.run()
+        except WatchUnsupported as exc:
+            log.info("%s; discovery polls every cache_ttl (%ss)", exc, self._cache_ttl)
+        except Exception:
+            log.exception("the watch stream follower failed; discovery polls from now on")
+        finally:
+            self._watch = False
+
+    async def _from_stream(self, name: str) -> ServiceInfo | None:
+        """An answer from the watch stream's view, or None: ask the gateway."""
+        follower = self._start_follower()
+        if follower is None:
+            return None
+
+        def settled(f: WatchFollower) -> bool:
+            return f.has_synced or f.failures > 0 or f.supported is False
+
+        if not settled(follower):
+            try:
+                await follower.wait_until(settled, timeout=self._timeout)
+            except TimeoutError:
+                return None
+        if not self._watch or not follower.has_synced:
+            return None
+        current = follower.current
+        if not current and follower.down_for() >= self._cache_ttl:
+            return None
+        own = self._own.get(name)
+        insts = follower.instances(name)
+        if own is not None:
+            sid, url = own
+            mine = [i for i in insts if i.get("service_id") == sid]
+            seen = (url is None and not mine) or (bool(mine) and mine[0].get("service_url") == url)
+            if not seen:
+                return None
+            del self._own[name]
+        info = self._last_view(name)
+        if info is None:
+            return None
+        self.watch_answers += 1
+        return info if current else info.with_source("cache")
+
+    def _last_view(self, name: str) -> ServiceInfo | None:
+        """The next instance of ``name`` in the follower's view (round-robin, live first)."""
+        follower = self._follower
+        if follower is None or not follower.has_synced:
+            return None
+        insts = follower.instances(name)
+        live = [i for i in insts if not i.get("draining")] or insts
+        if not live:
+            return None
+        turn = self._rr.get(name, 0)
+        self._rr[name] = turn + 1
+        try:
+            return ServiceInfo.from_json(msgspec.json.encode(live[turn % len(live)]))
+        except msgspec.MsgspecError as exc:
+            log.warning("%s: unreadable instance in the watch stream (%s)", name, exc)
+            return None
+
     async def discover(self, name: str) -> ServiceInfo:
+        answer = await self._from_stream(name)
+        if answer is not None:
+            return answer
+        self.poll_answers += 1
         now = self._clock()
         cached = self._cache.get(name)
         if cached is not None and now - cached[0] < self._cache_ttl:
@@ -247,6 +346,10 @@ class _RestBackend:
         if cached is not None:
             log.warning("%s: %s; serving the last answer", name, reason)
             return cached[1].with_source("stale")
+        last = self._last_view(name)
+        if last is not None:
+            log.warning("%s: %s; serving the watch stream's last view", name, reason)
+            return last.with_source("stale")
         raise RegistryUnavailable(name, reason)
 
     async def aclose(self) -> None:

@@ -8,8 +8,11 @@ Two transports, chosen by the constructor:
   so ``cache_ttl`` plays no part.
 * **REST** (only ``saga_url``): the seed's HTTP API (``saga-events up`` serves
   it on port 8030). The client heartbeats each registration in the background,
-  registers it again when a heartbeat is not answered with 200, and caches
-  discovery answers for ``cache_ttl`` seconds.
+  registers it again when a heartbeat is not answered with 200. Discovery
+  follows the gateway's watch stream (``GET /api/v1/watch``, started on the
+  first ``discover_service``) and answers from its view without a request;
+  against a gateway without the stream, and once the stream has been down
+  ``cache_ttl`` seconds, it polls and caches answers for ``cache_ttl`` seconds.
 
 Failure policy, the same in both modes (the host service must keep running
 when the registry does not):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -146,6 +147,7 @@ class WatchFollower:
         backoff_max: float = 5.0,
         read_timeout: float = 45.0,
         connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = base_url.rstrip("/") + WATCH_PATH
         self.service = service
@@ -163,10 +165,24 @@ class WatchFollower:
         self.snapshots = 0
         self.events = 0
         self.overflows = 0
+        self.failures = 0  # connection attempts or sessions that ended in an error
+        self._clock = clock
+        self._down_since: float | None = clock()
         self._view: dict[str, dict[str, Instance]] = {}
         self._changed = anyio.Event()
 
     # -- reading -------------------------------------------------------------------
+
+    @property
+    def current(self) -> bool:
+        """True while connected, synced and not stale: the view is the gateway's."""
+        return self.connected and self.has_synced and not self.stale
+
+    def down_for(self) -> float:
+        """Seconds since the view stopped being :attr:`current` (0.0 while it is)."""
+        if self._down_since is None:
+            return 0.0
+        return max(0.0, self._clock() - self._down_since)
 
     def instances(self, name: str) -> list[Instance]:
         """The instances of ``name`` (draining ones included), sorted by id."""
@@ -211,6 +227,8 @@ class WatchFollower:
                     raise
                 except (httpx.HTTPError, msgspec.DecodeError, _BadStatus) as exc:
                     log.info("watch stream %s lost: %s", self.url, exc)
+                    self.failures += 1
+                    self._wake()
                 finally:
                     if self.connected:
                         self.connected = False
@@ -234,6 +252,7 @@ class WatchFollower:
         ) as response:
             if response.status_code in (404, 405):
                 self.supported = False
+                self._wake()
                 raise WatchUnsupported(self.url, response.status_code)
             if response.status_code != 200:
                 raise _BadStatus(f"{self.url} answered {response.status_code}")
@@ -287,6 +306,10 @@ class WatchFollower:
         return False
 
     def _wake(self) -> None:
+        if self.current:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = self._clock()
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 

@@ -31,6 +31,13 @@ _ROUTES: Final = (
     ("/health", "/health"),
     ("/metrics", "/metrics"),
     ("/api/v1/services", "/api/v1/services"),
+    ("/api/v1/watch", "/api/v1/watch"),  # observed when the stream ends: its life
+    ("/api/v1/sd/prometheus", "/api/v1/sd/prometheus"),
+    ("/ui", "/ui"),
+    ("/ui/", "/ui"),
+    ("/ui/app.js", "/ui"),
+    ("/ui/app.css", "/ui"),
+    ("/", "/"),
 )
 
 

@@ -49,8 +49,18 @@ def ui_routes() -> list[HTTPRouteHandler]:
         body, media = files[name]
         return Response(body, media_type=media, headers=SECURITY_HEADERS)
 
-    @get(["/ui", "/ui/"], include_in_schema=False)
+    @get(
+        ["/ui", "/ui/"],
+        media_type="text/html",
+        summary="The live dashboard",
+        description=(
+            "An HTML page (with /ui/app.js and /ui/app.css) showing services, instances, "
+            "health and recent changes, live from /api/v1/watch; / redirects here."
+        ),
+        response_description="The dashboard page (text/html).",
+    )
     async def ui_index() -> Response[bytes]:
+
         return serve("index.html")
 
     @get("/ui/app.js", include_in_schema=False)

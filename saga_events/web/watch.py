@@ -16,10 +16,23 @@
 * Event ids are ``<hub>-<n>``: ``hub`` is random per gateway process, ``n``
   a gateway-local counter of the changes this hub has seen (the snapshot
   carries the id of the last change it includes). They are not the
-  registry's ``saga:{ns}:rev``: a record does not carry the revision that
-  wrote it, so a change cannot be labelled with its exact revision, and an
-  id that only approximates it would let a client resume at a second
-  gateway and silently miss changes. A reconnect with ``Last-Event-ID``
+  registry's ``saga:{ns}:rev`` (issue 12 asked for it; decided against, on
+  this evidence): a record does not carry the revision that wrote it, and
+  the mirror's :class:`~saga_events.mirror.Change` carries none either.
+  (a) Reading rev after applying a batch over-claims: rev counts writes
+  whose notifications may still be in flight, so an id ``r`` would promise
+  changes up to ``r`` the view does not have yet, and a client resuming
+  from it elsewhere would miss them for good. (b) The exact mapping exists
+  only inside the watcher (:class:`~saga_events.watcher.RevCheck`: ``rev =
+  offset + applied`` once a quiet check has taken the offset, up to
+  ``rev_interval`` after each snapshot, never while writes keep coming), and
+  it counts ``set``/``del`` notifications, not the mirror's changes (Redis's
+  own expiries change no rev; a notification need not change the view).
+  Labelling would mean threading that count through the watcher and the
+  mirror's change stream, and an event before the first quiet check would
+  still have no revision. (c) It would buy no resume: a restarted gateway's
+  history is empty, so a rev id could only be resumed where the gateway's
+  own ring covers it, which the ``<hub>-<n>`` ids already do. A reconnect with ``Last-Event-ID``
   (EventSource sends it by itself) resumes without a snapshot when the id
   is this hub's and still in its ring of the last ``history`` events;
   otherwise (another gateway, a restart, too old) it starts with a
@@ -389,6 +402,10 @@ def watch_route(hub: WatchHub) -> HTTPRouteHandler:
             "Reconnect with Last-Event-ID to resume without a new snapshot where the gateway "
             "still holds the events since; a reader that falls behind gets event: overflow and "
             "the stream ends."
+        ),
+        response_description=(
+            "An endless text/event-stream of 'id:', 'event:' and 'data:' lines (data is JSON); "
+            "see docs/API.md."
         ),
     )
     async def watch(

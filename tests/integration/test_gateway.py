@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -423,6 +424,15 @@ async def test_openapi_document_is_served(served: Served) -> None:
     assert set(paths["/api/v1/services/{name}"]) == {"get", "delete"}
     for p in ("/api/v1/services", "/health", "/metrics"):
         assert "get" in paths[p]
+    # The web surface: the stream, Prometheus SD and the dashboard, with their media types.
+    watch = paths["/api/v1/watch"]["get"]
+    assert set(watch["responses"]["200"]["content"]) == {"text/event-stream"}
+    assert {p["name"] for p in watch["parameters"]} == {"service", "Last-Event-ID"}
+    assert "400" in watch["responses"]
+    sd = paths["/api/v1/sd/prometheus"]["get"]
+    assert set(sd["responses"]["200"]["content"]) == {"application/json"}
+    assert {p["name"] for p in sd["parameters"]} == {"service", "capability"}
+    assert set(paths["/ui"]["get"]["responses"]["200"]["content"]) == {"text/html"}
 
 
 async def test_concurrent_writes_from_two_gateways_converge(served: Served, redis_url: str) -> None:
@@ -579,3 +589,31 @@ async def test_writer_alone_registers_heartbeats_and_removes_without_http(
             tg.cancel_scope.cancel()
     finally:
         await client.aclose()
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not installed; .ci/run installs Debian's prometheus",
+)
+async def test_live_metrics_with_a_watch_stream_pass_promtool(served: Served) -> None:
+    """``promtool check metrics`` on a serving gateway's /metrics, with a watch stream
+    open, a registration, a discovery and an SD read behind it: clean, not even a lint."""
+    assert (await served.client.post(REGISTER, json=SEED_BODY)).status_code == 200
+    assert (await served.client.get("/api/v1/services/gateway")).status_code == 200
+    assert (await served.client.get("/api/v1/sd/prometheus")).status_code == 200
+    async with served.client.stream("GET", "/api/v1/watch") as stream:
+        assert stream.status_code == 200
+        chunks = stream.aiter_text()
+        with anyio.fail_after(10):
+            while "event: snapshot" not in await anext(chunks):
+                pass
+        text = (await served.client.get("/metrics")).text
+    assert "saga_watch_streams 1.0" in text.splitlines()
+    assert 'route="/api/v1/sd/prometheus"' in text
+    with anyio.fail_after(60):
+        run = await anyio.run_process(
+            ["promtool", "check", "metrics"], input=text.encode(), check=False
+        )
+    said = (run.stdout + run.stderr).decode()
+    assert run.returncode == 0, said
+    assert not said.strip(), said
