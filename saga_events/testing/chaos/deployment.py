@@ -3,7 +3,11 @@
 Contract: :class:`Deployment` starts every part (subprocesses where a fault needs to kill
 or pause them), knows which instances should be live (:meth:`Deployment.expected`) and
 reads what Redis really holds (:meth:`Deployment.truth`, by SCAN). It decides nothing
-about correctness: the invariants live in :mod:`.harness`.
+about correctness: the invariants live in :mod:`.harness`. With ``config.topology ==
+"sentinel"`` the registry lives on a :class:`~saga_events.embedded_topology.SentinelGroup`
+and every part is given its ``redis+sentinel://`` URL (the last ``replica_mirrors``
+mirrors read from replicas); the harness sets the notification flags on every replica
+(CONFIG is not replicated, and the registrar sets them on the master only).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..._redis import connect
 from ..._wait import eventually
 from ...agent import Agent
 from ...embedded import RedisServer, free_port
+from ...embedded_topology import SentinelGroup, client
 from ...keys import Keys
 from ...mirror import Mirror
 from .config import HOSTILE_SERVICE, ChaosConfig
@@ -111,6 +116,11 @@ class Deployment:
         self.rng = rng
         self.keys = Keys(config.namespace)
         self.server = RedisServer()
+        self.group: SentinelGroup | None = None
+        if config.topology == "sentinel":
+            self.group = SentinelGroup(replicas=2, sentinels=3, down_after_ms=1000)
+        elif config.topology:
+            raise ValueError(f"chaos topology {config.topology!r}: expected '' or 'sentinel'")
         self.registrars: list[subprocess.Popen[str] | None] = []
         self.slots: list[AgentSlot] = []
         self.mirrors: list[Mirror] = []
@@ -132,14 +142,29 @@ class Deployment:
 
     @property
     def url(self) -> str:
-        return self.server.url
+        return self.group.url if self.group is not None else self.server.url
+
+    def set_replica_flags(self) -> None:
+        """Set the notification flags on every live replica (the registrar does not yet)."""
+        if self.group is None:
+            return
+        master = self.group.master()
+        for node in self.group.nodes:
+            if node is not master and node.process is not None:
+                with client(node) as c:
+                    c.config_set("notify-keyspace-events", "Kg$xe")
 
     # -- lifecycle
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Deployment]:
-        await anyio.to_thread.run_sync(self.server.start)
-        self.admin = aioredis.Redis.from_url(self.url, socket_timeout=10)
+        if self.group is not None:
+            await anyio.to_thread.run_sync(self.group.start)
+            await anyio.to_thread.run_sync(self.set_replica_flags)
+            self.admin = connect(self.url, socket_timeout=10)
+        else:
+            await anyio.to_thread.run_sync(self.server.start)
+            self.admin = aioredis.Redis.from_url(self.url, socket_timeout=10)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -147,11 +172,15 @@ class Deployment:
                     for _ in range(self.config.registrars):
                         self.registrars.append(None)
                         await self.start_registrar(len(self.registrars) - 1)
+                    on_replica = self.config.mirrors - self.config.replica_mirrors
                     for i in range(self.config.mirrors):
                         # Named connections: a fault can target one mirror's subscription.
-                        client = connect(self.url, client_name=f"chaos-mirror-{i}")
-                        self._clients.append(client)
-                        mirror = Mirror(client, namespace=self.config.namespace)
+                        url = self.url
+                        if self.group is not None and i >= on_replica:
+                            url += "?read_from=replica"
+                        conn = connect(url, client_name=f"chaos-mirror-{i}")
+                        self._clients.append(conn)
+                        mirror = Mirror(conn, namespace=self.config.namespace)
                         await tg.start(mirror.run)
                         self.mirrors.append(mirror)
                     services = ["svc-a", "svc-b", "svc-c"]
@@ -184,6 +213,8 @@ class Deployment:
                         await slot.agent.aclose()
                 await self.admin.aclose()
             self.server.close()
+            if self.group is not None:
+                self.group.close()
 
     async def start_registrar(self, index: int) -> None:
         proc = child("_registrar", self.url, self.config.namespace)

@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 
 from ..._wait import eventually
+from .config import BOUND_VISIBLE
 from .deployment import child, wait_ready
 
 if TYPE_CHECKING:
@@ -225,6 +226,33 @@ async def worker_recycle(self: ChaosRun) -> None:
     await dep.start_worker()
 
 
+async def sentinel_failover(self: ChaosRun) -> None:
+    """kill -9 the master the Sentinels name; an agent registers right after the kill (the
+    bound: kill -> in every mirror); then the old master comes back empty and the
+    Sentinels make it a replica of the promoted one. Every mirror must report stale
+    meanwhile: what it serves may miss writes the dead master never replicated."""
+    dep = self.dep
+    group = dep.group
+    if group is None:
+        raise RuntimeError("sentinel_failover needs ChaosConfig(topology='sentinel')")
+    self._require_stale = True
+    killed_at = anyio.current_time()
+    old = await anyio.to_thread.run_sync(group.kill_master)
+    slot = dep.new_slot(self.rng.choice(["svc-a", "svc-b", "svc-c"]))
+    key = dep.keys.inst(slot.service, slot.service_id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dep.start_agent, slot)
+        limit = self.config.settle_timeout + 30
+        await eventually(lambda: all(key in m.snapshot() for m in dep.mirrors), limit,
+                         interval=0.02, what=f"{key} in every mirror after the kill")  # fmt: skip
+        self.report.bounds.setdefault(BOUND_VISIBLE, []).append(anyio.current_time() - killed_at)
+    self.report.churn["join"] += 1
+    await anyio.to_thread.run_sync(old.start)
+    await anyio.to_thread.run_sync(group.wait_settled)
+    await anyio.to_thread.run_sync(dep.set_replica_flags)  # the old master, now a replica
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -241,4 +269,5 @@ FAULT_FUNCS: Final[dict[str, Callable[[ChaosRun], Awaitable[None]]]] = {
     "agent_crash": agent_crash,
     "agent_clock_jump": agent_clock_jump,
     "worker_recycle": worker_recycle,
+    "sentinel_failover": sentinel_failover,
 }
