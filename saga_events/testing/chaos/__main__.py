@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-hogs", type=int, default=2, help="busy loops per fault (0: none)")
     parser.add_argument("--no-hostile", action="store_true", help="no hostile publisher")
     parser.add_argument("--no-bombs", action="store_true", help="hostile, but no JSON bombs")
-    parser.add_argument("--topology", choices=["", "sentinel"], default="",
+    parser.add_argument("--topology", choices=["", "sentinel", "cluster"], default="",
                         help="'sentinel': the registry on a master, 2 replicas, 3 Sentinels; "
                              "--faults defaults to the topology faults")  # fmt: skip
     parser.add_argument("--replica-mirrors", type=int, default=0,
@@ -143,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     known = (*FAULTS, *TOPOLOGY_FAULTS)
-    default = TOPOLOGY_FAULTS if ns.topology else FAULTS
+    default = {"": FAULTS, "sentinel": ("sentinel_failover",),
+               "cluster": ("cluster_primary_kill", "slot_migration")}[ns.topology]  # fmt: skip
     kinds = tuple(k for k in (ns.faults or ",".join(default)).split(",") if k)
     unknown = set(kinds) - set(known)
     if unknown:
         parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}")
     if set(kinds) & set(TOPOLOGY_FAULTS) and not ns.topology:
-        parser.error("topology faults need --topology sentinel")
+        parser.error("topology faults need --topology sentinel or cluster")
     seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(2**31)
     config = ChaosConfig(
         seed=seed, duration=ns.duration, faults=kinds, http_clients=ns.http_clients,

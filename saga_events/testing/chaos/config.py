@@ -31,6 +31,8 @@ FAULTS: Final = (
 #: one-node run keeps running every kind of :data:`FAULTS`.
 TOPOLOGY_FAULTS: Final = (
     "sentinel_failover",  # kill -9 the Sentinel master, a replica promoted, the old one back
+    "cluster_primary_kill",  # kill -9 the registry slot's owner, its replica promoted
+    "slot_migration",  # the registry's slot and keys moved to another primary
 )
 
 #: The bounds a topology fault measures (seconds from the kill), as named in the report.
@@ -81,7 +83,8 @@ class ChaosConfig:
     cpu_hogs: int = 2
     hostile: bool = True
     hostile_bombs: bool = True  # with hostile: JSON bombs, 1 MB and non-JSON messages too
-    topology: str = ""  # "" one redis-server; "sentinel": a master, 2 replicas, 3 Sentinels
+    topology: str = ""  # "": one redis-server; "sentinel": master, 2 replicas, 3 Sentinels;
+    #                     "cluster": 3 primaries with a replica each
     replica_mirrors: int = 0  # with a topology: how many mirrors read_from=replica
 
     def classic(self) -> ChaosConfig:

@@ -6,8 +6,10 @@ reads what Redis really holds (:meth:`Deployment.truth`, by SCAN). It decides no
 about correctness: the invariants live in :mod:`.harness`. With ``config.topology ==
 "sentinel"`` the registry lives on a :class:`~saga_events.embedded_topology.SentinelGroup`
 and every part is given its ``redis+sentinel://`` URL (the last ``replica_mirrors``
-mirrors read from replicas); the harness sets the notification flags on every replica
-(CONFIG is not replicated, and the registrar sets them on the master only).
+mirrors read from replicas); ``"cluster"`` runs an
+:class:`~saga_events.embedded_topology.EmbeddedCluster` (3 primaries, a replica each; not
+yet in CI: see docs/DEPLOYMENT.md, Known gaps). The harness sets the notification flags on
+every replica (CONFIG is not replicated, and the registrar sets them on the master only).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..._redis import connect
 from ..._wait import eventually
 from ...agent import Agent
 from ...embedded import RedisServer, free_port
-from ...embedded_topology import SentinelGroup, client
+from ...embedded_topology import EmbeddedCluster, SentinelGroup, client
 from ...keys import Keys
 from ...mirror import Mirror
 from .config import HOSTILE_SERVICE, ChaosConfig
@@ -117,10 +119,15 @@ class Deployment:
         self.keys = Keys(config.namespace)
         self.server = RedisServer()
         self.group: SentinelGroup | None = None
+        self.cluster: EmbeddedCluster | None = None
         if config.topology == "sentinel":
             self.group = SentinelGroup(replicas=2, sentinels=3, down_after_ms=1000)
+        elif config.topology == "cluster":
+            self.cluster = EmbeddedCluster(primaries=3, replicas=1, node_timeout_ms=1000)
         elif config.topology:
-            raise ValueError(f"chaos topology {config.topology!r}: expected '' or 'sentinel'")
+            raise ValueError(
+                f"chaos topology {config.topology!r}: expected '', 'sentinel' or 'cluster'"
+            )
         self.registrars: list[subprocess.Popen[str] | None] = []
         self.slots: list[AgentSlot] = []
         self.mirrors: list[Mirror] = []
@@ -142,14 +149,20 @@ class Deployment:
 
     @property
     def url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
         return self.group.url if self.group is not None else self.server.url
 
     def set_replica_flags(self) -> None:
-        """Set the notification flags on every live replica (the registrar does not yet)."""
-        if self.group is None:
+        """Set the notification flags on every live node but the master (the registrar sets
+        them on the node it writes to, not on replicas; a Cluster: on every node)."""
+        if self.cluster is not None:
+            nodes, master = self.cluster.nodes, None
+        elif self.group is not None:
+            nodes, master = self.group.nodes, self.group.master()
+        else:
             return
-        master = self.group.master()
-        for node in self.group.nodes:
+        for node in nodes:
             if node is not master and node.process is not None:
                 with client(node) as c:
                     c.config_set("notify-keyspace-events", "Kg$xe")
@@ -158,10 +171,11 @@ class Deployment:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Deployment]:
-        if self.group is not None:
-            await anyio.to_thread.run_sync(self.group.start)
+        topology = self.group or self.cluster
+        if topology is not None:
+            await anyio.to_thread.run_sync(topology.start)
             await anyio.to_thread.run_sync(self.set_replica_flags)
-            self.admin = connect(self.url, socket_timeout=10)
+            self.admin = connect(self.url, namespace=self.config.namespace, socket_timeout=10)
         else:
             await anyio.to_thread.run_sync(self.server.start)
             self.admin = aioredis.Redis.from_url(self.url, socket_timeout=10)
@@ -176,9 +190,10 @@ class Deployment:
                     for i in range(self.config.mirrors):
                         # Named connections: a fault can target one mirror's subscription.
                         url = self.url
-                        if self.group is not None and i >= on_replica:
+                        if (self.group or self.cluster) is not None and i >= on_replica:
                             url += "?read_from=replica"
-                        conn = connect(url, client_name=f"chaos-mirror-{i}")
+                        conn = connect(url, client_name=f"chaos-mirror-{i}",
+                                       namespace=self.config.namespace)  # fmt: skip
                         self._clients.append(conn)
                         mirror = Mirror(conn, namespace=self.config.namespace)
                         await tg.start(mirror.run)
@@ -215,6 +230,8 @@ class Deployment:
             self.server.close()
             if self.group is not None:
                 self.group.close()
+            if self.cluster is not None:
+                self.cluster.close()
 
     async def start_registrar(self, index: int) -> None:
         proc = child("_registrar", self.url, self.config.namespace)
@@ -326,8 +343,10 @@ class Deployment:
         assert slot.scope is not None and slot.agent is not None
         slot.scope.cancel()
         if leave:
-            # No registrar may be listening right now (one is killed): retry.
-            await eventually(slot.agent.leave, 5, interval=0.1, what="leave received")
+            # No registrar may be listening right now (one is killed; on a topology, the
+            # registrars may still be resubscribing after a failover): retry.
+            limit = self.config.settle_timeout if self.config.topology else 5
+            await eventually(slot.agent.leave, limit, interval=0.1, what="leave received")
         await slot.agent.aclose()
 
     # -- what the mirrors see
