@@ -5,7 +5,8 @@ when it is not ok, the fix (one line). Checked: the connection, the version,
 the notification flags (CONFIG GET when allowed, else the registrar's probe),
 the transport limits ``setup`` sets, the caller's rights and that the
 registrar's user cannot administer Redis, latency, clock skew, the epoch and
-a registrar's liveness canary. The deployment is healthy when nothing fails;
+a registrar's liveness canary; on a Sentinel or Cluster URL, every node it can discover
+(one finding per node: :mod:`._doctor_nodes`). The deployment is healthy when nothing fails;
 warnings are things to look at (a check this user may not run, a clock a
 little off). Every check works with the least-privilege reader user: what it
 may not do is reported, not guessed.
@@ -414,6 +415,8 @@ async def diagnose(
     redis: str, namespace: str = "default", *, canary_wait: float = 3.5
 ) -> list[Finding]:
     """Run every check against ``redis``; never raises for a broken deployment."""
+    from ._doctor_nodes import node_findings  # it imports Finding from here
+
     client = connect(redis)
     # The database of the URL: the canary's notification channel names it.
     keys = Keys(namespace, db_of(client))
@@ -427,7 +430,8 @@ async def diagnose(
                     "fail",
                     f"cannot reach {redis}: {exc}",
                     "check the URL, network, password and TLS (rediss://, ?ssl_ca_certs=...)",
-                )
+                ),
+                *await node_findings(redis, namespace),
             ]
         findings = [Finding("connect", "ok", "PING answered")]
         findings.append(await _version(client))
@@ -439,6 +443,7 @@ async def diagnose(
         findings.append(await _latency(client))
         findings.append(await _clock(client))
         findings.extend(await _registrar(client, keys, canary_wait))
+        findings.extend(await node_findings(redis, namespace))
         return findings
     except TRANSIENT as exc:
         return [Finding("connect", "fail", f"lost {redis} during the checks: {exc}", "")]

@@ -14,6 +14,7 @@ Modules: :mod:`.config` (what to run, what was found), :mod:`.deployment` (the p
 
     python -m saga_events.testing.chaos --seed 7 --duration 60
     python -m saga_events.testing.chaos --soak 10         # ten minutes, random faults
+    python -m saga_events.testing.chaos --topology sentinel --duration 60  # failovers
 
 A failing run prints its seed; ``--seed N`` replays the same schedule (timings still
 vary from run to run, which is the point).
@@ -21,7 +22,15 @@ vary from run to run, which is the point).
 
 from __future__ import annotations
 
-from .config import DROPS_EXPECTED, FAULTS, HOSTILE_SERVICE, ChaosConfig, ChaosReport, Violation
+from .config import (
+    DROPS_EXPECTED,
+    FAULTS,
+    HOSTILE_SERVICE,
+    TOPOLOGY_FAULTS,
+    ChaosConfig,
+    ChaosReport,
+    Violation,
+)
 from .deployment import AgentSlot, Deployment
 from .harness import ChaosRun, run_chaos
 
@@ -29,6 +38,7 @@ __all__ = [
     "DROPS_EXPECTED",
     "FAULTS",
     "HOSTILE_SERVICE",
+    "TOPOLOGY_FAULTS",
     "AgentSlot",
     "ChaosConfig",
     "ChaosReport",

@@ -22,7 +22,7 @@ import anyio
 from ..._redis import connect
 from ...agent import Agent
 from ...mirror import Mirror
-from .config import FAULTS, ChaosConfig
+from .config import FAULTS, TOPOLOGY_FAULTS, ChaosConfig
 from .harness import run_chaos
 
 
@@ -124,28 +124,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument("--soak", type=float, default=None, metavar="MINUTES",
                         help="run this long with faults drawn at random")  # fmt: skip
-    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated kinds")
+    parser.add_argument("--faults", default=None, help="comma-separated kinds")
     parser.add_argument("--http-clients", type=int, default=2, help="REST clients (0: none)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (0: none)")
     parser.add_argument("--pick-threads", type=int, default=2, help="pick() threads (0: none)")
     parser.add_argument("--cpu-hogs", type=int, default=2, help="busy loops per fault (0: none)")
     parser.add_argument("--no-hostile", action="store_true", help="no hostile publisher")
     parser.add_argument("--no-bombs", action="store_true", help="hostile, but no JSON bombs")
+    parser.add_argument("--topology", choices=["", "sentinel", "cluster"], default="",
+                        help="'sentinel': the registry on a master, 2 replicas, 3 Sentinels; "
+                             "--faults defaults to the topology faults")  # fmt: skip
+    parser.add_argument("--replica-mirrors", type=int, default=0,
+                        help="with --topology: mirrors reading from replicas")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     ns = parser.parse_args(args)
     logging.basicConfig(
         level=logging.INFO if ns.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    kinds = tuple(k for k in ns.faults.split(",") if k)
-    unknown = set(kinds) - set(FAULTS)
+    known = (*FAULTS, *TOPOLOGY_FAULTS)
+    default = {"": FAULTS, "sentinel": ("sentinel_failover",),
+               "cluster": ("cluster_primary_kill", "slot_migration")}[ns.topology]  # fmt: skip
+    kinds = tuple(k for k in (ns.faults or ",".join(default)).split(",") if k)
+    unknown = set(kinds) - set(known)
     if unknown:
-        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULTS)}")
+        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}")
+    if set(kinds) & set(TOPOLOGY_FAULTS) and not ns.topology:
+        parser.error("topology faults need --topology sentinel or cluster")
     seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(2**31)
     config = ChaosConfig(
         seed=seed, duration=ns.duration, faults=kinds, http_clients=ns.http_clients,
         workers=ns.workers, pick_threads=ns.pick_threads, cpu_hogs=ns.cpu_hogs,
-        hostile=not ns.no_hostile, hostile_bombs=not ns.no_bombs,
+        hostile=not ns.no_hostile, hostile_bombs=not ns.no_bombs, topology=ns.topology,
+        replica_mirrors=ns.replica_mirrors,
     )  # fmt: skip
     if ns.soak is not None:
         config.duration = ns.soak * 60

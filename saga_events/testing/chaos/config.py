@@ -27,6 +27,17 @@ FAULTS: Final = (
     "worker_recycle",  # one of the worker processes sharing a name and URL is recycled
 )
 
+#: Topology faults (opt in with ``ChaosConfig(topology=...)``), listed apart so that a
+#: one-node run keeps running every kind of :data:`FAULTS`.
+TOPOLOGY_FAULTS: Final = (
+    "sentinel_failover",  # kill -9 the Sentinel master, a replica promoted, the old one back
+    "cluster_primary_kill",  # kill -9 the registry slot's owner, its replica promoted
+    "slot_migration",  # the registry's slot and keys moved to another primary
+)
+
+#: The bounds a topology fault measures (seconds from the kill), as named in the report.
+BOUND_VISIBLE: Final = "kill -> new registration in every mirror"
+
 #: Faults after which a mirror may drop a live instance for a moment: none.
 DROPS_EXPECTED: Final = frozenset[str]()
 
@@ -72,6 +83,9 @@ class ChaosConfig:
     cpu_hogs: int = 2
     hostile: bool = True
     hostile_bombs: bool = True  # with hostile: JSON bombs, 1 MB and non-JSON messages too
+    topology: str = ""  # "": one redis-server; "sentinel": master, 2 replicas, 3 Sentinels;
+    #                     "cluster": 3 primaries with a replica each
+    replica_mirrors: int = 0  # with a topology: how many mirrors read_from=replica
 
     def classic(self) -> ChaosConfig:
         """This config with every client kind added after the first release turned off."""
@@ -107,6 +121,7 @@ class ChaosReport:
     churn: Counter[str] = field(default_factory=Counter)
     clients: Counter[str] = field(default_factory=Counter)  # per client kind: what it did
     elapsed: float = 0.0
+    bounds: dict[str, list[float]] = field(default_factory=dict)  # BOUND_* -> seconds
 
     @property
     def ok(self) -> bool:
@@ -115,7 +130,7 @@ class ChaosReport:
     def summary(self) -> str:
         lines = [f"chaos seed={self.seed}: {sum(self.injected.values())} faults in "
                  f"{self.elapsed:.0f} s, {len(self.violations)} violations"]  # fmt: skip
-        for kind in FAULTS:
+        for kind in (*FAULTS, *TOPOLOGY_FAULTS):
             n = self.injected.get(kind, 0)
             if not n:
                 continue
@@ -132,6 +147,11 @@ class ChaosReport:
             dropped = self.dropped_stable.get(kind, 0)
             flaps = f", stable instances dropped {dropped}" if dropped else ""
             lines.append(f"  {kind:17} x{n}: {conv}{stale}{flaps}")
+        for name, times in self.bounds.items():
+            lines.append(
+                f"  {name}: median {statistics.median(times):.2f} s, "
+                f"worst {max(times):.2f} s over {len(times)}"
+            )
         if self.churn:
             lines.append("  churn: " + ", ".join(f"{k} {v}" for k, v in sorted(self.churn.items())))
         if self.clients:

@@ -3,7 +3,13 @@
 Contract: :class:`Deployment` starts every part (subprocesses where a fault needs to kill
 or pause them), knows which instances should be live (:meth:`Deployment.expected`) and
 reads what Redis really holds (:meth:`Deployment.truth`, by SCAN). It decides nothing
-about correctness: the invariants live in :mod:`.harness`.
+about correctness: the invariants live in :mod:`.harness`. With ``config.topology ==
+"sentinel"`` the registry lives on a :class:`~saga_events.embedded_topology.SentinelGroup`
+and every part is given its ``redis+sentinel://`` URL (the last ``replica_mirrors``
+mirrors read from replicas); ``"cluster"`` runs an
+:class:`~saga_events.embedded_topology.EmbeddedCluster` (3 primaries, a replica each; not
+yet in CI: see docs/DEPLOYMENT.md, Known gaps). The harness sets the notification flags on
+every replica (CONFIG is not replicated, and the registrar sets them on the master only).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ..._redis import connect
 from ..._wait import eventually
 from ...agent import Agent
 from ...embedded import RedisServer, free_port
+from ...embedded_topology import EmbeddedCluster, SentinelGroup, client
 from ...keys import Keys
 from ...mirror import Mirror
 from .config import HOSTILE_SERVICE, ChaosConfig
@@ -111,6 +118,16 @@ class Deployment:
         self.rng = rng
         self.keys = Keys(config.namespace)
         self.server = RedisServer()
+        self.group: SentinelGroup | None = None
+        self.cluster: EmbeddedCluster | None = None
+        if config.topology == "sentinel":
+            self.group = SentinelGroup(replicas=2, sentinels=3, down_after_ms=1000)
+        elif config.topology == "cluster":
+            self.cluster = EmbeddedCluster(primaries=3, replicas=1, node_timeout_ms=1000)
+        elif config.topology:
+            raise ValueError(
+                f"chaos topology {config.topology!r}: expected '', 'sentinel' or 'cluster'"
+            )
         self.registrars: list[subprocess.Popen[str] | None] = []
         self.slots: list[AgentSlot] = []
         self.mirrors: list[Mirror] = []
@@ -132,14 +149,36 @@ class Deployment:
 
     @property
     def url(self) -> str:
-        return self.server.url
+        if self.cluster is not None:
+            return self.cluster.url
+        return self.group.url if self.group is not None else self.server.url
+
+    def set_replica_flags(self) -> None:
+        """Set the notification flags on every live node but the master (the registrar sets
+        them on the node it writes to, not on replicas; a Cluster: on every node)."""
+        if self.cluster is not None:
+            nodes, master = self.cluster.nodes, None
+        elif self.group is not None:
+            nodes, master = self.group.nodes, self.group.master()
+        else:
+            return
+        for node in nodes:
+            if node is not master and node.process is not None:
+                with client(node) as c:
+                    c.config_set("notify-keyspace-events", "Kg$xe")
 
     # -- lifecycle
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Deployment]:
-        await anyio.to_thread.run_sync(self.server.start)
-        self.admin = aioredis.Redis.from_url(self.url, socket_timeout=10)
+        topology = self.group or self.cluster
+        if topology is not None:
+            await anyio.to_thread.run_sync(topology.start)
+            await anyio.to_thread.run_sync(self.set_replica_flags)
+            self.admin = connect(self.url, namespace=self.config.namespace, socket_timeout=10)
+        else:
+            await anyio.to_thread.run_sync(self.server.start)
+            self.admin = aioredis.Redis.from_url(self.url, socket_timeout=10)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -147,11 +186,16 @@ class Deployment:
                     for _ in range(self.config.registrars):
                         self.registrars.append(None)
                         await self.start_registrar(len(self.registrars) - 1)
+                    on_replica = self.config.mirrors - self.config.replica_mirrors
                     for i in range(self.config.mirrors):
                         # Named connections: a fault can target one mirror's subscription.
-                        client = connect(self.url, client_name=f"chaos-mirror-{i}")
-                        self._clients.append(client)
-                        mirror = Mirror(client, namespace=self.config.namespace)
+                        url = self.url
+                        if (self.group or self.cluster) is not None and i >= on_replica:
+                            url += "?read_from=replica"
+                        conn = connect(url, client_name=f"chaos-mirror-{i}",
+                                       namespace=self.config.namespace)  # fmt: skip
+                        self._clients.append(conn)
+                        mirror = Mirror(conn, namespace=self.config.namespace)
                         await tg.start(mirror.run)
                         self.mirrors.append(mirror)
                     services = ["svc-a", "svc-b", "svc-c"]
@@ -184,6 +228,10 @@ class Deployment:
                         await slot.agent.aclose()
                 await self.admin.aclose()
             self.server.close()
+            if self.group is not None:
+                self.group.close()
+            if self.cluster is not None:
+                self.cluster.close()
 
     async def start_registrar(self, index: int) -> None:
         proc = child("_registrar", self.url, self.config.namespace)
@@ -295,8 +343,10 @@ class Deployment:
         assert slot.scope is not None and slot.agent is not None
         slot.scope.cancel()
         if leave:
-            # No registrar may be listening right now (one is killed): retry.
-            await eventually(slot.agent.leave, 5, interval=0.1, what="leave received")
+            # No registrar may be listening right now (one is killed; on a topology, the
+            # registrars may still be resubscribing after a failover): retry.
+            limit = self.config.settle_timeout if self.config.topology else 5
+            await eventually(slot.agent.leave, limit, interval=0.1, what="leave received")
         await slot.agent.aclose()
 
     # -- what the mirrors see

@@ -16,6 +16,9 @@ import anyio
 import anyio.to_thread
 
 from ..._wait import eventually
+from ...embedded_topology import info
+from ...topology import slot_of
+from .config import BOUND_VISIBLE
 from .deployment import child, wait_ready
 
 if TYPE_CHECKING:
@@ -225,6 +228,84 @@ async def worker_recycle(self: ChaosRun) -> None:
     await dep.start_worker()
 
 
+async def sentinel_failover(self: ChaosRun) -> None:
+    """kill -9 the master the Sentinels name; an agent registers right after the kill (the
+    bound: kill -> in every mirror); then the old master comes back empty and the
+    Sentinels make it a replica of the promoted one. Every mirror must report stale
+    meanwhile: what it serves may miss writes the dead master never replicated."""
+    dep = self.dep
+    group = dep.group
+    if group is None:
+        raise RuntimeError("sentinel_failover needs ChaosConfig(topology='sentinel')")
+    self._require_stale = True
+    killed_at = anyio.current_time()
+    old = await anyio.to_thread.run_sync(group.kill_master)
+    slot = dep.new_slot(self.rng.choice(["svc-a", "svc-b", "svc-c"]))
+    key = dep.keys.inst(slot.service, slot.service_id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dep.start_agent, slot)
+        limit = self.config.settle_timeout + 30
+        await eventually(lambda: all(key in m.snapshot() for m in dep.mirrors), limit,
+                         interval=0.02, what=f"{key} in every mirror after the kill")  # fmt: skip
+        self.report.bounds.setdefault(BOUND_VISIBLE, []).append(anyio.current_time() - killed_at)
+    self.report.churn["join"] += 1
+    await anyio.to_thread.run_sync(old.start)
+    await anyio.to_thread.run_sync(group.wait_settled)
+    await anyio.to_thread.run_sync(dep.set_replica_flags)  # the old master, now a replica
+
+
+async def _register_and_wait(self: ChaosRun, started: float, limit: float) -> None:
+    """A new agent registers now; wait until it is in every mirror; note the time taken."""
+    dep = self.dep
+    slot = dep.new_slot(self.rng.choice(["svc-a", "svc-b", "svc-c"]))
+    key = dep.keys.inst(slot.service, slot.service_id)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dep.start_agent, slot)
+        await eventually(lambda: all(key in m.snapshot() for m in dep.mirrors), limit,
+                         interval=0.02, what=f"{key} in every mirror after the fault")  # fmt: skip
+    self.report.bounds.setdefault(f"{self._fault}: fault -> new registration in every mirror",
+                                  []).append(anyio.current_time() - started)  # fmt: skip
+    self.report.churn["join"] += 1
+
+
+async def cluster_primary_kill(self: ChaosRun) -> None:
+    """kill -9 the primary that owns the registry's slot; its replica is promoted by the
+    Cluster; a registration right after; then the old primary comes back as a replica."""
+    dep = self.dep
+    cluster = dep.cluster
+    if cluster is None:
+        raise RuntimeError("cluster_primary_kill needs ChaosConfig(topology='cluster')")
+    self._require_stale = True
+    slot = slot_of(self.config.namespace)
+    owner = await anyio.to_thread.run_sync(cluster.owner, slot)
+    started = anyio.current_time()
+    owner.kill()
+    await _register_and_wait(self, started, self.config.settle_timeout + 30)
+    await anyio.to_thread.run_sync(owner.start)
+    await anyio.to_thread.run_sync(cluster.wait_ok)
+    await anyio.to_thread.run_sync(dep.set_replica_flags)
+
+
+async def slot_migration(self: ChaosRun) -> None:
+    """Move the registry's slot (and its keys) to another primary while clients run."""
+    dep = self.dep
+    cluster = dep.cluster
+    if cluster is None:
+        raise RuntimeError("slot_migration needs ChaosConfig(topology='cluster')")
+    slot = slot_of(self.config.namespace)
+    owner = await anyio.to_thread.run_sync(cluster.owner, slot)
+
+    def other_primaries() -> list[Any]:
+        live = [n for n in cluster.nodes if n.process is not None and n is not owner]
+        return [n for n in live if info(n, "replication").get("role") == "master"]
+
+    target = self.rng.choice(await anyio.to_thread.run_sync(other_primaries))
+    started = anyio.current_time()
+    await anyio.to_thread.run_sync(cluster.migrate_slot, slot, target)
+    await _register_and_wait(self, started, self.config.settle_timeout + 30)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -241,4 +322,7 @@ FAULT_FUNCS: Final[dict[str, Callable[[ChaosRun], Awaitable[None]]]] = {
     "agent_crash": agent_crash,
     "agent_clock_jump": agent_clock_jump,
     "worker_recycle": worker_recycle,
+    "sentinel_failover": sentinel_failover,
+    "cluster_primary_kill": cluster_primary_kill,
+    "slot_migration": slot_migration,
 }
