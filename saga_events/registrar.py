@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
-import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _wire, model, scripts
+from . import _wire, connection, model, scripts
 from ._ratelimit import TokenBuckets
-from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
+from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
 from .errors import InvalidEvent
 from .keys import Keys
 from .notify import NotificationCheck, ensure_flags
@@ -319,61 +318,48 @@ class Registrar:
     # -- loops ---------------------------------------------------------------
 
     async def _consume_loop(self, ready: anyio.Event) -> None:
-        backoff = Backoff()
         reconnected = False
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.psubscribe(self.keys.events_pattern)
-                while True:  # the psubscribe confirmation
-                    reply = await pubsub.parse_response(block=False, timeout=5.0)
-                    if reply is None:
-                        raise TimeoutError("no PSUBSCRIBE confirmation")
-                    if reply[0] == b"psubscribe":
-                        break
-                if reconnected:
-                    # Redis may have restarted: its flags and script cache are
-                    # gone, and it may be empty. Flags first, so that mirrors
-                    # are notified of the epoch the rebuild sets.
-                    await self._recheck_config()
-                    await self._scripts.load()
-                self.subscribed = True
-                ready.set()
-                backoff.reset()
-                await self.check_epoch()
-                reconnected = True
-                await self._consume(pubsub)
-            except (*TRANSIENT, RedisError) as exc:
+
+        async def on_connect(sub: connection.Subscription) -> None:
+            nonlocal reconnected
+            if reconnected:
+                # Redis may have restarted: its flags and script cache are
+                # gone, and it may be empty. Flags first, so that mirrors
+                # are notified of the epoch the rebuild sets.
+                await self._recheck_config()
+                await self._scripts.load()
+            self.subscribed = True
+            ready.set()
+            await self.check_epoch()
+            reconnected = True
+
+        def on_error(exc: BaseException) -> None:
+            self.subscribed = False
+            if isinstance(exc, (*TRANSIENT, RedisError)):
                 # RedisError: a refused command (READONLY after a failover, OOM,
                 # LOADING) must not take the registrar down: start over.
                 self.stats.reconnects += 1
                 log.warning("registrar lost its subscription (%s); reconnecting", exc)
-            except Exception:
+            else:
                 # The crash-only safety net: a bug that escaped the per-message
-                # handling restarts the loop; it never ends the registrar.
+                # handling restarts the loop (connection.run_forever logs it);
+                # it never ends the registrar.
                 self.stats.loop_restarts += 1
-                log.exception("registrar's consume loop failed; restarting it")
-            finally:
-                self.subscribed = False
-                await close_quietly(pubsub)
-            await anyio.sleep(backoff.next())
 
-    async def _consume(self, pubsub: aioredis.client.PubSub) -> None:
-        subscription = _wire.Subscription(pubsub)
-        last_rx = anyio.current_time()
-        last_ping = last_rx
-        while True:
-            batch = await subscription.read(1.0, self.batch_size)
-            now = anyio.current_time()
-            if not batch:
-                if now - last_rx > 10.0:
-                    raise TimeoutError("events subscription silent for 10 s")
-                if now - last_ping > 3.0:
-                    await pubsub.ping()
-                    last_ping = now
-                continue
-            last_rx = now
-            await self._process(batch)
+        try:
+            await connection.consume(
+                self._redis,
+                name="registrar",
+                patterns=(self.keys.events_pattern,),
+                on_connect=on_connect,
+                on_batch=self._process,
+                timing=connection.REGISTRAR_TIMING,
+                on_error=on_error,
+                limit=self.batch_size,
+                crash_only=True,
+            )
+        finally:
+            self.subscribed = False
 
     async def _process(self, batch: list[Any]) -> None:
         events: list[model.AnyEvent] = []
