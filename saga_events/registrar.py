@@ -32,6 +32,7 @@ from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
 from . import _wire, connection, model, scripts
+from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
 from .errors import InvalidEvent
@@ -68,7 +69,7 @@ class RegistrarStats:
     loop_restarts: int = 0
 
 
-class Registrar:
+class Registrar(RunsInBackground):
     """Consume events, apply them to the registry, reap the dead.
 
     ``await tg.start(registrar.run)`` returns once the registrar is subscribed
@@ -135,7 +136,6 @@ class Registrar:
         )
         self._scripts = scripts.Scripts(self._redis)
         self._rebuilds = Rebuilds(self)
-        self._tg: anyio.abc.TaskGroup | None = None
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
         self._pipe = _wire.Pipe(self._redis)
@@ -152,26 +152,6 @@ class Registrar:
         return self.notifications.reason
 
     # -- lifecycle ---------------------------------------------------------
-
-    async def __aenter__(self) -> Registrar:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        try:
-            await self._tg.start(self.run)
-        except BaseException:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        try:
-            await self._tg.__aexit__(None, None, None)
-        finally:
-            await self.aclose()
 
     async def aclose(self) -> None:
         await self._pipe.release()
