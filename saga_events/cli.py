@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
 import sys
-from typing import Any, NoReturn
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 try:
     import click
@@ -23,6 +25,9 @@ from ._text import escape_text, mask_url
 from .embedded import RedisServer, port_is_free
 from .errors import NotificationConfigError, SagaError
 from .notify import PROTO_MAX_BULK_LEN
+
+if TYPE_CHECKING:
+    from .model import Instance
 
 DEFAULT_REDIS_PORT = 6399
 log = logging.getLogger("saga_events.cli")
@@ -52,20 +57,40 @@ async def _serve_registrar(
     http: tuple[str, int] | None = None,
     api_token: str | None = None,
 ) -> None:
+    from .mirror import Mirror
     from .registrar import Registrar
 
-    registrar = Registrar(url, namespace=namespace, manage_config=manage_config)
+    # With HTTP, one mirror serves the gateway and is the registrar's last view
+    # (restored after an empty Redis restart); without, the registrar runs its own.
+    mirror = Mirror(url, namespace=namespace) if http is not None else None
+
+    def view() -> Iterable[Instance]:
+        return mirror.snapshot().values() if mirror is not None else ()
+
+    registrar = Registrar(
+        url,
+        namespace=namespace,
+        manage_config=manage_config,
+        view=view if mirror is not None else None,
+    )
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(registrar.run)
-            address = None
-            if http is not None:
+            if http is None or mirror is None:
+                on_ready(registrar, None)
+                await _until_signal()
+            else:
                 # Imported only here: the web stack costs ~1 s of start-up.
                 from .web import run_gateway
 
-                address = await tg.start(run_gateway, registrar, url, http[0], http[1], api_token)
-            on_ready(registrar, address)
-            await _until_signal()
+                serve = functools.partial(
+                    run_gateway, registrar, url, http[0], http[1], api_token, mirror=mirror
+                )
+                async with mirror, anyio.create_task_group() as web:
+                    address = await web.start(serve)
+                    on_ready(registrar, address)
+                    await _until_signal()
+                    web.cancel_scope.cancel()
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A part that fails to start (a refused CONFIG, a taken HTTP port)
