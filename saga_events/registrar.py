@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -31,7 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _wire, connection, model, scripts
+from . import _wire, connection, identity, model, scripts
 from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
@@ -109,7 +108,7 @@ class Registrar(RunsInBackground):
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace)
-        self.rid = f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.rid = identity.process_service_id()  # <host>-<pid>-<hex>, as an agent's default id
         self.reap_interval = reap_interval
         self.liveness_interval = liveness_interval
         self.config_check_interval = config_check_interval
