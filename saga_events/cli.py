@@ -6,21 +6,24 @@ import functools
 import json
 import logging
 import signal
-import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
-
-try:
-    import click
-except ImportError:  # pragma: no cover - exercised by hand
-    sys.stderr.write(
-        "saga-events: the CLI needs the server extra: pip install 'saga-events[server]'\n"
-    )
-    raise SystemExit(2) from None
 
 import anyio
 
 from . import __version__
+from ._cli_base import (
+    click,
+    namespace_option,
+    redis_option,
+    verbose_option,
+)
+from ._cli_base import (
+    main as main,
+)
+from ._cli_base import (
+    setup_logging as _setup_logging,
+)
 from ._text import escape_text, mask_url
 from .embedded import RedisServer, port_is_free
 from .errors import NotificationConfigError, SagaError
@@ -31,15 +34,6 @@ if TYPE_CHECKING:
 
 DEFAULT_REDIS_PORT = 6399
 log = logging.getLogger("saga_events.cli")
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 async def _until_signal() -> None:
@@ -155,22 +149,6 @@ api_token_option = click.option(
     "--api-token", envvar="SAGA_API_TOKEN", default=None,
     help="Bearer token the HTTP API requires for writes (env SAGA_API_TOKEN).",
 )  # fmt: skip
-
-
-redis_option = click.option(
-    "--redis", "redis_url", envvar="SAGA_REDIS_URL", help="Redis URL (env SAGA_REDIS_URL)."
-)
-namespace_option = click.option(
-    "--namespace", "-n", default="default", envvar="SAGA_NAMESPACE", show_default=True,
-    help="Registry namespace (env SAGA_NAMESPACE).",
-)  # fmt: skip
-verbose_option = click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-
-
-@click.group()
-@click.version_option(__version__)
-def main() -> None:
-    """saga-events: push-based service registry on Redis."""
 
 
 @main.command()
