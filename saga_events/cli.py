@@ -1,4 +1,12 @@
-"""The ``saga-events`` command (needs the ``server`` extra)."""
+"""The ``saga-events`` command's daily subcommands (needs the ``server`` extra).
+
+One job: translate the command line into the parts: ``up`` (a private
+redis-server, a registrar and the HTTP API with one mirror), ``registrar``,
+``ls``, ``watch``, ``register``/``deregister`` (through the HTTP API) and
+``bench``. Setup, acl and doctor live in :mod:`saga_events.cli_admin`; the
+group and shared options in :mod:`saga_events._cli_base`. Contract: a part
+that fails to start ends the command with one line naming the cause.
+"""
 
 from __future__ import annotations
 
