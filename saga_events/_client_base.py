@@ -21,7 +21,8 @@ from .model import Instance
 Source = Literal["registry", "stale", "cache", "fallback", "local"]
 
 
-class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
+# msgspec lets a frozen Struct extend a non-frozen one; mypy's dataclass rule does not know.
+class ServiceInfo(model.InstanceInfo, frozen=True, kw_only=True):  # type: ignore[misc]
     """One service instance as the client reports it (the seed's shape).
 
     ``source`` says where the answer came from: ``registry`` (a live answer),
@@ -34,12 +35,10 @@ class ServiceInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     It is also the REST API's shape: :meth:`from_json` decodes the gateway's
     answer for one instance (unknown fields ignored) and :meth:`to_dict` gives
-    it back, so the client and the web side use one class.
+    it back. Its first fields are :class:`model.InstanceInfo`'s, shared with
+    the REST API's own ``web.schema.ServiceInfo``.
     """
 
-    service_id: str
-    service_name: str
-    service_url: str
     capabilities: tuple[str, ...] = ()
     registered_at: datetime | None = None
     last_heartbeat: datetime | None = None

@@ -1,4 +1,12 @@
-"""Helpers shared by the parts that talk to Redis (internal)."""
+"""Helpers shared by the parts that talk to Redis (internal).
+
+One job: the low-level client plumbing below :mod:`saga_events.connection`.
+Contract: :func:`connect` turns a URL (plain, ``redis+sentinel://``,
+``redis+cluster://``) or a client into an asyncio client without redis-py's
+own retries (every loop here retries with its own backoff); ``TRANSIENT`` is
+the set of "Redis is unreachable" errors; :class:`Backoff` is exponential
+with full jitter; :class:`RateLimitedLog` bounds repeated log lines.
+"""
 
 from __future__ import annotations
 

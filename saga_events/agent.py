@@ -23,10 +23,10 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 
-from . import identity, model
+from . import connection, identity, model
 from ._lifecycle import RunsInBackground
 from ._portal import PortalOwner
-from ._redis import TRANSIENT, Backoff, RedisLike, close_quietly, connect
+from ._redis import TRANSIENT, Backoff, RedisLike, connect
 from .keys import Keys
 
 log = logging.getLogger("saga_events.agent")
@@ -343,61 +343,46 @@ class Agent(RunsInBackground):
             kind = "heartbeat" if ok else "register"
 
     async def _control_loop(self) -> None:
-        outage = Backoff(base=0.1, cap=2.0)
-        refused = Backoff(base=1.0, cap=REFUSED_BACKOFF_CAP)
         lost = False
-        while True:
-            pubsub = self._redis.pubsub()
-            backoff = outage
-            try:
-                await pubsub.subscribe(self.keys.control)
-                reply: Any = await pubsub.parse_response(block=False, timeout=5.0)
-                if reply is None:
-                    raise TimeoutError("no SUBSCRIBE confirmation")
-                outage.reset()
-                refused.reset()
-                self._problems.clear("control")
-                if lost:
-                    self.request_announce()  # re-announce at once after a reconnect
-                lost = False
-                await self._listen(pubsub)
-            except TRANSIENT:
-                lost = True  # an outage: the publish side reports it
-            except RedisError as exc:  # NOPERM on the channel, READONLY, MOVED, ...
-                lost = True
-                backoff = refused
+
+        async def on_connect(sub: connection.Subscription) -> None:
+            nonlocal lost
+            self._problems.clear("control")
+            if lost:
+                self.request_announce()  # re-announce at once after a reconnect
+            lost = False
+
+        async def on_batch(batch: list[Any]) -> None:
+            for reply in batch:
+                if reply[0] == b"message" and reply[2] == b"reannounce":
+                    # Spread the burst of re-announcements over a short window.
+                    await anyio.sleep(random.uniform(0, min(self.interval, 2.0)))
+                    self.request_announce()
+
+        def on_error(exc: BaseException) -> None:
+            nonlocal lost
+            lost = True
+            if connection.is_transient(exc):
+                return  # an outage: the publish side reports it
+            if isinstance(exc, RedisError):  # NOPERM on the channel, READONLY, MOVED, ...
                 self._problems.report(
                     "control",
                     f"Redis refused the control channel ({describe(exc)}); heartbeats go on",
                     logging.ERROR,
                 )
-            except Exception as exc:  # a bug must not end the host's task group either
-                lost = True
-                backoff = refused
-                log.exception("%s/%s: control channel failed", self.service_name, self.service_id)
+            else:  # a bug (logged by run_forever) must not end the host's task group either
                 self._problems.report("control", f"unexpected error ({describe(exc)})")
-            finally:
-                await close_quietly(pubsub)
-            await anyio.sleep(backoff.next())
 
-    async def _listen(self, pubsub: Any) -> None:
-        last_rx = anyio.current_time()
-        last_ping = last_rx
-        while True:
-            reply = await pubsub.parse_response(block=False, timeout=1.0)
-            now = anyio.current_time()
-            if reply is not None:
-                last_rx = now
-                if isinstance(reply, list) and reply[0] == b"message" and reply[2] == b"reannounce":
-                    # Spread the burst of re-announcements over a short window.
-                    await anyio.sleep(random.uniform(0, min(self.interval, 2.0)))
-                    self.request_announce()
-                continue
-            if now - last_rx > 15.0:
-                raise TimeoutError("control subscription silent")
-            if now - last_ping >= 5.0:
-                last_ping = now
-                await pubsub.ping()
+        await connection.consume(
+            self._redis,
+            name=f"agent {self.service_name}/{self.service_id} control channel",
+            channels=(self.keys.control,),
+            on_connect=on_connect,
+            on_batch=on_batch,
+            timing=connection.AGENT_TIMING,
+            on_error=on_error,
+            crash_only=True,
+        )
 
 
 class SyncAgent:

@@ -1,40 +1,47 @@
-"""The ``saga-events`` command (needs the ``server`` extra)."""
+"""The ``saga-events`` command's daily subcommands (needs the ``server`` extra).
+
+One job: translate the command line into the parts: ``up`` (a private
+redis-server, a registrar and the HTTP API with one mirror), ``registrar``,
+``ls``, ``watch``, ``register``/``deregister`` (through the HTTP API) and
+``bench``. Setup, acl and doctor live in :mod:`saga_events.cli_admin`; the
+group and shared options in :mod:`saga_events._cli_base`. Contract: a part
+that fails to start ends the command with one line naming the cause.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
-import sys
-from typing import Any, NoReturn
-
-try:
-    import click
-except ImportError:  # pragma: no cover - exercised by hand
-    sys.stderr.write(
-        "saga-events: the CLI needs the server extra: pip install 'saga-events[server]'\n"
-    )
-    raise SystemExit(2) from None
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
 from . import __version__
+from ._cli_base import (
+    click,
+    namespace_option,
+    redis_option,
+    verbose_option,
+)
+from ._cli_base import (
+    main as main,
+)
+from ._cli_base import (
+    setup_logging as _setup_logging,
+)
 from ._text import escape_text, mask_url
 from .embedded import RedisServer, port_is_free
 from .errors import NotificationConfigError, SagaError
 from .notify import PROTO_MAX_BULK_LEN
 
+if TYPE_CHECKING:
+    from .model import Instance
+
 DEFAULT_REDIS_PORT = 6399
 log = logging.getLogger("saga_events.cli")
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 async def _until_signal() -> None:
@@ -52,20 +59,40 @@ async def _serve_registrar(
     http: tuple[str, int] | None = None,
     api_token: str | None = None,
 ) -> None:
+    from .mirror import Mirror
     from .registrar import Registrar
 
-    registrar = Registrar(url, namespace=namespace, manage_config=manage_config)
+    # With HTTP, one mirror serves the gateway and is the registrar's last view
+    # (restored after an empty Redis restart); without, the registrar runs its own.
+    mirror = Mirror(url, namespace=namespace) if http is not None else None
+
+    def view() -> Iterable[Instance]:
+        return mirror.snapshot().values() if mirror is not None else ()
+
+    registrar = Registrar(
+        url,
+        namespace=namespace,
+        manage_config=manage_config,
+        view=view if mirror is not None else None,
+    )
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(registrar.run)
-            address = None
-            if http is not None:
+            if http is None or mirror is None:
+                on_ready(registrar, None)
+                await _until_signal()
+            else:
                 # Imported only here: the web stack costs ~1 s of start-up.
                 from .web import run_gateway
 
-                address = await tg.start(run_gateway, registrar, url, http[0], http[1], api_token)
-            on_ready(registrar, address)
-            await _until_signal()
+                serve = functools.partial(
+                    run_gateway, registrar, url, http[0], http[1], api_token, mirror=mirror
+                )
+                async with mirror, anyio.create_task_group() as web:
+                    address = await web.start(serve)
+                    on_ready(registrar, address)
+                    await _until_signal()
+                    web.cancel_scope.cancel()
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A part that fails to start (a refused CONFIG, a taken HTTP port)
@@ -130,22 +157,6 @@ api_token_option = click.option(
     "--api-token", envvar="SAGA_API_TOKEN", default=None,
     help="Bearer token the HTTP API requires for writes (env SAGA_API_TOKEN).",
 )  # fmt: skip
-
-
-redis_option = click.option(
-    "--redis", "redis_url", envvar="SAGA_REDIS_URL", help="Redis URL (env SAGA_REDIS_URL)."
-)
-namespace_option = click.option(
-    "--namespace", "-n", default="default", envvar="SAGA_NAMESPACE", show_default=True,
-    help="Registry namespace (env SAGA_NAMESPACE).",
-)  # fmt: skip
-verbose_option = click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-
-
-@click.group()
-@click.version_option(__version__)
-def main() -> None:
-    """saga-events: push-based service registry on Redis."""
 
 
 @main.command()

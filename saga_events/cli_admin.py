@@ -13,8 +13,8 @@ import json
 import anyio
 import click
 
+from ._cli_base import main, namespace_option, redis_option
 from ._text import mask_url
-from .cli import main, namespace_option, redis_option
 from .errors import NotificationConfigError
 from .notify import PROTO_MAX_BULK_LEN, SetupChange, redis_conf_lines
 

@@ -58,12 +58,33 @@ class Timing:
     ping_timeout: float = 3.0  # silence this long is a disconnect
     backoff_base: float = 0.05
     backoff_cap: float = 2.0
+    #: Backoff after Redis *refused* a command (an ACL, a replica, a cluster
+    #: redirect): None backs off as after an outage; a part whose refusals come
+    #: from a configuration that changes slowly (the agent) waits longer.
+    refused_base: float | None = None
+    refused_cap: float | None = None
 
     def backoff(self) -> Backoff:
         return Backoff(self.backoff_base, self.backoff_cap)
 
+    def refused_backoff(self) -> Backoff:
+        return Backoff(
+            self.backoff_base if self.refused_base is None else self.refused_base,
+            self.backoff_cap if self.refused_cap is None else self.refused_cap,
+        )
+
 
 DEFAULT_TIMING: Final = Timing()
+"""The mirror's sessions (the watcher): a lost notification matters at once."""
+
+REGISTRAR_TIMING: Final = Timing(ping_interval=3.0, ping_timeout=10.0)
+"""The registrar's event intake: a busy subscription, pinged only when quiet."""
+
+AGENT_TIMING: Final = Timing(
+    ping_interval=5.0, ping_timeout=15.0, backoff_base=0.1, refused_base=1.0, refused_cap=30.0
+)
+"""An agent's control channel: one per process, rarely used; heartbeats go on
+without it, and a refusal comes from a configuration that changes slowly."""
 
 
 def open_client(redis: RedisLike, **overrides: Any) -> aioredis.Redis:
@@ -182,6 +203,7 @@ class SessionStats:
     sessions: int = 0
     transient_errors: int = 0
     refusals: int = 0
+    crashes: int = 0  # a bug escaped the session (only with ``crash_only=True``)
     last_error: str | None = None
 
 
@@ -196,29 +218,50 @@ async def run_forever(
     on_error: Callable[[BaseException], None] | None = None,
     stats: SessionStats | None = None,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    crash_only: bool = False,
 ) -> None:
     """Run ``session(healthy)`` forever; back off and retry whenever it ends or fails.
 
     Never returns; only cancellation leaves it. ``on_error`` is called with
-    each failure (transient or a refusal) before the backoff sleep.
+    each failure (transient or a refusal) before the backoff sleep. With
+    ``crash_only=True`` any other exception (a bug that escaped the session)
+    is logged with its traceback, counted in ``stats.crashes``, passed to
+    ``on_error`` and retried after the refusal backoff; without it, it raises.
     """
     stats = stats if stats is not None else SessionStats()
-    backoff = timing.backoff()
+    outage = timing.backoff()
+    refused = timing.refused_backoff()
+
+    def healthy() -> None:
+        outage.reset()
+        refused.reset()
+
     while True:
         stats.sessions += 1
+        backoff = outage
         try:
-            await session(backoff.reset)
+            await session(healthy)
         except TRANSIENT as exc:
             stats.transient_errors += 1
             stats.last_error = f"{type(exc).__name__}: {exc}"
             if on_error is not None:
                 on_error(exc)
         except RedisError as exc:  # NOPERM, READONLY, MOVED, ...: not ours to fix
+            backoff = refused
             stats.refusals += 1
             error = f"{type(exc).__name__}: {exc}"
             if error != stats.last_error:  # once per distinct refusal, not every retry
                 log.error("%s: Redis refused (%s); retrying with backoff", name, error)
             stats.last_error = error
+            if on_error is not None:
+                on_error(exc)
+        except Exception as exc:
+            if not crash_only:
+                raise
+            backoff = refused
+            stats.crashes += 1
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: the session failed (a bug); restarting it", name)
             if on_error is not None:
                 on_error(exc)
         await sleep(backoff.next())
@@ -236,14 +279,17 @@ async def consume(
     on_error: Callable[[BaseException], None] | None = None,
     stats: SessionStats | None = None,
     limit: int = 1024,
+    crash_only: bool = False,
 ) -> None:
     """Follow ``channels``/``patterns`` forever, reconnecting with backoff.
 
     After each (re)subscription, ``on_connect(sub)`` runs first (messages that
     came meanwhile wait in ``sub.pending``, delivered next); the backoff resets
     once it returns. Each non-empty batch of raw replies goes to ``on_batch``,
-    in order. Errors from the callbacks count as session failures: logged,
-    passed to ``on_error``, retried after the backoff. Only cancellation ends it.
+    in order. Redis errors from the callbacks count as session failures:
+    logged, passed to ``on_error``, retried after the backoff; other exceptions
+    too with ``crash_only=True`` (see :func:`run_forever`). Only cancellation
+    ends it.
     """
 
     async def session(healthy: Callable[[], None]) -> None:
@@ -256,4 +302,6 @@ async def consume(
                 if batch:
                     await on_batch(batch)
 
-    await run_forever(session, name=name, timing=timing, on_error=on_error, stats=stats)
+    await run_forever(
+        session, name=name, timing=timing, on_error=on_error, stats=stats, crash_only=crash_only
+    )

@@ -23,6 +23,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
+from . import identity
 from ._redis import TRANSIENT, close_quietly, connect, db_of
 from .acl import registrar_role
 from .keys import Keys
@@ -321,7 +322,8 @@ def _epoch_finding(keys: Keys, epoch: Any) -> Finding:
             f"no {keys.epoch}: no registrar has run here",
             "start one: saga-events registrar --redis URL",
         )
-    if _text(epoch).endswith(":rebuilding"):
+    parsed = identity.parse_epoch(epoch)
+    if parsed is not None and parsed.rebuilding:
         return Finding(
             "epoch",
             "warn",

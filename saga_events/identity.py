@@ -102,7 +102,10 @@ def parse_epoch(value: bytes | str | None) -> Epoch | None:
     if value is None:
         return None
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    epoch_id, _, state = text.partition(":")
+    # The state is the suffix after the last colon, as the Lua scripts read it.
+    epoch_id, colon, state = text.rpartition(":")
+    if not colon:
+        epoch_id, state = text, ""
     started, _, _ = epoch_id.partition("-")
     return Epoch(epoch_id, int(started) if started.isdigit() else None, state)
 

@@ -41,6 +41,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._lifecycle import RunsInBackground
 from ._redis import RedisLike, connect, db_of
 from .connection import Timing
 from .errors import ServiceNotFound
@@ -119,7 +120,7 @@ def _fallback_instance(name: str, url: str) -> Instance:
     )
 
 
-class Mirror:
+class Mirror(RunsInBackground):
     """Local view of the registry of one namespace, kept current by Redis.
 
     ``fallbacks`` maps service names to static URLs that ``pick`` returns when
@@ -154,7 +155,6 @@ class Mirror:
         self._subscribers: list[MemoryObjectSendStream[Change]] = []
         self._overflowed: set[MemoryObjectSendStream[Change]] = set()
         self._changed = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
         self._watcher = Watcher(
             self._redis,
             self.keys,
@@ -300,26 +300,8 @@ class Mirror:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def __aenter__(self) -> Mirror:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        try:
-            with anyio.fail_after(self.sync_timeout):
-                await self._tg.start(self.run)
-        except BaseException:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        try:
-            await self._tg.__aexit__(None, None, None)
-        finally:
-            await self.aclose()
+    def _start_timeout(self) -> float | None:
+        return self.sync_timeout  # ``async with`` waits this long for the first snapshot
 
     async def aclose(self) -> None:
         for send in self._subscribers:

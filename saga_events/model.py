@@ -102,6 +102,19 @@ class RecordBody(msgspec.Struct, frozen=True, kw_only=True):
     draining: bool = False
 
 
+class InstanceInfo(msgspec.Struct, kw_only=True):
+    """The fields every public shape of one instance starts with, in this order.
+
+    The client's :class:`saga_events.ServiceInfo` (frozen, datetimes) and the
+    REST API's ``web.schema.ServiceInfo`` (ISO strings) both derive from it:
+    one definition of what names an instance, each keeps its own public shape.
+    """
+
+    service_id: str
+    service_name: str
+    service_url: str
+
+
 class Instance(msgspec.Struct, frozen=True, kw_only=True):
     """One live instance as stored in Redis and served by the mirror.
 

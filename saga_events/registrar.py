@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -28,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
-import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _wire, model, scripts
+from . import _wire, connection, identity, model, scripts
+from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
-from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, close_quietly, connect, now_ms
+from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
 from .errors import InvalidEvent
 from .keys import Keys
 from .notify import NotificationCheck, ensure_flags
@@ -69,7 +68,7 @@ class RegistrarStats:
     loop_restarts: int = 0
 
 
-class Registrar:
+class Registrar(RunsInBackground):
     """Consume events, apply them to the registry, reap the dead.
 
     ``await tg.start(registrar.run)`` returns once the registrar is subscribed
@@ -109,7 +108,7 @@ class Registrar:
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace)
-        self.rid = f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.rid = identity.process_service_id()  # <host>-<pid>-<hex>, as an agent's default id
         self.reap_interval = reap_interval
         self.liveness_interval = liveness_interval
         self.config_check_interval = config_check_interval
@@ -136,7 +135,6 @@ class Registrar:
         )
         self._scripts = scripts.Scripts(self._redis)
         self._rebuilds = Rebuilds(self)
-        self._tg: anyio.abc.TaskGroup | None = None
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
         self._pipe = _wire.Pipe(self._redis)
@@ -153,26 +151,6 @@ class Registrar:
         return self.notifications.reason
 
     # -- lifecycle ---------------------------------------------------------
-
-    async def __aenter__(self) -> Registrar:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        try:
-            await self._tg.start(self.run)
-        except BaseException:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        try:
-            await self._tg.__aexit__(None, None, None)
-        finally:
-            await self.aclose()
 
     async def aclose(self) -> None:
         await self._pipe.release()
@@ -319,61 +297,48 @@ class Registrar:
     # -- loops ---------------------------------------------------------------
 
     async def _consume_loop(self, ready: anyio.Event) -> None:
-        backoff = Backoff()
         reconnected = False
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.psubscribe(self.keys.events_pattern)
-                while True:  # the psubscribe confirmation
-                    reply = await pubsub.parse_response(block=False, timeout=5.0)
-                    if reply is None:
-                        raise TimeoutError("no PSUBSCRIBE confirmation")
-                    if reply[0] == b"psubscribe":
-                        break
-                if reconnected:
-                    # Redis may have restarted: its flags and script cache are
-                    # gone, and it may be empty. Flags first, so that mirrors
-                    # are notified of the epoch the rebuild sets.
-                    await self._recheck_config()
-                    await self._scripts.load()
-                self.subscribed = True
-                ready.set()
-                backoff.reset()
-                await self.check_epoch()
-                reconnected = True
-                await self._consume(pubsub)
-            except (*TRANSIENT, RedisError) as exc:
+
+        async def on_connect(sub: connection.Subscription) -> None:
+            nonlocal reconnected
+            if reconnected:
+                # Redis may have restarted: its flags and script cache are
+                # gone, and it may be empty. Flags first, so that mirrors
+                # are notified of the epoch the rebuild sets.
+                await self._recheck_config()
+                await self._scripts.load()
+            self.subscribed = True
+            ready.set()
+            await self.check_epoch()
+            reconnected = True
+
+        def on_error(exc: BaseException) -> None:
+            self.subscribed = False
+            if isinstance(exc, (*TRANSIENT, RedisError)):
                 # RedisError: a refused command (READONLY after a failover, OOM,
                 # LOADING) must not take the registrar down: start over.
                 self.stats.reconnects += 1
                 log.warning("registrar lost its subscription (%s); reconnecting", exc)
-            except Exception:
+            else:
                 # The crash-only safety net: a bug that escaped the per-message
-                # handling restarts the loop; it never ends the registrar.
+                # handling restarts the loop (connection.run_forever logs it);
+                # it never ends the registrar.
                 self.stats.loop_restarts += 1
-                log.exception("registrar's consume loop failed; restarting it")
-            finally:
-                self.subscribed = False
-                await close_quietly(pubsub)
-            await anyio.sleep(backoff.next())
 
-    async def _consume(self, pubsub: aioredis.client.PubSub) -> None:
-        subscription = _wire.Subscription(pubsub)
-        last_rx = anyio.current_time()
-        last_ping = last_rx
-        while True:
-            batch = await subscription.read(1.0, self.batch_size)
-            now = anyio.current_time()
-            if not batch:
-                if now - last_rx > 10.0:
-                    raise TimeoutError("events subscription silent for 10 s")
-                if now - last_ping > 3.0:
-                    await pubsub.ping()
-                    last_ping = now
-                continue
-            last_rx = now
-            await self._process(batch)
+        try:
+            await connection.consume(
+                self._redis,
+                name="registrar",
+                patterns=(self.keys.events_pattern,),
+                on_connect=on_connect,
+                on_batch=self._process,
+                timing=connection.REGISTRAR_TIMING,
+                on_error=on_error,
+                limit=self.batch_size,
+                crash_only=True,
+            )
+        finally:
+            self.subscribed = False
 
     async def _process(self, batch: list[Any]) -> None:
         events: list[model.AnyEvent] = []

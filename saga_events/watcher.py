@@ -40,7 +40,7 @@ import msgspec
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 
-from . import _wire, model
+from . import _wire, identity, model
 from .connection import (
     DEFAULT_TIMING,
     SessionStats,
@@ -390,7 +390,8 @@ class Watcher:
         waited = False
         while True:
             epoch = await self._get_epoch()
-            if epoch is not None and not epoch.endswith(":rebuilding"):
+            parsed = identity.parse_epoch(epoch)
+            if epoch is not None and parsed is not None and not parsed.rebuilding:
                 self.epoch = epoch
                 return waited
             waited = True

@@ -29,6 +29,7 @@ Also here, for tests against a real Redis:
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -184,7 +185,12 @@ class SagaTestRegistry:
     async def _make_registrar(self) -> Registrar:
         # The production rebuild_wait: agents answer a re-announce request after a
         # random delay of up to 2 s, and a shorter wait would end a rebuild early.
-        return Registrar(self.redis_url, namespace=self.namespace)
+        # The registry's mirror is the registrar's last view (restored after an
+        # empty Redis restart) and serves the HTTP API: one mirror, as in `up`.
+        return Registrar(self.redis_url, namespace=self.namespace, view=self._view)
+
+    def _view(self) -> Iterable[Instance]:
+        return self._mirror.snapshot().values() if self._mirror is not None else ()
 
     async def _make_mirror(self) -> Mirror:
         return Mirror(self.redis_url, namespace=self.namespace, sync_timeout=10)
@@ -223,7 +229,15 @@ class SagaTestRegistry:
             from ..web import run_gateway
 
             future, (host, port) = self.portal.start_task(
-                run_gateway, self._registrar, self.redis_url, "127.0.0.1", self._http_port, token
+                functools.partial(
+                    run_gateway,
+                    self._registrar,
+                    self.redis_url,
+                    "127.0.0.1",
+                    self._http_port,
+                    token,
+                    mirror=self._mirror,
+                )
             )
             self._http_task, self._http_port = future, port
             self._http_url = f"http://{host}:{port}"

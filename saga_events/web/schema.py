@@ -86,12 +86,10 @@ class RegisterRequest(msgspec.Struct, kw_only=True):
     ] = model.DEFAULT_TTL_MS / 1000
 
 
-class ServiceInfo(msgspec.Struct, kw_only=True):
-    """One live instance, in the seed's shape (times are ISO-8601 UTC)."""
+class ServiceInfo(model.InstanceInfo, kw_only=True):
+    """One live instance, in the seed's shape (times are ISO-8601 UTC); its first
+    fields are :class:`model.InstanceInfo`'s, as the client's ServiceInfo's are."""
 
-    service_id: str
-    service_name: str
-    service_url: str
     capabilities: list[str]
     registered_at: str
     last_heartbeat: str

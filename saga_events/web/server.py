@@ -344,14 +344,21 @@ async def run_gateway(
     port: int = DEFAULT_HTTP_PORT,
     token: str | None = None,
     *,
+    mirror: Mirror | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the HTTP API of ``registrar`` with a mirror of its own, until cancelled.
+    """Serve the HTTP API of ``registrar`` until cancelled.
 
     ``await tg.start(run_gateway, registrar, url, host, port)`` returns the
     bound ``(host, port)`` once the mirror has synced and the server accepts
-    connections.
+    connections. ``mirror`` is a running mirror of the registrar's namespace
+    to serve from (the caller runs it and may give it to the registrar as its
+    ``view``: one mirror per process); by default the gateway runs its own.
     """
+    if mirror is not None:
+        gateway = Gateway(registrar, mirror, redis, token=token)
+        await gateway.run(host, port, task_status=task_status)
+        return
     async with Mirror(redis, namespace=registrar.keys.ns) as mirror:
         gateway = Gateway(registrar, mirror, redis, token=token)
         await gateway.run(host, port, task_status=task_status)

@@ -119,17 +119,16 @@ def test_sync_client_registers_discovers_and_leaves_on_close(
 def test_registration_comes_back_after_redis_restarts_empty(
     saga_registry: SagaTestRegistry, saga_client: SagaServiceDiscovery
 ) -> None:
-    """Redis loses everything: the registrar rebuilds and the client's agent re-announces."""
+    """Redis loses everything: the registrar rebuilds; the registration comes back,
+    restored from the registry's mirror (the registrar's last view, as in `up`) or
+    re-announced by the client's agent, and the agent keeps it alive."""
     info = saga_client.register_service("durable", "http://10.0.0.9:80", ["rest"])
-    before = saga_registry.wait_for("durable").registered_at_ms
+    saga_registry.wait_for("durable")
     saga_registry.restart_redis()
 
     def rebuilt() -> bool:
-        # A record written after the restart has a later registered_at than the lost one.
         truth = anyio.run(registry_truth, saga_registry.redis_url)
-        return [(i.service_id, i.registered_at_ms > before) for i in truth.values()] == [
-            (info.service_id, True)
-        ]
+        return [i.service_id for i in truth.values()] == [info.service_id]
 
     _wait_sync(rebuilt, 20)
     assert saga_client.is_registered("durable")
