@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import anyio
 import msgspec
@@ -24,7 +25,7 @@ from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
 if TYPE_CHECKING:
     import httpx
 
-from ._client_base import Registration, ServiceInfo
+from ._client_base import Filters, Registration, ServiceInfo
 
 log = logging.getLogger("saga_events.client")
 
@@ -220,25 +221,27 @@ class _RestBackend:
         entry = self._regs.get(name)
         return entry is not None and entry.confirmed
 
-    async def discover(self, name: str) -> ServiceInfo:
+    async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo:
         now = self._clock()
-        cached = self._cache.get(name)
+        params = filters.params() if filters is not None else []
+        key = f"{name}?{urlencode(params)}" if params else name  # a filtered answer: its own entry
+        cached = self._cache.get(key)
         if cached is not None and now - cached[0] < self._cache_ttl:
             return cached[1].with_source("cache")
         try:
-            resp = await self._http.get(f"/api/v1/services/{name}")
+            resp = await self._http.get(f"/api/v1/services/{name}", params=params)
         except self._httpx_errors as exc:
             return self._stale_or_raise(name, cached, f"cannot reach {self.saga_url}: {_why(exc)}")
         if resp.status_code == 404:
-            self._cache.pop(name, None)
-            raise ServiceNotFound(name)
+            self._cache.pop(key, None)
+            raise ServiceNotFound(name, filters.capability if filters else None)
         if resp.status_code != 200:
             return self._stale_or_raise(name, cached, f"the gateway answered {resp.status_code}")
         try:
             info = ServiceInfo.from_json(resp.content)
         except msgspec.MsgspecError as exc:
             return self._stale_or_raise(name, cached, f"unreadable answer: {exc}")
-        self._cache[name] = (now, info)
+        self._cache[key] = (now, info)
         return info
 
     def _stale_or_raise(

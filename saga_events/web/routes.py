@@ -17,7 +17,7 @@ from typing import Annotated, Any, Final
 import anyio
 from litestar import Response, delete, get, post
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, Parameter
@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from .. import model
 from .._redis import TRANSIENT
 from ..errors import SagaError
-from ..writer import Registration, Writer, not_found
+from ..writer import Registration, Writer, WriteRejected, not_found
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .schema import (
     NAME_DOC_PATTERN,
@@ -48,6 +48,13 @@ TOKEN_ENV: Final = "SAGA_API_TOKEN"
 
 PathName = Annotated[
     str, Parameter(pattern=NAME_DOC_PATTERN, description=f"Service name: {NAME_RULE}.")
+]
+QueryPairs = Annotated[
+    list[str] | None,
+    Parameter(
+        required=False,
+        description="Metadata pairs as key:value (split at the first ':'), repeatable.",
+    ),
 ]
 QueryId = Annotated[
     str | None,
@@ -83,16 +90,24 @@ class Context:
         beats = await self.writer.last_heartbeats(insts)
         return [ServiceInfo.of(i, b) for i, b in zip(insts, beats, strict=True)]
 
-    def choose(self, name: str) -> model.Instance | None:
-        """The instance a GET by name answers: round-robin over live ones, else a draining one."""
+    def choose(
+        self,
+        name: str,
+        capability: str | None = None,
+        where: dict[str, str] | None = None,
+        prefer: dict[str, str] | None = None,
+    ) -> model.Instance | None:
+        """The instance a GET by name answers: round-robin over live ones, else a draining
+        one (without filters only: a filtered GET answers only what matches)."""
         view = self.writer.view
+        filtered = capability is not None or bool(where) or bool(prefer)
         insts = view.instances(name)
         if not insts:
             return None
         try:
-            return view.pick(name)
+            return view.pick(name, capability, where=where, prefer=prefer)
         except SagaError:
-            return insts[0]
+            return None if filtered else insts[0]
 
     async def health(self) -> tuple[int, Health]:
         error: str | None = None
@@ -217,11 +232,29 @@ def handlers(ctx: Context) -> list[Any]:
         "/api/v1/services/{name:str}",
         responses=_errors(400, 404),
         summary="Discover one live instance of a service",
-        description="Round-robin over the live, non-draining instances.",
+        description=(
+            "Round-robin (weighted by metadata 'weight') over the live, non-draining "
+            "instances. ?capability= keeps those with it; ?where=key:value (repeatable) "
+            "keeps those whose metadata has every pair; ?prefer=key:value (repeatable) "
+            "picks among those that also have these pairs, and among the rest when none does."
+        ),
     )
-    async def discover(name: PathName) -> ServiceInfo:
-        inst = ctx.choose(name)
+    async def discover(
+        name: PathName,
+        capability: Annotated[
+            str | None, Parameter(required=False, description="Only instances with it.")
+        ] = None,
+        where: QueryPairs = None,
+        prefer: QueryPairs = None,
+    ) -> ServiceInfo:
+        must = _pairs("where", where)
+        wish = _pairs("prefer", prefer)
+        inst = ctx.choose(name, capability, must, wish)
         if inst is None:
+            if capability is not None or must or wish:
+                raise WriteRejected(
+                    "not_found", "not_found", f"no live instance of {name!r} matches the filters"
+                )
             raise not_found(name, None)
         return (await ctx.describe([inst]))[0]
 
@@ -253,6 +286,21 @@ def handlers(ctx: Context) -> list[Any]:
         return ctx.metrics.render()
 
     return [register, heartbeat, deregister, discover, list_services, health, metrics]
+
+
+def _pairs(label: str, raw: list[str] | None) -> dict[str, str] | None:
+    """``key:value`` query values as a dict; a value without ':' is a 400."""
+    if not raw:
+        return None
+    out: dict[str, str] = {}
+    for item in raw:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise ValidationException(
+                f"{label}={item!r}: expected key:value (a metadata key, ':', the value)"
+            )
+        out[key] = value
+    return out
 
 
 async def _read_revision(ctx: Context) -> None:
