@@ -136,7 +136,8 @@ def _announce_like(
     inst: model.Instance, kind: type[model.Announce], incarnation: int, seq: int
 ) -> model.Announce:
     # A draining record stays draining: its body must not change on a refresh.
-    cls = model.Drain if inst.draining else kind
+    # An operator's drain is not the instance's own word: the script re-adds it.
+    cls = model.Drain if inst.self_draining else kind
     return cls(
         service_name=inst.service_name,
         service_id=inst.service_id,

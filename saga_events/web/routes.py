@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import anyio
-from litestar import Response, delete, get, post
+import msgspec
+from litestar import Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
@@ -26,6 +27,8 @@ from redis.exceptions import RedisError
 
 from .. import model
 from .._redis import TRANSIENT
+from ..drain import drain as operator_drain
+from ..drain import undrain as operator_undrain
 from ..errors import SagaError
 from ..writer import Registration, Writer, WriteRejected, not_found
 from .metrics import CONTENT_TYPE, GatewayMetrics
@@ -33,6 +36,8 @@ from .schema import (
     NAME_DOC_PATTERN,
     NAME_RULE,
     DeregisterResult,
+    DrainRequest,
+    DrainResult,
     ErrorBody,
     Health,
     HeartbeatResult,
@@ -228,6 +233,53 @@ def handlers(ctx: Context) -> list[Any]:
         removed = await writer.deregister(name, service_id)
         return DeregisterResult(service_name=name, removed=removed)
 
+    @post(
+        "/api/v1/services/{name:str}/drain",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 409, 415, 422, 503),
+        security=write_security,
+        summary="Take instances out of rotation (an operator's override)",
+        description=(
+            "Every instance of the service, or only ?service_id=, is stored draining "
+            "whatever its own heartbeats say, until /undrain or ?duration=SECONDS. Who "
+            'and why: a JSON body {"by": ..., "reason": ...} or the headers X-Saga-By '
+            "and X-Saga-Reason."
+        ),
+    )
+    async def drain(
+        request: Request[Any, Any, Any],
+        name: PathName,
+        service_id: QueryId = None,
+        duration: Annotated[
+            float | None,
+            Parameter(
+                required=False,
+                gt=0,
+                le=365 * 86400,
+                description="Seconds until the drain ends (at most a year).",
+            ),
+        ] = None,
+    ) -> DrainResult:
+        by, reason = await _who(request)
+        insts = await operator_drain(
+            writer, name, service_id, by=by, reason=reason, duration=duration
+        )
+        return DrainResult(service_name=name, instances=await ctx.describe(insts))
+
+    @post(
+        "/api/v1/services/{name:str}/undrain",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 409, 415, 503),
+        security=write_security,
+        summary="End an operator's drain",
+        description="Every instance of the service, or only ?service_id=.",
+    )
+    async def undrain(name: PathName, service_id: QueryId = None) -> DrainResult:
+        insts = await operator_undrain(writer, name, service_id)
+        return DrainResult(service_name=name, instances=await ctx.describe(insts))
+
     @get(
         "/api/v1/services/{name:str}",
         responses=_errors(400, 404),
@@ -285,7 +337,33 @@ def handlers(ctx: Context) -> list[Any]:
         await _read_revision(ctx)
         return ctx.metrics.render()
 
-    return [register, heartbeat, deregister, discover, list_services, health, metrics]
+    return [
+        register,
+        heartbeat,
+        deregister,
+        drain,
+        undrain,
+        discover,
+        list_services,
+        health,
+        metrics,
+    ]
+
+
+async def _who(request: Request[Any, Any, Any]) -> tuple[str, str]:
+    """Who drains and why: the JSON body, else the X-Saga-By/X-Saga-Reason headers."""
+    raw = await request.body()
+    by = request.headers.get("x-saga-by") or ""
+    reason = request.headers.get("x-saga-reason") or ""
+    if raw.strip():
+        try:
+            body = msgspec.json.decode(raw, type=DrainRequest)
+        except msgspec.MsgspecError as exc:
+            detail = f"drain body: expected {{'by': str, 'reason': str}}: {exc}"
+            raise ValidationException(detail) from None
+        by = body.by if body.by is not None else by
+        reason = body.reason if body.reason is not None else reason
+    return by, reason
 
 
 def _pairs(label: str, raw: list[str] | None) -> dict[str, str] | None:

@@ -67,5 +67,6 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path: object) -> 
     generated = re.search(r"(\d+) generated", output)
     assert generated, output
     assert int(generated.group(1)) >= 100, output  # it really exercised the API
-    # the seven REST operations and the Prometheus SD (the watch stream is excluded above)
-    assert re.search(r"Tested:\s+8\b", output), output
+    # the nine REST operations (drain and undrain included) and the Prometheus SD (the
+    # watch stream is excluded above)
+    assert re.search(r"Tested:\s+10\b", output), output
