@@ -41,6 +41,7 @@ from .schema import (
     ErrorBody,
     Health,
     HeartbeatResult,
+    HeartbeatStatus,
     MirrorHealth,
     RedisHealth,
     RegisterRequest,
@@ -211,11 +212,29 @@ def handlers(ctx: Context) -> list[Any]:
         summary="Keep every live instance of a service alive",
         description=(
             "Moves the deadline of every instance of the service (or only ?service_id=). "
-            "404 when none is live (also when it expired a moment ago): register again."
+            "404 when none is live (also when it expired a moment ago): register again. "
+            'An optional JSON body {"status": "failing"|"passing", "reason": "..."} reports '
+            "the service's health: failing stores it draining with metadata "
+            "health='failing: <reason>', passing serves it again."
         ),
     )
-    async def heartbeat(name: PathName, service_id: QueryId = None) -> HeartbeatResult:
-        ids, now_ms = await writer.heartbeat(name, service_id)
+    async def heartbeat(
+        request: Request[Any, Any, Any], name: PathName, service_id: QueryId = None
+    ) -> HeartbeatResult:
+        raw = await request.body()
+        status: HeartbeatStatus | None = None
+        if raw.strip():
+            try:
+                status = msgspec.json.decode(raw, type=HeartbeatStatus)
+            except msgspec.MsgspecError as exc:
+                detail = f"heartbeat body: expected {{'status': 'failing'|'passing'}}: {exc}"
+                raise ValidationException(detail) from None
+        ids, now_ms = await writer.heartbeat(
+            name,
+            service_id,
+            status.status if status is not None else None,
+            status.reason if status is not None else "",
+        )
         return HeartbeatResult(
             service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
         )

@@ -128,6 +128,13 @@ class ServiceInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
         )
 
 
+class HeartbeatStatus(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A health report in a heartbeat (for services that are not Python)."""
+
+    status: Literal["failing", "passing"]
+    reason: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
 class DrainRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Who drains and why (optional body of a drain; headers X-Saga-By and
     X-Saga-Reason are the alternative)."""
