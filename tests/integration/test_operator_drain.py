@@ -181,3 +181,29 @@ async def test_cli_drain_ls_and_undrain(redis_server: RedisServer) -> None:
                 out = await anyio.to_thread.run_sync(lambda: cli("undrain", "pay", *base))
                 assert "undrained pay: 1 instance (p1)" in out
                 assert not mirror.instances("pay")[0].draining
+
+
+async def test_a_reaped_instance_drops_its_override(
+    registrar: Registrar, mirror: Mirror, r: aioredis.Redis
+) -> None:
+    """An instance that dies without a leave is reaped, and its override with it."""
+    from saga_events import model
+
+    await registrar.apply(
+        model.Register(
+            service_name="pay",
+            service_id="p9",
+            incarnation=1,
+            seq=1,
+            service_url="http://p9:80",
+            ttl_ms=1000,
+        )
+    )
+    await mirror.wait_for("pay", 10)
+    await r.set(KEYS.override("pay", "p9"), b'{"by":"x","reason":"","at_ms":0,"until_ms":null}')
+    await mirror.wait_until(lambda m: not m.instances("pay"), 20)
+
+    async def dropped() -> bool:
+        return not await r.exists(KEYS.override("pay", "p9"))
+
+    await eventually(dropped, 10, what="the override deleted with the reaped record")
