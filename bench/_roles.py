@@ -55,6 +55,7 @@ def announce(
     seq: int,
     url: str,
     ttl_ms: int = 60_000,
+    metadata: dict[str, str] | None = None,
 ) -> bytes:
     """The bytes an Agent publishes for a register or heartbeat."""
     cls = model.Register if kind == "register" else model.Heartbeat
@@ -66,7 +67,7 @@ def announce(
             seq=seq,
             service_url=url,
             capabilities=("rest", "grpc"),
-            metadata={"zone": "eu-west-1a", "version": "1.4.2"},
+            metadata=metadata or {"zone": "eu-west-1a", "version": "1.4.2"},
             ttl_ms=ttl_ms,
         )
     )

@@ -4,7 +4,9 @@
 * a direct Redis GET of the record (redis.asyncio with hiredis);
 * ``GET /api/v1/services/{name}`` on the HTTP gateway (httpx, keep-alive);
 * a poll-and-cache client (30 s cache, as the seed recommends): a hit, and
-  a miss (one gateway GET, or one Redis GET when there is no gateway).
+  a miss (one gateway GET, or one Redis GET when there is no gateway);
+* routing: ``pick()`` and ``pick(where={"zone": ...})`` over 1,000 instances
+  of one service (4 zones), and the ratio of the two.
 
 redis-server and the registrar (serving the gateway) are separate processes;
 the caller and its mirror share one process, as in an application. Each
@@ -31,6 +33,9 @@ import _roles
 from saga_events.model import new_incarnation
 
 SERVICE = "checkout"
+ROUTED = "routed"
+ROUTED_N = 1000
+ZONES = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +87,27 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(3)
             ]
         )
-        h.wait_until(lambda: _roles.index_size(server.url) >= background + 3, 60, "preload")
-        total = 2 * fast_n + 3 * slow_n
+        raw.send(
+            [
+                _roles.publish_cmd(
+                    ROUTED,
+                    _roles.announce(
+                        "register",
+                        ROUTED,
+                        f"{ROUTED}-{i}",
+                        incarnation=inc,
+                        seq=1,
+                        url=_roles.instance_url(10000 + i),
+                        ttl_ms=3_600_000,
+                        metadata={"zone": f"z{i % ZONES}"},
+                    ),
+                )
+                for i in range(ROUTED_N)
+            ]
+        )
+        want = background + 3 + ROUTED_N
+        h.wait_until(lambda: _roles.index_size(server.url) >= want, 60, "preload")
+        total = 4 * fast_n + 3 * slow_n
         with h.progress(total, "cache latency") as bar:
             columns = _measure(server.url, gateway, fast_n, slow_n, bar)
     base = None
@@ -98,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         "mirror pick() >= 100x faster than a Redis GET round trip, median",
         f"{get / pick:.0f}x ({pick * 1000:.0f} ns vs {get:.0f} us)",
         get / pick >= 100,
+    )
+    plain = report.row("routed pick()").stats["median"]
+    where = report.row("routed pick(where=)").stats["median"]
+    report.data["where_to_plain_ratio"] = where / plain if plain else float("nan")
+    report.target(
+        "pick(where=) over 1,000 instances stays a lookup: <= 5x plain pick, median",
+        f"{where / plain:.2f}x ({where * 1000:.0f} ns vs {plain * 1000:.0f} ns)",
+        where / plain <= 5,
     )
     report.data["medians_us"] = {name: float(h.summarize(v)["median"]) for name, v, _ in columns}
     if q:
@@ -133,6 +165,20 @@ def _measure(url: str, gateway: Any, fast_n: int, slow_n: int, bar: Any) -> list
                 if i % 1000 == 999:
                     bar.update(1000)
             out.append(("mirror.pick()", h.ns_to(values, "us"), {}))
+            # 1b. routing: plain pick and pick(where=) over 1,000 instances of one service.
+            with anyio.fail_after(30):
+                await mirror.wait_until(lambda m: len(m.instances(ROUTED)) >= ROUTED_N)
+            where = {"zone": "z1"}
+            for label, kw in (("routed pick()", {}), ("routed pick(where=)", {"where": where})):
+                values = []
+                gc.collect()
+                for i in range(fast_n):
+                    t0 = perf()
+                    pick(ROUTED, **kw)
+                    values.append(perf() - t0)
+                    if i % 1000 == 999:
+                        bar.update(1000)
+                out.append((label, h.ns_to(values, "us"), {}))
             # 2. a direct GET of the record.
             values = []
             for _ in range(slow_n):

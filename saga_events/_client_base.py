@@ -9,6 +9,8 @@ is the transport seam (Redis, REST, the in-memory fake). Pure data, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
@@ -16,6 +18,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from . import identity, model
+from .errors import InvalidEvent
 from .model import Instance
 
 Source = Literal["registry", "stale", "cache", "fallback", "local"]
@@ -141,6 +144,63 @@ def check_registration(reg: Registration, schemes: frozenset[str]) -> None:
     )
 
 
+Pairs = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """A discovery's selectors: capability, metadata ``where`` and ``prefer`` pairs
+    (see :meth:`saga_events.Mirror.pick`). Hashable: REST mode caches by it."""
+
+    capability: str | None = None
+    where: Pairs = ()
+    prefer: Pairs = ()
+
+    @classmethod
+    def of(
+        cls,
+        capability: str | None = None,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> Filters | None:
+        """The filters, or None when there are none (the seed's plain discovery)."""
+        if capability is None and not where and not prefer:
+            return None
+        for label, pairs in (("where", where), ("prefer", prefer)):
+            for k, v in (pairs or {}).items():
+                if not isinstance(k, str) or not isinstance(v, str) or not k:
+                    raise InvalidEvent(
+                        "bad_filter",
+                        f"{label} needs non-empty str keys and str values: {k!r}={v!r}",
+                    )
+        return cls(
+            capability, tuple(sorted((where or {}).items())), tuple(sorted((prefer or {}).items()))
+        )
+
+    def params(self) -> list[tuple[str, str | int | float | bool | None]]:
+        """The HTTP query parameters (``where=key:value``, repeated; see docs/API.md)."""
+        out: list[tuple[str, str | int | float | bool | None]] = []
+        if self.capability is not None:
+            out.append(("capability", self.capability))
+        out += [("where", f"{k}:{v}") for k, v in self.where]
+        out += [("prefer", f"{k}:{v}") for k, v in self.prefer]
+        return out
+
+    def matches(self, info: ServiceInfo, pairs: Pairs) -> bool:
+        if self.capability is not None and self.capability not in info.capabilities:
+            return False
+        return all(info.metadata.get(k) == v for k, v in pairs)
+
+    def choose(self, live: list[ServiceInfo]) -> list[ServiceInfo]:
+        """The candidates among ``live``: those matching ``where`` (and ``prefer``, if any do)."""
+        base = [i for i in live if self.matches(i, self.where)]
+        if self.prefer:
+            preferred = [i for i in base if self.matches(i, self.prefer)]
+            if preferred:
+                return preferred
+        return base
+
+
 class Backend(Protocol):
     """A transport of the client (internal): Redis, REST, or the in-memory fake."""
 
@@ -158,6 +218,6 @@ class Backend(Protocol):
 
     def is_registered(self, name: str) -> bool: ...
 
-    async def discover(self, name: str) -> ServiceInfo: ...
+    async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo: ...
 
     async def aclose(self) -> None: ...

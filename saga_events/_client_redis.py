@@ -15,7 +15,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from . import model
-from ._client_base import Registration, ServiceInfo, _now
+from ._client_base import Filters, Registration, ServiceInfo, _now
 from ._redis import Backoff, connect
 from .agent import Agent
 from .errors import RegistryUnavailable
@@ -137,7 +137,7 @@ class _RedisBackend:
                 log.error("the client's mirror stopped (%s); restarting it", exc)
                 await anyio.sleep(backoff.next())
 
-    async def discover(self, name: str) -> ServiceInfo:
+    async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo:
         assert self._tg is not None
         if self._mirror is None:
             self._mirror = Mirror(self._redis, namespace=self._namespace)
@@ -153,7 +153,15 @@ class _RedisBackend:
         if not self._mirror_synced.is_set() or not self._mirror.has_synced:
             why = self._mirror.last_error or "the mirror has not synced with Redis yet"
             raise RegistryUnavailable(name, why)
-        inst = self._mirror.pick(name)  # raises ServiceNotFound
+        if filters is None:
+            inst = self._mirror.pick(name)  # raises ServiceNotFound
+        else:
+            inst = self._mirror.pick(
+                name,
+                filters.capability,
+                where=dict(filters.where) or None,
+                prefer=dict(filters.prefer) or None,
+            )
         return ServiceInfo.from_instance(inst, "stale" if self._mirror.stale else "registry")
 
     async def aclose(self) -> None:

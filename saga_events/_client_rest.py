@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import anyio
 import msgspec
@@ -37,7 +38,7 @@ from .sse_client import WatchFollower, WatchUnsupported
 if TYPE_CHECKING:
     import httpx
 
-from ._client_base import Registration, ServiceInfo
+from ._client_base import Filters, Registration, ServiceInfo
 
 log = logging.getLogger("saga_events.client")
 
@@ -315,29 +316,34 @@ class _RestBackend:
             log.warning("%s: unreadable instance in the watch stream (%s)", name, exc)
             return None
 
-    async def discover(self, name: str) -> ServiceInfo:
-        answer = await self._from_stream(name)
-        if answer is not None:
-            return answer
+    async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo:
+        # Filtered lookups are answered by the gateway (it applies the selectors);
+        # plain ones from the watch stream's view when it is current.
+        if filters is None or not filters.params():
+            answer = await self._from_stream(name)
+            if answer is not None:
+                return answer
         self.poll_answers += 1
         now = self._clock()
-        cached = self._cache.get(name)
+        params = filters.params() if filters is not None else []
+        key = f"{name}?{urlencode(params)}" if params else name  # a filtered answer: its own entry
+        cached = self._cache.get(key)
         if cached is not None and now - cached[0] < self._cache_ttl:
             return cached[1].with_source("cache")
         try:
-            resp = await self._http.get(f"/api/v1/services/{name}")
+            resp = await self._http.get(f"/api/v1/services/{name}", params=params)
         except self._httpx_errors as exc:
             return self._stale_or_raise(name, cached, f"cannot reach {self.saga_url}: {_why(exc)}")
         if resp.status_code == 404:
-            self._cache.pop(name, None)
-            raise ServiceNotFound(name)
+            self._cache.pop(key, None)
+            raise ServiceNotFound(name, filters.capability if filters else None)
         if resp.status_code != 200:
             return self._stale_or_raise(name, cached, f"the gateway answered {resp.status_code}")
         try:
             info = ServiceInfo.from_json(resp.content)
         except msgspec.MsgspecError as exc:
             return self._stale_or_raise(name, cached, f"unreadable answer: {exc}")
-        self._cache[name] = (now, info)
+        self._cache[key] = (now, info)
         return info
 
     def _stale_or_raise(

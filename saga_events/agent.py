@@ -13,6 +13,7 @@ input raises: :class:`InvalidEvent`, from the constructor and ``update``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import time
@@ -27,6 +28,7 @@ from . import connection, identity, model
 from ._lifecycle import RunsInBackground
 from ._portal import PortalOwner
 from ._redis import TRANSIENT, Backoff, RedisLike, connect
+from .health import HealthCheck, HealthGate
 from .keys import Keys
 
 log = logging.getLogger("saga_events.agent")
@@ -107,7 +109,16 @@ class Agent(RunsInBackground):
         namespace: str = "default",
         url_schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
         first_announce_timeout: float = 5.0,
+        health_check: HealthCheck | None = None,
+        health_timeout: float = 2.0,
+        health_executor: concurrent.futures.Executor | None = None,
     ) -> None:
+        # Run before each heartbeat; failing announces draining (see saga_events.health).
+        self.health = (
+            None
+            if health_check is None
+            else HealthGate(health_check, health_timeout, health_executor)
+        )
         self.service_id = service_id or identity.process_service_id()
         self.service_name = service_name
         self.url_schemes = url_schemes
@@ -170,7 +181,8 @@ class Agent(RunsInBackground):
     def _announce_event(self, kind: str) -> model.Announce:
         inc, seq = self._next()
         cls: type[model.Announce]
-        if self.draining:
+        health = self.health
+        if self.draining or (health is not None and health.failure is not None):
             cls = model.Drain
         elif kind == "register":
             cls = model.Register
@@ -183,7 +195,7 @@ class Agent(RunsInBackground):
             seq=seq,
             service_url=self.service_url,
             capabilities=self.capabilities,
-            metadata=self.metadata,
+            metadata=self.metadata if health is None else health.metadata(self.metadata),
             ttl_ms=self.ttl_ms,
         )
 
@@ -271,6 +283,8 @@ class Agent(RunsInBackground):
                     log.exception("%s/%s: leave failed", self.service_name, self.service_id)
 
     async def aclose(self) -> None:
+        if self.health is not None:
+            self.health.close()
         if self._owns_client:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._redis.aclose()
@@ -339,6 +353,8 @@ class Agent(RunsInBackground):
             if self.left:
                 ok = True  # left on purpose: stay quiet until announced again
                 continue
+            if self.health is not None:
+                await self.health.run()  # never raises: a failure drains the announce
             ok = await self._announce_safely(kind)
             kind = "heartbeat" if ok else "register"
 

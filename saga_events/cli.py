@@ -260,6 +260,8 @@ def _instance_row(inst: Any) -> dict[str, Any]:
         "capabilities": list(inst.capabilities),
         "draining": inst.draining,
         "registered_at": iso_utc(inst.registered_at_ms),
+        "drained_by": inst.override.by if inst.override is not None else None,
+        "drain_reason": inst.override.reason if inst.override is not None else None,
     }
 
 
@@ -290,12 +292,19 @@ def ls_command(redis_url: str | None, namespace: str, as_json: bool) -> None:
     table = [
         [escape_text(r["service_name"]), escape_text(r["service_id"]),
          escape_text(r["service_url"]), escape_text(",".join(r["capabilities"])),
-         "draining" if r["draining"] else "live", r["registered_at"]]
+         _state(r), r["registered_at"]]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
     for line in [headers, *table]:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _state(row: dict[str, Any]) -> str:
+    if row["drained_by"] is not None:
+        why = f": {row['drain_reason']}" if row["drain_reason"] else ""
+        return escape_text(f"draining (by {row['drained_by']}{why})")
+    return "draining" if row["draining"] else "live"
 
 
 def _change_line(kind: str, row: dict[str, Any]) -> str:
@@ -535,8 +544,9 @@ def bench_command(scenario: str, args: tuple[str, ...]) -> None:
         raise SystemExit(status)
 
 
-# setup, acl and doctor live in cli_admin.py; importing it registers them on main.
-from . import cli_admin  # noqa: E402, F401
+# setup, acl and doctor live in cli_admin.py, drain and undrain in cli_drain.py;
+# importing them registers them on main.
+from . import cli_admin, cli_drain  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

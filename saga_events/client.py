@@ -54,7 +54,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import identity, model
-from ._client_base import Backend, Registration, ServiceInfo, check_registration
+from ._client_base import Backend, Filters, Registration, ServiceInfo, check_registration
 from ._client_redis import _RedisBackend
 from ._client_rest import _RestBackend
 from ._portal import PortalOwner
@@ -295,9 +295,18 @@ class AsyncSagaServiceDiscovery:
 
     # -- discovery ------------------------------------------------------------------------
 
-    async def discover_service(self, name: str) -> ServiceInfo:
+    async def discover_service(
+        self,
+        name: str,
+        capability: str | None = None,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> ServiceInfo:
         """Return an instance of ``name`` (round-robin over live ones in Redis mode).
 
+        ``capability``, ``where`` (metadata pairs that must all match) and
+        ``prefer`` (pairs preferred, the rest as a fallback) select as
+        :meth:`Mirror.pick` does; in REST mode they are sent as query parameters.
         Falls back to ``fallbacks[name]``; else raises :class:`ServiceNotFound`
         or :class:`RegistryUnavailable` (both :class:`SagaError`).
         """
@@ -305,7 +314,10 @@ class AsyncSagaServiceDiscovery:
         if not identity.is_valid_name(name):
             raise InvalidEvent("bad_name", f"service name {name!r} must match {model.NAME_PATTERN}")
         try:
-            return await self._backend.discover(name)
+            filters = Filters.of(capability, where, prefer)
+            if filters is None:
+                return await self._backend.discover(name)
+            return await self._backend.discover(name, filters)
         except (ServiceNotFound, RegistryUnavailable) as exc:
             url = self.fallbacks.get(name)
             if url is None:
@@ -442,9 +454,15 @@ class SagaServiceDiscovery:
         owner, client = self._ensure()
         return owner.build(lambda: client.registered_names)
 
-    def discover_service(self, name: str) -> ServiceInfo:
+    def discover_service(
+        self,
+        name: str,
+        capability: str | None = None,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> ServiceInfo:
         """See :meth:`AsyncSagaServiceDiscovery.discover_service`."""
-        return self._call(lambda c: c.discover_service(name))
+        return self._call(lambda c: c.discover_service(name, capability, where, prefer))
 
     def discover_url(self, name: str) -> str:
         return self.discover_service(name).service_url

@@ -38,6 +38,10 @@ class Keys:
     def inst(self, service: str, service_id: str) -> str:
         return f"{self.inst_prefix}{service}:{service_id}"
 
+    def override(self, service: str, service_id: str) -> str:
+        """An operator's drain of one instance (see :class:`~saga_events.model.DrainOverride`)."""
+        return f"{self.prefix}override:{service}:{service_id}"
+
     def tomb(self, service: str, service_id: str) -> str:
         return f"{self.prefix}tomb:{service}:{service_id}"
 

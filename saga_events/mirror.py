@@ -47,6 +47,7 @@ from .connection import Timing
 from .errors import ServiceNotFound
 from .keys import Keys
 from .model import Instance
+from .selection import Strategy
 from .view import Added, Change, Picker, Removed, Updated, View
 from .watcher import Clock, MirrorStats, Watcher
 
@@ -142,6 +143,7 @@ class Mirror(RunsInBackground):
         chunk_size: int = 1000,
         sync_timeout: float = 30.0,
         picker: Picker | None = None,
+        strategy: Strategy = "round_robin",
         clock: Clock | None = None,
     ) -> None:
         self._redis = connect(redis)
@@ -149,9 +151,9 @@ class Mirror(RunsInBackground):
         self.keys = Keys(namespace, db_of(self._redis))
         self.fallbacks: dict[str, str] = dict(fallbacks or {})
         self.sync_timeout = sync_timeout
-        self.view = View(picker)
+        self.view = View(picker, strategy)
         self._by_service = self.view.by_service
-        self._round_robin = self.view.round_robin
+        self._round_robin = self.view.strategy == "round_robin"
         self._subscribers: list[MemoryObjectSendStream[Change]] = []
         self._overflowed: set[MemoryObjectSendStream[Change]] = set()
         self._changed = anyio.Event()
@@ -223,27 +225,41 @@ class Mirror(RunsInBackground):
         """True while the view may lag Redis (disconnected, rebuilding, canary lost, refused)."""
         return self._watcher.stale
 
-    def pick(self, name: str, capability: str | None = None) -> Instance:
-        """Return a live, non-draining instance of ``name``, round-robin.
+    def pick(
+        self,
+        name: str,
+        capability: str | None = None,
+        *,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> Instance:
+        """Return a live, non-draining instance of ``name`` chosen by the strategy
+        (smooth weighted round-robin by default, weights from metadata ``weight``).
 
-        Falls back to ``fallbacks[name]``; raises :class:`ServiceNotFound`.
+        ``where`` keeps the instances whose metadata has all its pairs;
+        ``prefer`` picks among those that also have its pairs, and among the
+        rest when none does. Falls back to ``fallbacks[name]``; raises
+        :class:`ServiceNotFound`.
         """
-        # The View's pick, inlined for round-robin: this is the hot path.
         snap = self._by_service.get(name)
         if snap is not None:
-            live = snap.live if capability is None else snap.live_with(capability)
-            if live:
-                if self._round_robin:
-                    return live[next(snap.counter) % len(live)]
-                return self.view.picker(snap, live)
+            if self._round_robin and where is None and prefer is None:
+                sel = snap.select(capability, None)  # the hot path: a cached lookup
+                if sel.candidates:
+                    return sel.round_robin()
+            else:
+                found = self.view.pick_in(snap, capability, where, prefer)
+                if found is not None:
+                    return found
         url = self.fallbacks.get(name)
         if url is not None:
             return _fallback_instance(name, url)
         raise ServiceNotFound(name, capability)
 
-    def instances(self, name: str) -> list[Instance]:
-        """All known instances of ``name``, draining ones included, sorted by id."""
-        return self.view.instances(name)
+    def instances(self, name: str, *, where: Mapping[str, str] | None = None) -> list[Instance]:
+        """All known instances of ``name`` (matching ``where``), draining ones
+        included, sorted by id."""
+        return self.view.instances(name, where=where)
 
     def services(self) -> dict[str, list[Instance]]:
         """Every service with at least one instance, and its instances."""
@@ -401,11 +417,18 @@ class SyncMirror:
     def has_synced(self) -> bool:
         return self.mirror.has_synced
 
-    def pick(self, name: str, capability: str | None = None) -> Instance:
-        return self.mirror.pick(name, capability)
+    def pick(
+        self,
+        name: str,
+        capability: str | None = None,
+        *,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> Instance:
+        return self.mirror.pick(name, capability, where=where, prefer=prefer)
 
-    def instances(self, name: str) -> list[Instance]:
-        return self.mirror.instances(name)
+    def instances(self, name: str, *, where: Mapping[str, str] | None = None) -> list[Instance]:
+        return self.mirror.instances(name, where=where)
 
     def services(self) -> dict[str, list[Instance]]:
         return self.mirror.services()

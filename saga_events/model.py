@@ -115,6 +115,22 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
     service_url: str
 
 
+class DrainOverride(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's drain of one instance (Eureka's OUT_OF_SERVICE): who, why,
+    when (ms since the epoch) and until when (None: until undrained).
+
+    Stored under ``saga:{ns}:override:<service>:<id>``; the registrar's apply
+    script copies it into the record, adding ``self_draining`` (whether the
+    instance's own announce says draining), while the key stands.
+    """
+
+    by: str
+    reason: str = ""
+    at_ms: int = 0
+    until_ms: int | None = None
+    self_draining: bool = False
+
+
 class Instance(msgspec.Struct, frozen=True, kw_only=True):
     """One live instance as stored in Redis and served by the mirror.
 
@@ -132,11 +148,17 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     ttl_ms: int = DEFAULT_TTL_MS
     draining: bool = False
+    override: DrainOverride | None = None  # an operator's drain; forces draining
 
     @property
     def registered_at(self) -> datetime:
         """When this incarnation was first registered (Redis clock), UTC."""
         return datetime.fromtimestamp(self.registered_at_ms / 1000, tz=UTC)
+
+    @property
+    def self_draining(self) -> bool:
+        """Whether the instance itself says draining (an operator's drain aside)."""
+        return self.override.self_draining if self.override is not None else self.draining
 
     def has_capability(self, capability: str | None) -> bool:
         return capability is None or capability in self.capabilities
@@ -155,6 +177,15 @@ _encoder: Final = msgspec.json.Encoder()
 
 def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
+
+
+def encode_record(inst: Instance) -> bytes:
+    """A record as the apply script stores it: no ``override`` field unless an operator
+    drained it (so an agent's next announce of a restored record is a refresh)."""
+    raw = _encoder.encode(inst)
+    if inst.override is None and raw.endswith(b',"override":null}'):
+        raw = raw[: -len(b',"override":null}')] + b"}"
+    return raw
 
 
 def decode_instance(raw: bytes | str) -> Instance:

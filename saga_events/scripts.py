@@ -137,7 +137,7 @@ def apply_call(
     return (
         "EVALSHA",
         APPLY.sha,
-        7,
+        8,
         keys.inst(name, sid),
         keys.tomb(name, sid),
         keys.index,
@@ -145,6 +145,7 @@ def apply_call(
         keys.order,
         keys.rev,
         counts_key(keys),
+        keys.override(name, sid),
         kind,
         event.incarnation,
         event.seq,
@@ -213,7 +214,7 @@ def restore_call(keys: Keys, inst: model.Instance) -> tuple[list[str], list[Any]
             counts_key(keys),
         ],
         [
-            model.encode(inst),
+            model.encode_record(inst),
             f"{inst.incarnation}:{inst.seq}",
             inst.ttl_ms,
             backstop_ms(inst.ttl_ms),
@@ -236,5 +237,13 @@ def reap_call(
             counts_key(keys),
             graced_key(keys),
         ],
-        [limit, stall_ms, grace_ms, tomb_ttl_ms, keys.inst_prefix, f"{keys.prefix}tomb:"],
+        [
+            limit,
+            stall_ms,
+            grace_ms,
+            tomb_ttl_ms,
+            keys.inst_prefix,
+            f"{keys.prefix}tomb:",
+            f"{keys.prefix}override:",
+        ],
     )

@@ -21,8 +21,13 @@ Contract:
   (open, then publish),
   never a re-sort: a batch of k changes to a service of n instances costs
   O(k log n + n), not O(k n log n). ``stats`` counts the work for tests.
-* Pick policy is a :class:`Picker`: a callable given the snapshot and the
-  candidates (live, filtered by capability). :class:`RoundRobin` is the default.
+* Pick policy: a strategy name (``round_robin`` default, ``random``,
+  ``least_recently_picked``; see :mod:`saga_events.selection`: weights from
+  metadata ``weight``), or a custom :class:`Picker` given the snapshot and the
+  candidates (live, filtered by capability and ``where``).
+* Selection is a dict lookup: each snapshot caches, lazily, one
+  :class:`~saga_events.selection.Selection` per (capability, frozen ``where``
+  items), so a repeated ``pick(where=...)`` scans nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ from typing import Final, Protocol
 import msgspec
 
 from .model import Instance
+from .selection import (
+    MAX_SELECTIONS,
+    STRATEGIES,
+    Selection,
+    SelectionState,
+    WhereKey,
+    matches,
+    merged_key,
+    where_key,
+)
 
 MAX_SHARED_CAPABILITY_SETS: Final = 4096
 
@@ -72,7 +87,7 @@ class ServiceSnapshot:
     carried from version to version.
     """
 
-    __slots__ = ("_by_capability", "counter", "instances", "live", "name")
+    __slots__ = ("_by_capability", "_selections", "counter", "instances", "live", "name", "states")
 
     def __init__(
         self,
@@ -80,12 +95,58 @@ class ServiceSnapshot:
         instances: tuple[Instance, ...],
         live: tuple[Instance, ...],
         counter: itertools.count[int],
+        states: dict[tuple[str | None, WhereKey], SelectionState] | None = None,
     ) -> None:
         self.name = name
         self.instances = instances
         self.live = live
         self.counter = counter
+        #: per-selection state shared by this service's versions
+        self.states = states if states is not None else {}
         self._by_capability: dict[str, tuple[Instance, ...]] | None = None
+        self._selections: dict[tuple[str | None, WhereKey], Selection] = {}
+
+    def select(self, capability: str | None, key: WhereKey) -> Selection:
+        """The selection of the live instances with ``capability`` matching ``key``.
+
+        Cached per snapshot (lock-free: racing threads build equal selections).
+        """
+        ck = (capability, key)
+        found = self._selections.get(ck)
+        if found is not None:
+            return found
+        base = self.live_with(capability)
+        candidates = base if key is None else tuple(i for i in base if matches(i, key))
+        state = self.states.get(ck)
+        if state is None:
+            state = SelectionState()
+            if ck == (None, None):
+                state.counter = self.counter
+            if len(self.states) < MAX_SELECTIONS:
+                state = self.states.setdefault(ck, state)
+        sel = Selection(candidates, state)
+        if len(self._selections) < MAX_SELECTIONS:
+            self._selections[ck] = sel
+        return sel
+
+    def choose(
+        self,
+        capability: str | None,
+        where: Mapping[str, str] | None,
+        prefer: Mapping[str, str] | None,
+    ) -> Selection | None:
+        """The selection to pick from, ``prefer`` first; None when nothing matches."""
+        base = self.select(capability, where_key(where))
+        if prefer:
+            preferred = self.select(capability, merged_key(where, prefer))
+            if preferred.candidates and (preferred.positive or not base.positive):
+                return preferred
+        return base if base.candidates else None
+
+    def matching(self, where: Mapping[str, str] | None) -> list[Instance]:
+        """Every instance (draining ones too) whose metadata matches ``where``."""
+        key = where_key(where)
+        return [i for i in self.instances if matches(i, key)]
 
     def live_with(self, capability: str | None) -> tuple[Instance, ...]:
         """The live instances that have ``capability`` (all of them for None).
@@ -168,8 +229,12 @@ class View:
     """The store and indexes of one mirror. Reads can be called from any thread;
     writes only from the watcher's task."""
 
-    def __init__(self, picker: Picker | None = None) -> None:
+    def __init__(self, picker: Picker | None = None, strategy: str = "round_robin") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
         self.picker: Picker = picker or RoundRobin()
+        #: None when a custom picker chooses; else the strategy's name
+        self.strategy: str | None = strategy if picker is None else None
         self.stats = ViewStats()
         self._records: dict[str, Instance] = {}
         #: name → current snapshot. Readers may look up and copy it; only the
@@ -185,21 +250,40 @@ class View:
         """The current snapshot of ``name``, or None when it has no instance."""
         return self.by_service.get(name)
 
-    def pick(self, name: str, capability: str | None = None) -> Instance | None:
-        """A live, non-draining instance of ``name`` chosen by the picker, or None."""
+    def pick(
+        self,
+        name: str,
+        capability: str | None = None,
+        *,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> Instance | None:
+        """A live, non-draining instance of ``name`` chosen by the strategy, or None."""
         snap = self.by_service.get(name)
         if snap is None:
             return None
-        live = snap.live if capability is None else snap.live_with(capability)
-        if not live:
-            return None
-        if self.round_robin:  # inlined: pick is the hot path
-            return live[next(snap.counter) % len(live)]
-        return self.picker(snap, live)
+        return self.pick_in(snap, capability, where, prefer)
 
-    def instances(self, name: str) -> list[Instance]:
+    def pick_in(
+        self,
+        snap: ServiceSnapshot,
+        capability: str | None,
+        where: Mapping[str, str] | None,
+        prefer: Mapping[str, str] | None,
+    ) -> Instance | None:
+        sel = snap.choose(capability, where, prefer)
+        if sel is None:
+            return None
+        strategy = self.strategy
+        if strategy is None:
+            return self.picker(snap, sel.candidates)
+        return sel.pick(strategy)
+
+    def instances(self, name: str, *, where: Mapping[str, str] | None = None) -> list[Instance]:
         snap = self.by_service.get(name)
-        return list(snap.instances) if snap is not None else []
+        if snap is None:
+            return []
+        return list(snap.instances) if not where else snap.matching(where)
 
     def services(self) -> dict[str, list[Instance]]:
         snaps = dict(self.by_service)  # one atomic copy
@@ -284,11 +368,12 @@ class View:
                 continue
             previous = self.by_service.get(name)
             counter = previous.counter if previous is not None else itertools.count()
+            states = previous.states if previous is not None else None
             insts = tuple(group.insts)
             # Usually nothing drains: then live is the same tuple.
             live = insts if len(group.live) == len(insts) else tuple(group.live)
             self.stats.publishes += 1
-            self.by_service[name] = ServiceSnapshot(name, insts, live, counter)
+            self.by_service[name] = ServiceSnapshot(name, insts, live, counter, states)
         self._open.clear()
         return True
 

@@ -64,6 +64,7 @@ from redis.exceptions import RedisError
 from . import model
 from ._redis import TRANSIENT
 from .errors import InvalidEvent, SagaError
+from .health import HEALTH_KEY, safe_reason
 from .identity import stable_service_id
 from .mirror import ChangesOverflow, Mirror
 from .registrar import ApplyResult, Registrar
@@ -136,7 +137,8 @@ def _announce_like(
     inst: model.Instance, kind: type[model.Announce], incarnation: int, seq: int
 ) -> model.Announce:
     # A draining record stays draining: its body must not change on a refresh.
-    cls = model.Drain if inst.draining else kind
+    # An operator's drain is not the instance's own word: the script re-adds it.
+    cls = model.Drain if inst.self_draining else kind
     return cls(
         service_name=inst.service_name,
         service_id=inst.service_id,
@@ -147,6 +149,25 @@ def _announce_like(
         metadata=inst.metadata,
         ttl_ms=inst.ttl_ms,
     )
+
+
+def _with_status(
+    event: model.Announce, status: Literal["failing", "passing"] | None, reason: str
+) -> model.Announce:
+    """``event`` carrying a health status; the next seq when that changes the record."""
+    if status is None:
+        return event
+    meta = {k: v for k, v in event.metadata.items() if k != HEALTH_KEY}
+    cls: type[model.Announce] = model.Heartbeat
+    if status == "failing":
+        meta[HEALTH_KEY] = safe_reason(f"failing: {reason}" if reason else "failing")
+        cls = model.Drain
+    fields = msgspec.structs.asdict(event)
+    fields["metadata"] = meta
+    changed = cls(**fields)
+    if model.body_of(changed) != model.body_of(event):
+        changed = msgspec.structs.replace(changed, seq=event.seq + 1)
+    return changed
 
 
 class Writer:
@@ -352,16 +373,26 @@ class Writer:
             for inst, value in zip(insts, raw, strict=True)
         ]
 
-    async def heartbeat(self, name: str, service_id: str | None) -> tuple[list[str], int]:
+    async def heartbeat(
+        self,
+        name: str,
+        service_id: str | None,
+        status: Literal["failing", "passing"] | None = None,
+        reason: str = "",
+    ) -> tuple[list[str], int]:
         """Move the deadline of the live instances of ``name`` (or only ``service_id``).
 
-        Returns the ids kept alive and Redis's time; ``not_found`` when none is
-        live (also when the reaper or a DELETE won the race with this heartbeat).
+        ``status`` (a health report from a non-Python service): ``failing``
+        stores the instance draining with ``metadata["health"] = "failing:
+        <reason>"``, ``passing`` serving again without it (then the heartbeat is
+        an update, with the next seq). Returns the ids kept alive and Redis's
+        time; ``not_found`` when none is live (also when the reaper or a DELETE
+        won the race with this heartbeat).
         """
         targets = self.targets(name, service_id)
         pairs = await self._newest_pairs(targets)
         events = [
-            self.check(_announce_like(i, model.Heartbeat, inc, seq))
+            self.check(_with_status(_announce_like(i, model.Heartbeat, inc, seq), status, reason))
             for i, (inc, seq) in zip(targets, pairs, strict=True)
         ]
         results = await self.registrar.apply_many(events)

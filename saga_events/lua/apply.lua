@@ -7,6 +7,10 @@
 -- KEYS[5] order       saga:{ns}:order       (hash record key -> "inc:seq")
 -- KEYS[6] rev         saga:{ns}:rev         (INCR on every record change)
 -- KEYS[7] counts      saga:{ns}:counts      (hash service -> members of index)
+-- KEYS[8] override    saga:{ns}:override:<service>:<id> (an operator's drain,
+--                     JSON; optional): while it exists, an announce's body is
+--                     stored with "draining":true and "override":<it, plus
+--                     "self_draining": the body's own flag>; a leave deletes it
 -- ARGV[1] kind        'announce' | 'leave'
 -- ARGV[2] incarnation ARGV[3] seq
 -- ARGV[4] body        record JSON without its leading '{' (announce only)
@@ -44,6 +48,17 @@
 -- Redis lets its further writes through, and the tombstone SET is a pcall, so
 -- a leave removes the record even when the tombstone cannot be stored.
 -- Every record change (create, update, remove) INCRs KEYS[6].
+local body = ARGV[4]
+if KEYS[8] and ARGV[1] ~= 'leave' then
+  local ov = redis.call('GET', KEYS[8])
+  if ov then
+    local base, own = string.match(body, '^(.*),"draining":([a-z]+)}$')
+    local head = string.match(ov, '^({.*)}$')
+    if base and head then
+      body = base .. ',"draining":true,"override":' .. head .. ',"self_draining":' .. own .. '}}'
+    end
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nows = string.format('%.0f', now)
@@ -113,6 +128,9 @@ if ARGV[1] == 'leave' then
     status = 'removed'
   end
   redis.call('HDEL', KEYS[5], KEYS[1])
+  if KEYS[8] then
+    redis.call('DEL', KEYS[8])
+  end
   redis.pcall('SET', KEYS[2], incs .. ':' .. seqs, 'PX', string.format('%.0f', life))
   if cur then
     redis.call('INCR', KEYS[6])
@@ -123,7 +141,7 @@ if order < 0 then
   return {'stale', creg or '0', nows, incs, seqs}
 end
 local ttl = tonumber(ARGV[5])
-if ci and inc == ci and crest == ARGV[4] then
+if ci and inc == ci and crest == body then
   -- Unchanged record (a heartbeat, or a duplicate): move the deadline only.
   redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
   if order > 0 then
@@ -154,7 +172,7 @@ if ci and inc == ci then
 end
 redis.call('SET', KEYS[1],
   '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
-  .. ',' .. ARGV[4], 'PX', ARGV[6])
+  .. ',' .. body, 'PX', ARGV[6])
 redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
 if not member then
   redis.call('SADD', KEYS[3], KEYS[1])

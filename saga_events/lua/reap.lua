@@ -12,6 +12,8 @@
 -- ARGV[3] grace_ms    the deadline a stall grants to an overdue instance
 -- ARGV[4] tomb_ttl_ms the least tombstone life; it lives max(ARGV[4], 3 x ttl)
 -- ARGV[5] inst prefix saga:{ns}:inst:   ARGV[6] tomb prefix saga:{ns}:tomb:
+-- ARGV[7] override prefix saga:{ns}:override: (optional): a reaped instance's
+--         operator drain is deleted with it
 -- Reply: the record keys reaped (an empty list during a stall's grace).
 --
 -- It touches the record and tombstone keys named by the deadlines set, not
@@ -71,6 +73,9 @@ for _, k in ipairs(due) do
     if service then
       tombs[#tombs + 1] = {'count', service}
     end
+  end
+  if ARGV[7] and string.sub(k, 1, #ip) == ip then
+    redis.call('DEL', ARGV[7] .. string.sub(k, #ip + 1))
   end
   if o and string.sub(k, 1, #ip) == ip then
     local life = least

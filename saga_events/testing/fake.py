@@ -24,6 +24,7 @@ from typing import Any
 
 from anyio.abc import TaskGroup
 
+from .._client_base import Filters
 from ..agent import default_service_id
 from ..client import (
     AsyncSagaServiceDiscovery,
@@ -101,12 +102,14 @@ class FakeRegistry:
             names = sorted(self._instances)
         return {name: self.instances(name) for name in names}
 
-    def pick(self, name: str) -> ServiceInfo:
-        """An instance of ``name``, round-robin; raises ServiceNotFound."""
+    def pick(self, name: str, filters: Filters | None = None) -> ServiceInfo:
+        """An instance of ``name`` (matching ``filters``), round-robin; raises ServiceNotFound."""
         with self._lock:
             live = sorted(self._instances.get(name, {}).values(), key=lambda i: i.service_id)
+            if filters is not None:
+                live = filters.choose(live)
             if not live:
-                raise ServiceNotFound(name)
+                raise ServiceNotFound(name, filters.capability if filters else None)
             return live[next(self._rr[name]) % len(live)]
 
     # -- clients --------------------------------------------------------------------------
@@ -195,10 +198,10 @@ class _FakeBackend:
     def is_registered(self, name: str) -> bool:
         return self._confirmed.get(name, False)
 
-    async def discover(self, name: str) -> ServiceInfo:
+    async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo:
         if not self.registry.available:
             raise RegistryUnavailable(name, "the fake registry is set unavailable")
-        return self.registry.pick(name)
+        return self.registry.pick(name, filters)
 
     async def aclose(self) -> None:
         pass

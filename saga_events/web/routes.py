@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import anyio
-from litestar import Response, delete, get, post
+import msgspec
+from litestar import Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, Parameter
@@ -26,16 +27,21 @@ from redis.exceptions import RedisError
 
 from .. import model
 from .._redis import TRANSIENT
+from ..drain import drain as operator_drain
+from ..drain import undrain as operator_undrain
 from ..errors import SagaError
-from ..writer import Registration, Writer, not_found
+from ..writer import Registration, Writer, WriteRejected, not_found
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .schema import (
     NAME_DOC_PATTERN,
     NAME_RULE,
     DeregisterResult,
+    DrainRequest,
+    DrainResult,
     ErrorBody,
     Health,
     HeartbeatResult,
+    HeartbeatStatus,
     MirrorHealth,
     RedisHealth,
     RegisterRequest,
@@ -48,6 +54,13 @@ TOKEN_ENV: Final = "SAGA_API_TOKEN"
 
 PathName = Annotated[
     str, Parameter(pattern=NAME_DOC_PATTERN, description=f"Service name: {NAME_RULE}.")
+]
+QueryPairs = Annotated[
+    list[str] | None,
+    Parameter(
+        required=False,
+        description="Metadata pairs as key:value (split at the first ':'), repeatable.",
+    ),
 ]
 QueryId = Annotated[
     str | None,
@@ -83,16 +96,24 @@ class Context:
         beats = await self.writer.last_heartbeats(insts)
         return [ServiceInfo.of(i, b) for i, b in zip(insts, beats, strict=True)]
 
-    def choose(self, name: str) -> model.Instance | None:
-        """The instance a GET by name answers: round-robin over live ones, else a draining one."""
+    def choose(
+        self,
+        name: str,
+        capability: str | None = None,
+        where: dict[str, str] | None = None,
+        prefer: dict[str, str] | None = None,
+    ) -> model.Instance | None:
+        """The instance a GET by name answers: round-robin over live ones, else a draining
+        one (without filters only: a filtered GET answers only what matches)."""
         view = self.writer.view
+        filtered = capability is not None or bool(where) or bool(prefer)
         insts = view.instances(name)
         if not insts:
             return None
         try:
-            return view.pick(name)
+            return view.pick(name, capability, where=where, prefer=prefer)
         except SagaError:
-            return insts[0]
+            return None if filtered else insts[0]
 
     async def health(self) -> tuple[int, Health]:
         error: str | None = None
@@ -191,11 +212,29 @@ def handlers(ctx: Context) -> list[Any]:
         summary="Keep every live instance of a service alive",
         description=(
             "Moves the deadline of every instance of the service (or only ?service_id=). "
-            "404 when none is live (also when it expired a moment ago): register again."
+            "404 when none is live (also when it expired a moment ago): register again. "
+            'An optional JSON body {"status": "failing"|"passing", "reason": "..."} reports '
+            "the service's health: failing stores it draining with metadata "
+            "health='failing: <reason>', passing serves it again."
         ),
     )
-    async def heartbeat(name: PathName, service_id: QueryId = None) -> HeartbeatResult:
-        ids, now_ms = await writer.heartbeat(name, service_id)
+    async def heartbeat(
+        request: Request[Any, Any, Any], name: PathName, service_id: QueryId = None
+    ) -> HeartbeatResult:
+        raw = await request.body()
+        status: HeartbeatStatus | None = None
+        if raw.strip():
+            try:
+                status = msgspec.json.decode(raw, type=HeartbeatStatus)
+            except msgspec.MsgspecError as exc:
+                detail = f"heartbeat body: expected {{'status': 'failing'|'passing'}}: {exc}"
+                raise ValidationException(detail) from None
+        ids, now_ms = await writer.heartbeat(
+            name,
+            service_id,
+            status.status if status is not None else None,
+            status.reason if status is not None else "",
+        )
         return HeartbeatResult(
             service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
         )
@@ -213,15 +252,80 @@ def handlers(ctx: Context) -> list[Any]:
         removed = await writer.deregister(name, service_id)
         return DeregisterResult(service_name=name, removed=removed)
 
+    @post(
+        "/api/v1/services/{name:str}/drain",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 409, 415, 422, 503),
+        security=write_security,
+        summary="Take instances out of rotation (an operator's override)",
+        description=(
+            "Every instance of the service, or only ?service_id=, is stored draining "
+            "whatever its own heartbeats say, until /undrain or ?duration=SECONDS. Who "
+            'and why: a JSON body {"by": ..., "reason": ...} or the headers X-Saga-By '
+            "and X-Saga-Reason."
+        ),
+    )
+    async def drain(
+        request: Request[Any, Any, Any],
+        name: PathName,
+        service_id: QueryId = None,
+        duration: Annotated[
+            float | None,
+            Parameter(
+                required=False,
+                gt=0,
+                le=365 * 86400,
+                description="Seconds until the drain ends (at most a year).",
+            ),
+        ] = None,
+    ) -> DrainResult:
+        by, reason = await _who(request)
+        insts = await operator_drain(
+            writer, name, service_id, by=by, reason=reason, duration=duration
+        )
+        return DrainResult(service_name=name, instances=await ctx.describe(insts))
+
+    @post(
+        "/api/v1/services/{name:str}/undrain",
+        status_code=200,
+        guards=[require_token],
+        responses=_errors(400, 401, 404, 409, 415, 503),
+        security=write_security,
+        summary="End an operator's drain",
+        description="Every instance of the service, or only ?service_id=.",
+    )
+    async def undrain(name: PathName, service_id: QueryId = None) -> DrainResult:
+        insts = await operator_undrain(writer, name, service_id)
+        return DrainResult(service_name=name, instances=await ctx.describe(insts))
+
     @get(
         "/api/v1/services/{name:str}",
         responses=_errors(400, 404),
         summary="Discover one live instance of a service",
-        description="Round-robin over the live, non-draining instances.",
+        description=(
+            "Round-robin (weighted by metadata 'weight') over the live, non-draining "
+            "instances. ?capability= keeps those with it; ?where=key:value (repeatable) "
+            "keeps those whose metadata has every pair; ?prefer=key:value (repeatable) "
+            "picks among those that also have these pairs, and among the rest when none does."
+        ),
     )
-    async def discover(name: PathName) -> ServiceInfo:
-        inst = ctx.choose(name)
+    async def discover(
+        name: PathName,
+        capability: Annotated[
+            str | None, Parameter(required=False, description="Only instances with it.")
+        ] = None,
+        where: QueryPairs = None,
+        prefer: QueryPairs = None,
+    ) -> ServiceInfo:
+        must = _pairs("where", where)
+        wish = _pairs("prefer", prefer)
+        inst = ctx.choose(name, capability, must, wish)
         if inst is None:
+            if capability is not None or must or wish:
+                raise WriteRejected(
+                    "not_found", "not_found", f"no live instance of {name!r} matches the filters"
+                )
             raise not_found(name, None)
         return (await ctx.describe([inst]))[0]
 
@@ -252,7 +356,48 @@ def handlers(ctx: Context) -> list[Any]:
         await _read_revision(ctx)
         return ctx.metrics.render()
 
-    return [register, heartbeat, deregister, discover, list_services, health, metrics]
+    return [
+        register,
+        heartbeat,
+        deregister,
+        drain,
+        undrain,
+        discover,
+        list_services,
+        health,
+        metrics,
+    ]
+
+
+async def _who(request: Request[Any, Any, Any]) -> tuple[str, str]:
+    """Who drains and why: the JSON body, else the X-Saga-By/X-Saga-Reason headers."""
+    raw = await request.body()
+    by = request.headers.get("x-saga-by") or ""
+    reason = request.headers.get("x-saga-reason") or ""
+    if raw.strip():
+        try:
+            body = msgspec.json.decode(raw, type=DrainRequest)
+        except msgspec.MsgspecError as exc:
+            detail = f"drain body: expected {{'by': str, 'reason': str}}: {exc}"
+            raise ValidationException(detail) from None
+        by = body.by if body.by is not None else by
+        reason = body.reason if body.reason is not None else reason
+    return by, reason
+
+
+def _pairs(label: str, raw: list[str] | None) -> dict[str, str] | None:
+    """``key:value`` query values as a dict; a value without ':' is a 400."""
+    if not raw:
+        return None
+    out: dict[str, str] = {}
+    for item in raw:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise ValidationException(
+                f"{label}={item!r}: expected key:value (a metadata key, ':', the value)"
+            )
+        out[key] = value
+    return out
 
 
 async def _read_revision(ctx: Context) -> None:

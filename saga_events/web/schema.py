@@ -86,9 +86,10 @@ class RegisterRequest(msgspec.Struct, kw_only=True):
     ] = model.DEFAULT_TTL_MS / 1000
 
 
-class ServiceInfo(model.InstanceInfo, kw_only=True):
+class ServiceInfo(model.InstanceInfo, kw_only=True, omit_defaults=True):
     """One live instance, in the seed's shape (times are ISO-8601 UTC); its first
-    fields are :class:`model.InstanceInfo`'s, as the client's ServiceInfo's are."""
+    fields are :class:`model.InstanceInfo`'s, as the client's ServiceInfo's are.
+    The ``drained_*`` fields appear only while an operator drains it."""
 
     capabilities: list[str]
     registered_at: str
@@ -96,6 +97,10 @@ class ServiceInfo(model.InstanceInfo, kw_only=True):
     metadata: dict[str, str]
     ttl_seconds: float
     draining: bool
+    # An operator's drain (additions to the seed's shape; absent when none).
+    drained_by: str | None = None
+    drain_reason: str | None = None
+    drained_until: str | None = None
 
     @classmethod
     def of(cls, inst: model.Instance, last_heartbeat_ms: int | None = None) -> ServiceInfo:
@@ -113,7 +118,34 @@ class ServiceInfo(model.InstanceInfo, kw_only=True):
             metadata=dict(inst.metadata),
             ttl_seconds=inst.ttl_ms / 1000,
             draining=inst.draining,
+            drained_by=ov.by if (ov := inst.override) is not None else None,
+            drain_reason=ov.reason if ov is not None else None,
+            drained_until=(
+                model.iso_utc(ov.until_ms) if ov is not None and ov.until_ms is not None else None
+            ),
         )
+
+
+class HeartbeatStatus(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A health report in a heartbeat (for services that are not Python)."""
+
+    status: Literal["failing", "passing"]
+    reason: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+class DrainRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Who drains and why (optional body of a drain; headers X-Saga-By and
+    X-Saga-Reason are the alternative)."""
+
+    by: str | None = None
+    reason: str | None = None
+
+
+class DrainResult(msgspec.Struct, kw_only=True):
+    """The instances a drain or undrain acted on, as they are now."""
+
+    service_name: str
+    instances: list[ServiceInfo]
 
 
 class ServiceList(msgspec.Struct, kw_only=True):

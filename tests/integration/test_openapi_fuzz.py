@@ -67,6 +67,6 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path: object) -> 
     generated = re.search(r"(\d+) generated", output)
     assert generated, output
     assert int(generated.group(1)) >= 100, output  # it really exercised the API
-    # the seven REST operations, the Prometheus SD and the dashboard page (the watch
-    # stream is excluded above: it never ends)
-    assert re.search(r"Tested:\s+9\b", output), output
+    # the nine REST operations (drain and undrain included), the Prometheus SD and the
+    # dashboard page (the watch stream is excluded above: it never ends)
+    assert re.search(r"Tested:\s+11\b", output), output

@@ -48,11 +48,12 @@ def test_registrar_splice_decodes_as_an_instance(
         + model.encode(body)[1:]
     )
     inst = model.decode_instance(spliced)
-    assert model.encode(inst) == spliced
+    assert model.encode_record(inst) == spliced
     assert (inst.incarnation, inst.seq, inst.registered_at_ms) == (inc, seq, reg)
     fields = msgspec.structs.asdict(inst)
     for ordering in ("incarnation", "seq", "registered_at_ms"):
         del fields[ordering]
+    assert fields.pop("override") is None  # only an operator's drain adds one
     assert fields == msgspec.structs.asdict(body)
 
 
@@ -109,3 +110,18 @@ def test_names_reject_key_breaking_characters() -> None:
         assert is_valid_name(good), good
     with pytest.raises(ValueError, match="namespace"):
         Keys("bad ns")
+
+
+def test_an_operator_drained_record_decodes_and_encodes_back_the_same() -> None:
+    """The apply script's splice of an override (its key's JSON plus self_draining)
+    is exactly the encoding of an Instance with that override."""
+    raw = (
+        b'{"incarnation":1,"seq":2,"registered_at_ms":3,"service_name":"a","service_id":"b",'
+        b'"service_url":"http://h:1","capabilities":[],"metadata":{},"ttl_ms":60000,'
+        b'"draining":true,"override":{"by":"al","reason":"r","at_ms":5,"until_ms":null,'
+        b'"self_draining":false}}'
+    )
+    inst = model.decode_instance(raw)
+    assert inst.draining and not inst.self_draining
+    assert inst.override == model.DrainOverride(by="al", reason="r", at_ms=5)
+    assert model.encode_record(inst) == raw

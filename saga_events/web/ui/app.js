@@ -54,6 +54,14 @@
     return cell;
   }
 
+  // "draining (by X: reason)" for an operator's drain; text only (textContent).
+  function stateText(inst) {
+    if (!inst.draining) return "live";
+    if (!inst.drained_by) return "draining";
+    return "draining (by " + inst.drained_by +
+      (inst.drain_reason ? ": " + inst.drain_reason : "") + ")";
+  }
+
   function instanceRow(inst) {
     const row = el(
       "tr",
@@ -65,7 +73,7 @@
         : [el("span", "muted", "—")])),
       metadataCell(inst.metadata),
       el("td", "state", el("span", inst.draining ? "badge warn" : "badge ok",
-        inst.draining ? "draining" : "live")),
+        stateText(inst))),
       el("td", "when", timeText(inst.registered_at)),
     );
     row.dataset.key = inst.service_name + "/" + inst.service_id;

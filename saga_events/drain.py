@@ -1,0 +1,138 @@
+"""Operator drain: take instances out of rotation whatever their heartbeats say.
+
+One job: set and clear the override key of an instance
+(``saga:{ns}:override:<service>:<id>``, see
+:class:`~saga_events.model.DrainOverride`) and re-apply the instance's record
+through the registrar's script, so that the record shows it at once.
+
+Contract:
+
+* :func:`drain` writes the override (JSON ``by``, ``reason``, ``at_ms``,
+  ``until_ms``; a ``duration`` is the key's TTL), then re-applies each
+  target's record with the next seq: the apply script stores it draining with
+  the override inside (rev incremented). From then on every announce of the
+  instance (agent heartbeats, HTTP re-registers) is stored the same way while
+  the key stands, across registrar restarts.
+* :func:`undrain` deletes the key and re-applies the record without it.
+* When the key expires (``duration``), the record keeps the override until the
+  instance's next announce (one heartbeat interval); a leave or a reap deletes
+  the key with the record.
+* Both act on the live instances the writer's view holds (``not_found`` when
+  none) and return once that view shows the change (or after its
+  ``write_timeout``). Bad input (empty ``by``, a duration <= 0) is refused
+  before any write.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Final
+
+import anyio
+import msgspec
+
+from . import model
+from .writer import WRITE_RETRIES, Writer, WriteRejected, _announce_like
+
+MAX_TEXT: Final = 256  # by and reason, characters
+
+
+class _OverrideKey(msgspec.Struct, frozen=True, kw_only=True):
+    by: str
+    reason: str = ""
+    at_ms: int = 0
+    until_ms: int | None = None
+
+
+def _check_text(label: str, value: str) -> str:
+    if len(value) > MAX_TEXT or any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        raise WriteRejected(
+            "invalid", "invalid", f"{label} must be at most {MAX_TEXT} printable characters"
+        )
+    return value
+
+
+async def drain(
+    writer: Writer,
+    name: str,
+    service_id: str | None,
+    *,
+    by: str,
+    reason: str = "",
+    duration: float | None = None,
+) -> list[model.Instance]:
+    """Drain the live instances of ``name`` (or only ``service_id``); return them drained."""
+    by = _check_text("by", by.strip() or "operator")
+    reason = _check_text("reason", reason)
+    if duration is not None and not (0 < duration <= 365 * 86400):
+        raise WriteRejected("invalid", "invalid", "duration must be > 0 seconds and <= a year")
+    targets = writer.targets(name, service_id)
+    now_ms = int(time.time() * 1000)
+    px = round(duration * 1000) if duration is not None else None
+    raw = model.encode(
+        _OverrideKey(
+            by=by, reason=reason, at_ms=now_ms, until_ms=now_ms + px if px is not None else None
+        )
+    )
+    keys = writer.registrar.keys
+    for inst in targets:
+        await writer.redis.set(keys.override(name, inst.service_id), raw, px=px)
+        await _reapply(writer, name, inst.service_id)
+    return await _shown(writer, name, [i.service_id for i in targets], drained=True)
+
+
+async def undrain(writer: Writer, name: str, service_id: str | None) -> list[model.Instance]:
+    """End the operator's drain of the instances of ``name`` (or only ``service_id``)."""
+    targets = writer.targets(name, service_id)
+    keys = writer.registrar.keys
+    for inst in targets:
+        await writer.redis.delete(keys.override(name, inst.service_id))
+        if inst.override is not None:
+            await _reapply(writer, name, inst.service_id)
+    return await _shown(writer, name, [i.service_id for i in targets], drained=False)
+
+
+async def _reapply(writer: Writer, name: str, sid: str) -> None:
+    """Announce the stored record again (its own body, next seq): the script adds
+    or drops the override as its key says."""
+    for attempt in range(WRITE_RETRIES):
+        if attempt:
+            await anyio.sleep(random.uniform(0, 0.002 * attempt))
+        stored, _tomb = await writer._stored(name, sid)
+        if stored is None:
+            return  # left or reaped meanwhile: nothing to drain
+        event = writer.check(
+            _announce_like(stored, model.Heartbeat, stored.incarnation, stored.seq + 1)
+        )
+        result = await writer.registrar.apply(event, after_newest=True)
+        if result.status == "created":  # removed between the read and the apply
+            await writer.registrar.apply(
+                model.Leave(
+                    service_name=name,
+                    service_id=sid,
+                    incarnation=result.incarnation,
+                    seq=result.seq + 1,
+                )
+            )
+            return
+        if result.status != "stale":
+            return
+    raise WriteRejected(
+        "conflict", "conflict", f"instance {name}/{sid} is being changed by another writer; retry"
+    )
+
+
+async def _shown(
+    writer: Writer, name: str, ids: list[str], *, drained: bool
+) -> list[model.Instance]:
+    wanted = set(ids)
+
+    def current() -> list[model.Instance]:
+        return [i for i in writer.view.instances(name) if i.service_id in wanted]
+
+    def done() -> bool:
+        return all((i.override is not None) == drained for i in current())
+
+    await writer._wait_view(done)
+    return current()
