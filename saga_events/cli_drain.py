@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from .cli import _api_failed, _call_api, _not_the_answer, main, saga_url_option, token_option
+from ._cli_base import main
+from ._cli_http import _api_failed, _call_api, _not_the_answer, saga_url_option, token_option
 
 
 def _path(name: str, action: str, query: dict[str, str]) -> str:
