@@ -99,6 +99,9 @@ async def test_backstop_is_long_and_unchanged_heartbeats_do_not_touch_it(
     await r.pexpire(key, 3_700_000)  # as if an hour and a bit had passed
     await quiet.apply(hb(seq=2, ttl_ms=60_000))
     assert 3_600_000 < await r.pttl(key) <= 3_700_000  # more than half left: untouched
+    await r.pexpire(key, 3_500_000)  # less than half of the 2 h backstop left
+    await quiet.apply(hb(seq=3, ttl_ms=60_000))
+    assert await r.pttl(key) > 7_000_000  # refreshed, once: the next is an hour away
 
 
 async def test_leave_tombstone_lives_three_ttls(quiet: Registrar, r: aioredis.Redis) -> None:
