@@ -133,6 +133,15 @@ async def roundtrip(
             reader.feed(data)
 
 
+_MOVED_TAGS: Final = ("READONLY", "MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _moved_on(error: Exception) -> bool:
+    """An error reply saying the data lives elsewhere now (also inside a script's error)."""
+    text = str(error)
+    return any(tag in text for tag in _MOVED_TAGS)
+
+
 class Pipe:
     """One connection of a client's pool, kept for hand-packed pipelines.
 
@@ -156,13 +165,27 @@ class Pipe:
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
                 self._conn = conn
             try:
-                return await roundtrip(conn, packed, replies, getattr(conn, "socket_timeout", None))
+                out = await roundtrip(conn, packed, replies, getattr(conn, "socket_timeout", None))
             except BaseException:
-                self._conn = None
-                with anyio.CancelScope(shield=True):
-                    await conn.disconnect()
-                    await self._client.connection_pool.release(conn)
+                await self._drop(conn)
                 raise
+            if any(isinstance(r, Exception) and _moved_on(r) for r in out):
+                # The node is no longer the registry's master (a failover, a slot
+                # moved): these replies are refusals; the next call resolves the
+                # node again instead of writing to a replica for good. The
+                # resolving connection (topology URLs) would do this on its own
+                # read path, which the hand-packed round trip bypasses.
+                topology = getattr(conn, "_topology", None)
+                if topology is not None:
+                    topology.refresh()
+                await self._drop(conn)
+            return out
+
+    async def _drop(self, conn: aioredis.connection.AbstractConnection) -> None:
+        self._conn = None
+        with anyio.CancelScope(shield=True):
+            await conn.disconnect()
+            await self._client.connection_pool.release(conn)
 
     async def release(self) -> None:
         """Give the connection back to the pool (at shutdown)."""

@@ -88,3 +88,28 @@ async def test_subscription_reads_every_message_in_bulk(redis_url: str, path: st
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+async def test_pipe_drops_its_connection_when_the_node_became_a_replica(path: str) -> None:
+    """A kept connection on a node that turned replica (a failover) is dropped on the
+    first READONLY reply, so the next call resolves the node again: before, the
+    registrar's apply pipeline kept writing to the demoted node for good."""
+    from saga_events.embedded import RedisServer
+
+    with RedisServer() as master, RedisServer() as replica:
+        client = connect(replica.url)
+        pipe = _wire.Pipe(client)
+        try:
+            packed = _wire.pack_command(("EVAL", "return redis.call('SET', KEYS[1], 'x')", 1, "k"))
+            assert (await pipe.execute(packed, 1))[0] == b"OK"
+            kept = pipe._conn
+            assert kept is not None
+            host, port = master.url.split("//")[1].split("/")[0].split(":")
+            await client.execute_command("REPLICAOF", host, port)
+            reply = (await pipe.execute(packed, 1))[0]
+            assert isinstance(reply, ResponseError) and "READONLY" in str(reply)
+            assert pipe._conn is None  # the next call takes a fresh connection
+        finally:
+            await client.execute_command("REPLICAOF", "NO", "ONE")
+            await pipe.release()
+            await client.aclose()
