@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -147,7 +148,13 @@ def test_rest_client_rides_out_a_gateway_outage(saga_registry: SagaTestRegistry)
     ) as saga:
         assert saga.discover_service("ledger").source == "registry"
         saga_registry.stop_http()
+        # The client follows the gateway's watch stream: it answers "stale" once its
+        # follower has seen the stream drop, which a loaded machine may delay a little.
+        deadline = time.monotonic() + 10
         stale = saga.discover_service("ledger")
+        while stale.source != "stale" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stale = saga.discover_service("ledger")
         assert (stale.service_url, stale.source) == ("http://10.0.0.20:80", "stale")
         assert saga.discover_service("audit").source == "fallback"
         with pytest.raises(RegistryUnavailable):
