@@ -60,6 +60,32 @@ class _Resolving:
             await self.disconnect()  # type: ignore[attr-defined]
         await super().connect()  # type: ignore[misc]
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        # A connection held outside the pool (the registrar's apply pipe) is never
+        # checked out again: check it here. Idle since before a refresh, or closed by
+        # its node meanwhile (killed, or demoted), it resolves and connects again
+        # instead of sending into a dead socket: else the first batch after a failover
+        # is lost. A subscription is left alone: it cannot move silently (what was
+        # published meanwhile would be missed); its session checks its node instead.
+        if self.is_connected and not getattr(self, "_connect_callbacks", None):  # type: ignore[attr-defined]
+            if self._closed_by_peer():
+                self._topology.refresh()
+                await self.disconnect()  # type: ignore[attr-defined]
+            elif self._generation != self._topology.generation:
+                await self.disconnect()  # type: ignore[attr-defined]
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def _closed_by_peer(self) -> bool:
+        reader = getattr(self, "_reader", None)
+        writer = getattr(self, "_writer", None)
+        if reader is not None and reader.at_eof():
+            return True
+        return writer is not None and writer.transport.is_closing()
+
+    def node_is_stale(self) -> bool:
+        """True when the topology was refreshed since this connection resolved its node."""
+        return self._generation != self._topology.generation
+
     async def _connect(self) -> None:
         topology = self._topology
         self._generation = topology.generation
