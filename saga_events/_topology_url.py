@@ -244,3 +244,18 @@ def _parse_query(text: str, kind: str, query: str) -> dict[str, str]:
                 raise TopologyError(text, f"query {key}", f"{value!r} is not valid") from None
         opts[key] = value
     return opts
+
+
+def with_read_from(url: str, read_from: str) -> str:
+    """``url`` with its ``read_from`` query option set to ``read_from`` (replacing one
+    already there); the result is checked as :func:`parse_url` checks any URL."""
+    if read_from not in ("master", "replica"):
+        reason = f"{read_from!r} is not 'master' or 'replica'"
+        raise TopologyError(_redact(url), "read_from", reason)
+    base, _, fragment = url.partition("#")
+    base, _, query = base.partition("?")
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "read_from"]
+    pairs.append(("read_from", read_from))
+    out = f"{base}?{urlencode(pairs)}" + (f"#{fragment}" if fragment else "")
+    parse_url(out)
+    return out

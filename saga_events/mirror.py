@@ -43,6 +43,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._lifecycle import RunsInBackground
 from ._redis import RedisLike, connect, db_of
+from ._topology_url import ReadFrom, with_read_from
 from .connection import Timing
 from .errors import ServiceNotFound
 from .keys import Keys
@@ -127,6 +128,8 @@ class Mirror(RunsInBackground):
     ``fallbacks`` maps service names to static URLs that ``pick`` returns when
     no live instance is known (the seed's fallback pattern). ``picker``
     chooses among the live candidates (round-robin by default).
+    ``read_from`` (``"master"`` or ``"replica"``) sets the URL's ``read_from``
+    option (docs/DEPLOYMENT.md); it needs a Sentinel or Cluster URL.
     """
 
     def __init__(
@@ -145,7 +148,12 @@ class Mirror(RunsInBackground):
         picker: Picker | None = None,
         strategy: Strategy = "round_robin",
         clock: Clock | None = None,
+        read_from: ReadFrom | None = None,
     ) -> None:
+        if read_from is not None:
+            if not isinstance(redis, str):
+                raise TypeError("read_from= needs a URL, not a client")
+            redis = with_read_from(redis, read_from)
         self._redis = connect(redis)
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace, db_of(self._redis))

@@ -181,3 +181,24 @@ async def test_one_node_topology_is_that_node() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_mirror_read_from_keyword_sets_the_url_option() -> None:
+    """Mirror(url, read_from=...) is the URL's ``read_from`` option (replacing one given
+    there); a bad value or a one-node URL is refused with the part at fault."""
+    from saga_events import Mirror
+    from saga_events._topology_url import with_read_from
+
+    url = "redis+sentinel://a:1,b:2/m?sentinel_password=p%26w&read_from=master"
+    out = with_read_from(url, "replica")
+    parsed = parse_url(out)
+    assert parsed.read_from == "replica" and parsed.hosts == parse_url(url).hosts
+    assert parsed.sentinel_password == "p&w"
+    with pytest.raises(TopologyError) as info:
+        Mirror(url, read_from="nearest")  # type: ignore[arg-type]
+    assert info.value.part == "read_from" and "p%26w" not in str(info.value)
+    with pytest.raises(TopologyError) as info:
+        Mirror("redis://h:1/0", read_from="replica")
+    assert info.value.part == "query read_from"
+    with pytest.raises(TypeError, match="needs a URL"):
+        Mirror(object(), read_from="replica")  # type: ignore[arg-type]
