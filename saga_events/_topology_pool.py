@@ -151,3 +151,11 @@ def open_resolving_client(
         **node,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def topology_of(client: aioredis.Redis) -> Topology | None:
+    """The Topology a client from :func:`open_resolving_client` follows (None otherwise)."""
+    found = client.connection_pool.connection_kwargs.get("saga_topology")
+    from .topology import Topology
+
+    return found if isinstance(found, Topology) else None

@@ -9,7 +9,8 @@ redis.conf), and :func:`apply_setup` is that bootstrap.
 :class:`NotificationCheck` is what a registrar runs every few seconds:
 
 * when its user may ``CONFIG`` (and ``manage`` is on), it merges the flags in,
-  keeping every other flag, as before;
+  keeping every other flag, as before; on a Sentinel URL also on every
+  replica the Sentinels list (:func:`ensure_flags_on_replicas`);
 * otherwise it *probes*: it writes a probe key ``saga:{ns}:probe:<rid>`` with a
   1 ms expiry, reads it back once expired, and listens on that key's keyspace
   channel (which only the registrar role may subscribe to, so mirrors never
@@ -34,9 +35,10 @@ from typing import Any, Final
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
-from ._redis import close_quietly, db_of
+from ._redis import TRANSIENT, close_quietly, db_of
+from ._topology_pool import topology_of
 from .errors import NotificationConfigError
 from .keys import Keys
 
@@ -132,6 +134,29 @@ async def ensure_flags(redis: aioredis.Redis) -> bool:
     return True
 
 
+async def ensure_flags_on_replicas(redis: aioredis.Redis) -> int:
+    """Sentinel URL: merge the flags into every replica the Sentinels list (mirrors
+    with ``read_from=replica`` read there, and a replica is the next master: CONFIG is
+    not replicated); return how many changed. Best effort: a replica that is down or
+    refuses is logged and skipped (``doctor`` names it). Other URLs: nothing to do."""
+    topology = topology_of(redis)
+    if topology is None:
+        return 0
+    changed = 0
+    try:
+        replicas = await topology.replica_addresses()
+    except (*TRANSIENT, RedisError) as exc:
+        log.debug("cannot list the replicas (%s)", exc)
+        return 0
+    for host, port in replicas:
+        try:
+            async with topology.node_client((host, port)) as replica:
+                changed += await ensure_flags(replica)
+        except (*TRANSIENT, RedisError, NotificationConfigError) as exc:
+            log.warning("cannot set %s on replica %s:%d (%s)", NOTIFY_SETTING, host, port, exc)
+    return changed
+
+
 async def probe(redis: aioredis.Redis, keys: Keys, rid: str, within: float = 5.0) -> str:
     """Return the required flags a probe shows missing ('' when notifications flow).
 
@@ -221,6 +246,7 @@ class NotificationCheck:
             else:
                 self.may_config = True
                 self._set(True, "")
+                await ensure_flags_on_replicas(redis)
                 return changed or was_ok is False
         try:
             missing = await probe(redis, self.keys, self.rid, self.probe_timeout)

@@ -369,6 +369,12 @@ class Registrar(RunsInBackground):
     async def _reap_loop(self) -> None:
         backoff = Backoff()
         while True:
+            if not self.subscribed:
+                # No intake, no heartbeats (a failover): reaping now would remove
+                # live instances. The mark ages meanwhile: the first reap after the
+                # resubscription is a stall, which grants grace (lua/reap.lua).
+                await anyio.sleep(self.reap_interval)
+                continue
             try:
                 await self.reap()
                 backoff.reset()

@@ -182,6 +182,31 @@ class Topology:
                                 "registry_node(namespace, role='replica')")  # fmt: skip
         return self._client(await self.address(role="replica"), readonly=False)
 
+    async def replica_addresses(self) -> list[Address]:
+        """Sentinel: every replica the Sentinels list as up (linked or still syncing), for
+        what must be set on each node (CONFIG is not replicated); empty for other
+        topologies or when no Sentinel answers. Not cached."""
+        if self.url.kind != "sentinel":
+            return []
+        for sentinel in self.url.hosts:
+            try:
+                replies = await self._ask(sentinel, "SENTINEL", "REPLICAS", self.url.master_name,
+                                          sentinel=True)  # fmt: skip
+            except (*TRANSIENT, RedisError):
+                continue
+            found: list[Address] = []
+            for info in map(_as_dict, replies):
+                flags = set(str(info.get("flags", "")).split(","))
+                if not flags & {"s_down", "o_down", "disconnected"}:
+                    found.append((str(info["ip"]), int(info["port"])))
+            return found
+        return []
+
+    def node_client(self, address: Address) -> aioredis.Redis:
+        """A new client on one node of this topology (its credentials and options); the
+        caller closes it (``async with``)."""
+        return self._new_client(address, readonly=False)
+
     async def registry_node(
         self, namespace: str = "default", *, role: ReadFrom = "master"
     ) -> aioredis.Redis:
@@ -301,10 +326,7 @@ class Topology:
                                           sentinel=True)  # fmt: skip
             except (*TRANSIENT, RedisError):
                 continue
-            for reply in replies:
-                info = (
-                    reply if isinstance(reply, dict) else dict(zip(*[iter(reply)] * 2, strict=True))
-                )
+            for info in map(_as_dict, replies):
                 flags = set(str(info.get("flags", "")).split(","))
                 if flags & {"s_down", "o_down", "disconnected"}:
                     continue
@@ -352,6 +374,11 @@ class Topology:
         for node in nodes:
             if node not in self._known:
                 self._known.append(node)
+
+
+def _as_dict(reply: Any) -> dict[str, Any]:
+    """One entry of SENTINEL REPLICAS (a dict in RESP3, a flat list in RESP2)."""
+    return reply if isinstance(reply, dict) else dict(zip(*[iter(reply)] * 2, strict=True))
 
 
 async def _readonly_on_connect(connection: Any) -> None:

@@ -9,7 +9,7 @@
 -- KEYS[7] graced     saga:{ns}:graced   (zset record key -> deadline granted by a stall)
 -- ARGV[1] limit       at most this many reaps per call
 -- ARGV[2] stall_ms    a gap since the last reap longer than this is a stall
--- ARGV[3] grace_ms    the deadline a stall grants to an overdue instance
+-- ARGV[3] grace_ms    the deadline a stall grants to an instance due before it
 -- ARGV[4] tomb_ttl_ms the least tombstone life; it lives max(ARGV[4], 3 x ttl)
 -- ARGV[5] inst prefix saga:{ns}:inst:   ARGV[6] tomb prefix saga:{ns}:tomb:
 -- ARGV[7] override prefix saga:{ns}:override: (optional): a reaped instance's
@@ -23,10 +23,11 @@
 -- goes to its tombstone, so nothing older than what was reaped recreates it;
 -- an agent that was alive but late comes back with its next, newer event.
 -- Stalls: a gap since the last reap by any registrar (Redis paused, no
--- registrar running) means heartbeats sent meanwhile have not landed yet, so
--- an overdue instance gets grace_ms to heartbeat instead of being reaped with
--- the dead; but only once per stall and instance: one whose deadline is still
--- the one a stall granted (no heartbeat since) is reaped at the next stall.
+-- registrar running, a Sentinel failover) means heartbeats sent meanwhile have
+-- not landed yet, so an instance overdue or due within grace_ms gets grace_ms
+-- to heartbeat instead of being reaped with the dead; but only once per stall
+-- and instance: one whose deadline is still the one a stall granted (no
+-- heartbeat since) is reaped at the next stall.
 -- Out of memory: the freeing writes (DEL, SREM, ZREM, HDEL) come first; the
 -- tombstone, the counters and the mark are written after them or by pcall.
 local t = redis.call('TIME')
@@ -35,8 +36,10 @@ local nows = string.format('%.0f', now)
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
 if last > 0 and now - last > tonumber(ARGV[2]) then
   redis.pcall('SET', KEYS[4], nows, 'PX', 86400000)
-  local overdue = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')
   local grace = now + tonumber(ARGV[3])
+  -- Not only the overdue: an instance due within the grace could not heartbeat
+  -- either while nobody applied its events (a failover outlasting a ttl).
+  local overdue = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', grace, 'WITHSCORES')
   local args, graced = {}, {}
   for i = 1, #overdue, 2 do
     local k, d = overdue[i], overdue[i + 1]

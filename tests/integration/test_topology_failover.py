@@ -13,14 +13,19 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from saga_events import Agent, Mirror, Registrar
+from saga_events import Agent, Mirror, Registrar, scripts
+from saga_events._redis import connect
+from saga_events.embedded import RedisServer
 from saga_events.embedded_topology import SentinelGroup, client
+from saga_events.keys import Keys
 from saga_events.mirror import Removed
+from saga_events.notify import flags_cover
 from saga_events.testing import eventually
 
 pytestmark = pytest.mark.anyio
 
 FLAGS = "Kg$xe"
+TTLS = (1.5, 2.0, 2.5, 2.5, 3.0, 3.0, 3.5, 3.5, 4.0, 4.0, 5.0, 6.0)
 
 
 @pytest.fixture
@@ -104,9 +109,12 @@ async def test_sessions_leave_a_master_demoted_under_them(group: SentinelGroup) 
 async def test_a_failover_longer_than_the_ttl_drops_no_live_instance(
     group: SentinelGroup,
 ) -> None:
-    """Agents with a 1.5 s ttl (heartbeats every 0.5 s) through a kill -9 of the master
-    whose failover takes longer than that ttl: once every agent's heartbeats land on the
-    promoted node again, no mirror has seen a single Removed."""
+    """Agents with ttls from 1.5 to 5 s (heartbeats every ttl/3) through a kill -9 of the
+    master, whose failover (down-after 1 s, election, the parts' reconnects) outlasts
+    some of them and ends within the ttl of others: once every agent's heartbeats land on
+    the promoted node again, no mirror has seen a single Removed. Before the fix, the
+    instances whose deadline fell between the reaper's first run on the promoted node
+    and the intake's resubscription there were reaped (their heartbeats could not land)."""
     _flags_everywhere(group)
     url = group.url
     removed: list[str] = []
@@ -117,12 +125,12 @@ async def test_a_failover_longer_than_the_ttl_drops_no_live_instance(
         ]
         agents = [
             await stack.enter_async_context(
-                Agent(url, "live", f"http://10.0.3.{i}:80", service_id=f"l{i}", ttl=1.5)
+                Agent(url, "live", f"http://10.0.3.{i}:80", service_id=f"l{i}", ttl=ttl)
             )
-            for i in range(6)
+            for i, ttl in enumerate(TTLS)
         ]
         for mirror in mirrors:
-            await mirror.wait_until(lambda m: len(m.instances("live")) == 6, timeout=25)
+            await mirror.wait_until(lambda m: len(m.instances("live")) == len(TTLS), timeout=25)
         async with anyio.create_task_group() as tg:
             for mirror in mirrors:
                 tg.start_soon(_collect_removed, mirror, removed)
@@ -141,7 +149,7 @@ async def test_a_failover_longer_than_the_ttl_drops_no_live_instance(
             tg.cancel_scope.cancel()
         assert removed == [], removed
         for mirror in mirrors:
-            assert len(mirror.instances("live")) == 6
+            assert len(mirror.instances("live")) == len(TTLS)
 
 
 async def _collect_removed(mirror: Mirror, removed: list[str]) -> None:
@@ -149,3 +157,55 @@ async def _collect_removed(mirror: Mirror, removed: list[str]) -> None:
         async for change in changes:
             if isinstance(change, Removed):
                 removed.append(change.instance.service_id)
+
+
+async def test_a_stall_grants_grace_to_instances_due_within_it(redis_url: str) -> None:
+    """The reaper's stall rule on its own (one node): after a gap since the last reap (a
+    failover: the intake was down, heartbeats could not land), an instance due in 0.5 s,
+    not yet overdue, gets the grace too; before the fix only the overdue ones did, and
+    this one was reaped half a second later although its agent was alive."""
+    k = Keys("default")
+    redis = connect(redis_url)
+    try:
+        runner = scripts.Scripts(redis)
+        sec, usec = await redis.time()
+        now = sec * 1000 + usec // 1000
+        soon, overdue = k.inst("svc", "soon"), k.inst("svc", "overdue")
+        await redis.zadd(k.deadlines, {soon: now + 500, overdue: now - 100})
+        await redis.set(scripts.reaper_mark_key(k), now - 5_000)  # the last reap: 5 s ago
+        keys, args = scripts.reap_call(k, 1000, 1_000, 10_000, 600_000)
+        assert await runner.call(scripts.REAP, keys, args) == []
+        for key in (soon, overdue):
+            score = await redis.zscore(k.deadlines, key)
+            assert score is not None and score >= now + 10_000, (key, score, now)
+    finally:
+        await redis.aclose()
+
+
+def _flags_of(node: RedisServer) -> str:
+    with client(node) as c:
+        return str(c.config_get("notify-keyspace-events")["notify-keyspace-events"])
+
+
+@pytest.mark.timeout(180)
+async def test_the_registrar_sets_the_flags_on_every_node(group: SentinelGroup) -> None:
+    """CONFIG is not replicated: the registrar sets the notification flags on the master
+    and on every replica at start, on the promoted node as soon as it follows a failover,
+    and on the old master once it is back as a replica (it comes back without them)."""
+    for node in group.nodes:
+        with client(node) as c:
+            c.config_set("notify-keyspace-events", "")
+    url = group.url
+    async with Registrar(url, rebuild_wait=0.2, own_view=False, config_check_interval=0.5):
+        for node in group.nodes:
+            await eventually(lambda n=node: flags_cover(_flags_of(n)), 20,
+                             what=f"flags on {node.port}")  # fmt: skip
+        old = await anyio.to_thread.run_sync(group.kill_master)
+        new = await anyio.to_thread.run_sync(group.wait_promoted, old)
+        await eventually(lambda: flags_cover(_flags_of(new)), 30, what="flags on the promoted")
+        await anyio.to_thread.run_sync(old.start)
+        assert not flags_cover(_flags_of(old))
+        await anyio.to_thread.run_sync(group.wait_settled)
+        for node in group.nodes:
+            await eventually(lambda n=node: flags_cover(_flags_of(n)), 30,
+                             what=f"flags on {node.port} after the failover")  # fmt: skip
