@@ -5,8 +5,9 @@ Sentinels), (1) the master's CPU per registry change with M mirrors subscribed o
 master, then with the same M mirrors on ``?read_from=replica`` (spread over the two
 replicas), (2) register -> visible p50/p99 in each case, and (3) failovers: kill -9 of
 the master -> first write accepted -> a new registration in every mirror, over repeats.
-CONFIG is not replicated and the registrar sets the notification flags on the master
-only, so the setup sets them on every node (and again on a node that comes back).
+CONFIG is not replicated: the registrar sets the notification flags on every node
+within its config check interval (5 s); the setup sets them itself on every node (and
+again on a node that comes back), so that the figures do not include that interval.
 
     python bench/fanout_replicas.py --quick        # M=10, < 2 min
     python bench/fanout_replicas.py                # M=50, the figure

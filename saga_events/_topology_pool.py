@@ -51,6 +51,7 @@ class _Resolving:
         self._target = saga_target
         self._role: Any = saga_topology.url.read_from
         self._generation = -1
+        self._confirmed = -1
         super().__init__(**kwargs)
 
     async def connect(self) -> None:
@@ -82,9 +83,33 @@ class _Resolving:
             return True
         return writer is not None and writer.transport.is_closing()
 
-    def node_is_stale(self) -> bool:
-        """True when the topology was refreshed since this connection resolved its node."""
-        return self._generation != self._topology.generation
+    async def confirm_role(self) -> None:
+        """Sentinel, master role: ask the node this connection is on for its ROLE and
+        raise a ConnectionError (after a refresh) when it is no longer the master. A
+        subscription calls it after connecting and after each refresh of the topology:
+        Redis closes a demoted master's connections in the versions tested, but
+        PUBLISH counts only the master's own subscribers, so one left on a replica
+        would listen to nothing for good."""
+        topology = self._topology
+        self._confirmed = topology.generation
+        if topology.url.kind != "sentinel" or self._role != "master":
+            return
+        try:
+            role = await topology._role((self.host, self.port))
+        except TRANSIENT:
+            topology.refresh()
+            raise
+        if not role or role[0] != "master":
+            topology.refresh()
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise RedisConnectionError(
+                f"{self.host}:{self.port} is a {role[0] if role else '?'} now, not the master; "
+                "resolving again"
+            )
+
+    def needs_confirmation(self) -> bool:
+        """True when the topology was refreshed since :meth:`confirm_role` last ran."""
+        return self._confirmed != self._topology.generation
 
     async def _connect(self) -> None:
         topology = self._topology

@@ -16,7 +16,10 @@ Contract:
   channel, data]``; PONGs are dropped) and keeps the session healthy: it
   PINGs after ``ping_interval`` of quiet and raises :class:`TimeoutError`
   after ``ping_timeout`` of silence (a half-open socket, a Redis that
-  restarted and forgot the subscription).
+  restarted and forgot the subscription). On a Sentinel URL a session also
+  checks that its node answers ROLE master, after subscribing and after each
+  refresh of the topology (a fault seen by another connection), and fails
+  (ConnectionError) when it was demoted, so the loop moves and resyncs.
 * :func:`consume` is the whole loop for a plain consumer (the registrar's
   event intake, the agent's control channel): subscribe, ``on_connect(sub)``
   (resync, re-announce), then ``on_batch(batch)`` for every non-empty batch,
@@ -152,9 +155,22 @@ class Subscription:
                 if len(out) > limit:
                     raise TimeoutError(f"barrier: over {limit} messages before the PONG")
 
+    async def confirm_node(self) -> None:
+        """Topology URLs (Sentinel): raise ConnectionError when the node this session
+        is subscribed on is no longer the master (see ``_topology_pool``); no-op else."""
+        conn = self.pubsub.connection
+        confirm = getattr(conn, "confirm_role", None)
+        if confirm is not None:
+            await confirm()
+
     async def check_health(self, now: float | None = None) -> None:
-        """Raise TimeoutError on a silent subscription; PING it when quiet."""
+        """Raise TimeoutError on a silent subscription; PING it when quiet; after a
+        refresh of its topology (an error elsewhere), check that its node is still the
+        master."""
         now = anyio.current_time() if now is None else now
+        stale = getattr(self.pubsub.connection, "needs_confirmation", None)
+        if stale is not None and stale():
+            await self.confirm_node()
         t = self.timing
         if now - self.last_rx > t.ping_timeout:
             raise TimeoutError(f"subscription silent for {now - self.last_rx:.1f} s")
@@ -191,6 +207,7 @@ async def subscribe(
                 elif isinstance(reply, list):
                     sub.pending.append(reply)
         sub.last_rx = anyio.current_time()
+        await sub.confirm_node()
         yield sub
     finally:
         await close_quietly(pubsub)

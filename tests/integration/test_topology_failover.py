@@ -12,9 +12,11 @@ from collections.abc import Iterator
 import anyio
 import anyio.to_thread
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from saga_events import Agent, Mirror, Registrar, scripts
+from saga_events import Agent, Mirror, Registrar, connection, scripts
 from saga_events._redis import connect
+from saga_events._topology_pool import topology_of
 from saga_events.embedded import RedisServer
 from saga_events.embedded_topology import SentinelGroup, client
 from saga_events.keys import Keys
@@ -209,3 +211,30 @@ async def test_the_registrar_sets_the_flags_on_every_node(group: SentinelGroup) 
         for node in group.nodes:
             await eventually(lambda n=node: flags_cover(_flags_of(n)), 30,
                              what=f"flags on {node.port} after the failover")  # fmt: skip
+
+
+async def test_a_subscription_refuses_a_node_that_is_no_longer_the_master(
+    group: SentinelGroup,
+) -> None:
+    """A session resolved to a node that is a replica now (a stale cached answer: the
+    node was demoted after it was resolved) does not stay subscribed there, where
+    PUBLISH to the master never reaches it: subscribing fails with a ConnectionError that
+    says so, after a refresh, and the next attempt lands on the master."""
+    redis = connect(group.url)
+    try:
+        topology = topology_of(redis)
+        assert topology is not None
+        master = await topology.address()
+        replica = next(n for n in group.nodes if n.port != master[1])
+        topology._cache[("", "master")] = (replica.host, replica.port)  # the stale answer
+        generation = topology.generation
+        with pytest.raises(RedisConnectionError, match="not the master"):
+            async with connection.subscribe(redis, channels=("c",)):
+                pass
+        assert topology.generation > generation
+        async with connection.subscribe(redis, channels=("c",)) as sub:
+            assert sub.pubsub.connection is not None
+            assert sub.pubsub.connection.port == master[1]
+            assert await redis.publish("c", b"x") == 1
+    finally:
+        await redis.aclose()
