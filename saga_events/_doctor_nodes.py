@@ -23,8 +23,10 @@ from .doctor import MIN_VERSION, Finding
 from .notify import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover
 from .topology import _parse_cluster_nodes, slot_of
 
-_FIX_FLAGS = (f"CONFIG SET {NOTIFY_SETTING} {REQUIRED_FLAGS} on this node (CONFIG is not "
-              "replicated; a registrar sets it on the master only)")  # fmt: skip
+_FIX_FLAGS = (f"CONFIG SET {NOTIFY_SETTING} {REQUIRED_FLAGS} on this node, or in its "
+              "redis.conf (CONFIG is not replicated; a registrar with CONFIG rights sets it "
+              "on a Sentinel master and its replicas every 5 s, on a Cluster on the slot's "
+              "owner only)")  # fmt: skip
 
 
 async def _ask(url: str, *command: Any) -> Any:

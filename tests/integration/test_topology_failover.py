@@ -18,7 +18,7 @@ from saga_events import Agent, Mirror, Registrar, connection, scripts
 from saga_events._redis import connect
 from saga_events._topology_pool import topology_of
 from saga_events.embedded import RedisServer
-from saga_events.embedded_topology import SentinelGroup, client
+from saga_events.embedded_topology import SentinelGroup, client, info
 from saga_events.keys import Keys
 from saga_events.mirror import Removed
 from saga_events.notify import flags_cover
@@ -224,8 +224,14 @@ async def test_a_subscription_refuses_a_node_that_is_no_longer_the_master(
     try:
         topology = topology_of(redis)
         assert topology is not None
+        # Settled, and a node that answers ROLE slave now (a loaded machine may have
+        # failed over at start: the old master answers master until it is demoted).
+        await anyio.to_thread.run_sync(group.wait_settled)
         master = await topology.address()
-        replica = next(n for n in group.nodes if n.port != master[1])
+        replica = next(
+            n for n in group.nodes
+            if n.port != master[1] and info(n, "replication")["role"] == "slave"
+        )  # fmt: skip
         topology._cache[("", "master")] = (replica.host, replica.port)  # the stale answer
         generation = topology.generation
         with pytest.raises(RedisConnectionError, match="not the master"):
