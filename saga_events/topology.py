@@ -26,6 +26,9 @@ Contract of :class:`Topology`:
 - ``replica()`` / ``registry_node(ns, role="replica")`` is a replica linked to
   that master or owner, chosen at random so that readers spread; when no
   replica is healthy the master is returned (readers keep working).
+- ``replica_addresses()`` (Sentinel) lists every replica the Sentinels see up,
+  for settings each node needs (CONFIG is not replicated); ``node_client()``
+  is a new client on one of them that the caller closes.
 - Answers are cached until :meth:`Topology.refresh` (no I/O: the next call
   asks the topology again; ``generation`` counts refreshes). A part calls it
   after a connection error, READONLY, MOVED, ASK, TRYAGAIN or CLUSTERDOWN.
