@@ -16,7 +16,9 @@ Contract:
   channel, data]``; PONGs are dropped) and keeps the session healthy: it
   PINGs after ``ping_interval`` of quiet and raises :class:`TimeoutError`
   after ``ping_timeout`` of silence (a half-open socket, a Redis that
-  restarted and forgot the subscription).
+  restarted and forgot the subscription). On a Cluster it also raises
+  ConnectionError once its node no longer serves the registry's slot (a
+  failover or a migration: ``_topology_pool.check_node``).
 * :func:`consume` is the whole loop for a plain consumer (the registrar's
   event intake, the agent's control channel): subscribe, ``on_connect(sub)``
   (resync, re-announce), then ``on_batch(batch)`` for every non-empty batch,
@@ -42,7 +44,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from . import _wire
+from . import _topology_pool, _wire
 from ._redis import TRANSIENT, Backoff, RedisLike, close_quietly, connect
 
 log = logging.getLogger("saga_events.connection")
@@ -153,7 +155,9 @@ class Subscription:
                     raise TimeoutError(f"barrier: over {limit} messages before the PONG")
 
     async def check_health(self, now: float | None = None) -> None:
-        """Raise TimeoutError on a silent subscription; PING it when quiet."""
+        """Raise TimeoutError on a silent subscription; PING it when quiet. On a Cluster,
+        raise ConnectionError once its node no longer serves the registry's slot."""
+        await _topology_pool.check_node(self.pubsub.connection)
         now = anyio.current_time() if now is None else now
         t = self.timing
         if now - self.last_rx > t.ping_timeout:

@@ -146,7 +146,7 @@ class Mirror(RunsInBackground):
         strategy: Strategy = "round_robin",
         clock: Clock | None = None,
     ) -> None:
-        self._redis = connect(redis)
+        self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace, db_of(self._redis))
         self.fallbacks: dict[str, str] = dict(fallbacks or {})
