@@ -371,8 +371,15 @@ class Topology:
         return await self._pick_replica(list(view.replicas), view.owner)
 
     async def _cluster_view(self, slot: int) -> _ClusterView:
-        """The slot owner's own CLUSTER NODES (asked of the seeds and nodes seen, in turn)."""
+        """The slot owner's own CLUSTER NODES (asked of the seeds and nodes seen, in turn).
+
+        A node's claim to own the slot counts once another node names it too: a primary
+        restarted after its replica was promoted claims its old slots from its
+        nodes.conf until the bus tells it otherwise. An unconfirmed claim is used only
+        when no reachable node names another owner (a one-node Cluster)."""
         problems: list[str] = []
+        named: set[Address] = set()  # owners named by a node other than themselves
+        claims: dict[Address, _ClusterView] = {}
         for seed in list(self._known):
             address: Address | None = seed
             for _ in range(_HOPS):
@@ -388,9 +395,21 @@ class Topology:
                 if view.owner is None:
                     problems.append(f"node {address[0]}:{address[1]} knows no owner of slot {slot}")
                     break
-                if view.owner == view.myself:  # the owner's own table is the one that counts
+                if view.owner != view.myself:
+                    named.add(view.owner)
+                    if view.owner in claims:
+                        return claims[view.owner]
+                    address = view.owner
+                    continue
+                # The owner's own table is the one that counts, once another node agrees.
+                if view.owner in named:
                     return view
-                address = view.owner
+                claims[view.owner] = view
+                problems.append(f"node {address[0]}:{address[1]} claims slot {slot} alone")
+                break
+        unopposed = [view for owner, view in claims.items() if not named - {owner}]
+        if unopposed:
+            return unopposed[0]
         raise TopologyUnavailable(self.url.text, "host list", "; ".join(problems[-4:]))
 
     def _learn(self, nodes: Iterable[Address]) -> None:
