@@ -17,14 +17,14 @@ import pytest
 
 from saga_events.testing.chaos import ChaosConfig, run_chaos
 
-# Not in the default run yet (marker failover_soak, `pytest -m failover_soak`): seed
-# 20261130 gives 4 primary kills, all converged (kill -> new registration in every mirror
-# median 3.70 s, worst 5.54 s), but one "mirror 0 dropped live instance" during a kill,
-# the gap the Sentinel suite has too (docs/DEPLOYMENT.md, Known gaps).
-pytestmark = [pytest.mark.anyio, pytest.mark.failover_soak]
+pytestmark = pytest.mark.anyio
 
 SEED = int(os.environ.get("SAGA_CHAOS_SEED", "20261130"))
-TTL = 10.0  # longer than a primary kill takes to heal (node timeout 1 s + election)
+# Longer than a primary kill takes to heal (node timeout 1 s + election, ~2.5 s, twice in a
+# row at worst): with the one-node suite's 3 s, heartbeats that could not land during
+# back-to-back kills let the reaper drop live instances (the gap docs/DEPLOYMENT.md names
+# for Sentinel; seen here with `--topology cluster`, whose CLI default TTL is 3 s).
+TTL = 10.0
 
 
 def cluster_config(duration: float, faults: tuple[str, ...]) -> ChaosConfig:
@@ -57,6 +57,7 @@ async def test_registry_stays_right_through_cluster_faults(
     await check(cluster_config(25, ("cluster_primary_kill",)), capsys)
 
 
+@pytest.mark.failover_soak
 @pytest.mark.timeout(600)
 async def test_registry_stays_right_through_many_cluster_faults(
     capsys: pytest.CaptureFixture[str],
