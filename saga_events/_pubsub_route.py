@@ -28,7 +28,12 @@ Contract:
   Verified on Debian's redis-server 7.0.15: ``SPUBLISH`` inside ``EVAL`` on
   the owner reaches ``SSUBSCRIBE``\\s on the owner and on its replica (the
   count is the owner's own); a channel of another slot is dropped silently
-  (count 0, no error), hence the channel in ``KEYS``.
+  (count 0, no error), hence the channel in ``KEYS``. When the slot migrates
+  away, Redis 7 sends every ``SSUBSCRIBE``\r of it (owner and replicas) a
+  ``sunsubscribe`` reply with count 0: a feed subscriber treats that as a lost
+  connection and subscribes again on the new owner. A subscriber also needs
+  ``b"ssubscribe"`` among its confirmations and gets ``[b"smessage", channel,
+  data]`` messages.
 """
 
 from __future__ import annotations
