@@ -6,12 +6,24 @@ when it is next checked out. A reply that says the node is no longer the right o
 (READONLY on a master, MOVED, ASK, TRYAGAIN, CLUSTERDOWN) or a broken
 connection refreshes the Topology, drops the connection and surfaces as a
 ConnectionError: the caller's reconnect loop then lands on the new node.
+
+A subscribed connection sends no commands that could be answered MOVED, so
+:func:`check_node` (called by a subscription's health check) asks the
+Topology whether its node still serves the target: at once when the Topology
+was refreshed since the connection was made (a MOVED or a broken connection
+elsewhere in the process, an unconfirmed PUBLISH), and every
+``VERIFY_INTERVAL`` s otherwise (one ``CLUSTER NODES`` on a short-lived
+connection). A node that no longer serves it (a primary demoted after a
+failover, a slot migrated away) ends the connection: the session subscribes
+again on the right node and resyncs. Cluster only; a Sentinel master's demotion
+is seen by its ROLE.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, parse_url
@@ -30,6 +42,10 @@ if TYPE_CHECKING:
     from .topology import Topology
 
 _MOVED = (ReadOnlyError, MovedError, AskError, TryAgainError, ClusterDownError)
+
+#: Seconds between two checks, with the cache ignored, that a subscribed node still
+#: serves its slot (a migration elsewhere may go unnoticed by a part that only listens).
+VERIFY_INTERVAL: Final = 10.0
 
 
 @dataclass(slots=True)
@@ -52,6 +68,7 @@ class _Resolving:
         self._role: Any = saga_topology.url.read_from
         self._generation = -1
         self._confirmed = -1
+        self._verified = time.monotonic()
         super().__init__(**kwargs)
 
     async def connect(self) -> None:
@@ -125,8 +142,40 @@ class _Resolving:
             topology.refresh()
             raise
 
-    async def on_connect(self) -> None:
+    async def check_node(self) -> None:
+        """Raise ConnectionError (and disconnect) if the node no longer serves the target."""
+        topology, slot = self._topology, self._target.slot
+        if topology.url.kind != "cluster" or slot is None or not self.is_connected:  # type: ignore[attr-defined]
+            return
+        now = time.monotonic()
+        if self._generation == topology.generation:
+            if now - self._verified < VERIFY_INTERVAL:
+                return
+            self._verified = now
+            if await topology.verify(slot):
+                return
+        self._generation = topology.generation
+        if await topology.serves(slot, (self.host, self.port), self._role):
+            return
+        await self.disconnect()  # type: ignore[attr-defined]
+        raise RedisConnectionError(
+            f"{self.host}:{self.port} no longer serves the registry's slot {slot}; "
+            "subscribing again on its owner"
+        )
+
+    async def on_connect(self) -> None:  # redis-py 5 and 6 call this on connect
         await super().on_connect()  # type: ignore[misc]
+        if not hasattr(super(), "on_connect_check_health"):
+            await self._readonly()
+
+    async def on_connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        # redis-py 7+ calls this, not on_connect(), from connect(): a replica read
+        # without READONLY is answered MOVED on a Cluster.
+        await super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        await self._readonly()
+
+    async def _readonly(self) -> None:
+        """Cluster replicas serve reads only after READONLY (per connection)."""
         if self._topology.url.kind == "cluster" and self._role == "replica":
             await self.send_command("READONLY")  # type: ignore[attr-defined]
             await super().read_response()  # type: ignore[misc]
@@ -145,6 +194,12 @@ class _Resolving:
         except TRANSIENT:
             self._topology.refresh()
             raise
+
+
+async def check_node(connection: object) -> None:
+    """:meth:`_Resolving.check_node` for a connection that resolves; nothing for others."""
+    if isinstance(connection, _Resolving):
+        await connection.check_node()
 
 
 class ResolvingConnection(_Resolving, Connection):

@@ -19,8 +19,15 @@ from typing import Any, Final, cast
 import anyio
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 try:  # what the connection's reader returns while a reply is incomplete
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
@@ -134,10 +141,16 @@ async def roundtrip(
 
 
 _MOVED_TAGS: Final = ("READONLY", "MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+_MOVED_CLASSES: Final = (ReadOnlyError, MovedError, AskError, TryAgainError, ClusterDownError)
 
 
 def _moved_on(error: Exception) -> bool:
-    """An error reply saying the data lives elsewhere now (also inside a script's error)."""
+    """An error reply saying the data lives elsewhere now (also inside a script's error).
+
+    The connection's parser may have made it a MovedError/AskError already, whose text
+    has lost the tag ("5718 127.0.0.1:7001"): the class counts too."""
+    if isinstance(error, _MOVED_CLASSES):
+        return True
     text = str(error)
     return any(tag in text for tag in _MOVED_TAGS)
 

@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 
-from . import connection, identity, model
+from . import connection, identity, model, topology
 from ._lifecycle import RunsInBackground
 from ._portal import PortalOwner
 from ._redis import TRANSIENT, Backoff, RedisLike, connect
@@ -126,7 +126,7 @@ class Agent(RunsInBackground):
         # Bad input fails here, in the caller, by the registrar's own rules.
         self._check(service_url, tuple(capabilities), dict(metadata or {}))
         self.keys = Keys(namespace)
-        self._redis = connect(redis)
+        self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner
         self._owns_client = isinstance(redis, str)
         self.service_url = service_url
         self.capabilities = tuple(capabilities)
@@ -202,7 +202,8 @@ class Agent(RunsInBackground):
     async def _publish(self, event: model.Event) -> bool:
         """PUBLISH one event; True if a registrar received it. Never raises for Redis."""
         try:
-            receivers = await self._redis.publish(self._channel, model.encode(event))
+            # Routed (topology.publish): a count of 0 re-resolves the registry's node.
+            receivers = await topology.publish(self._redis, self._channel, model.encode(event))
         except TRANSIENT as exc:
             self._refused = False
             self._problems.report("publish", f"cannot reach Redis ({describe(exc)})")

@@ -19,7 +19,9 @@ Contract:
   restarted and forgot the subscription). On a Sentinel URL a session also
   checks that its node answers ROLE master, after subscribing and after each
   refresh of the topology (a fault seen by another connection), and fails
-  (ConnectionError) when it was demoted, so the loop moves and resyncs.
+  (ConnectionError) when it was demoted, so the loop moves and resyncs. On a
+  Cluster it raises ConnectionError once its node no longer serves the
+  registry's slot (a failover or a migration: ``_topology_pool.check_node``).
 * :func:`consume` is the whole loop for a plain consumer (the registrar's
   event intake, the agent's control channel): subscribe, ``on_connect(sub)``
   (resync, re-announce), then ``on_batch(batch)`` for every non-empty batch,
@@ -45,7 +47,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from . import _wire
+from . import _topology_pool, _wire
 from ._redis import TRANSIENT, Backoff, RedisLike, close_quietly, connect
 
 log = logging.getLogger("saga_events.connection")
@@ -166,7 +168,9 @@ class Subscription:
     async def check_health(self, now: float | None = None) -> None:
         """Raise TimeoutError on a silent subscription; PING it when quiet; after a
         refresh of its topology (an error elsewhere), check that its node is still the
-        master."""
+        master (Sentinel). On a Cluster, raise ConnectionError once its node no longer
+        serves the registry's slot."""
+        await _topology_pool.check_node(self.pubsub.connection)
         now = anyio.current_time() if now is None else now
         stale = getattr(self.pubsub.connection, "needs_confirmation", None)
         if stale is not None and stale():

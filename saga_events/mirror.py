@@ -154,7 +154,7 @@ class Mirror(RunsInBackground):
             if not isinstance(redis, str):
                 raise TypeError("read_from= needs a URL, not a client")
             redis = with_read_from(redis, read_from)
-        self._redis = connect(redis)
+        self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace, db_of(self._redis))
         self.fallbacks: dict[str, str] = dict(fallbacks or {})

@@ -105,7 +105,7 @@ class Registrar(RunsInBackground):
         view: View | None = None,
         own_view: bool = True,
     ) -> None:
-        self._redis = connect(redis)
+        self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner
         self._owns_client = isinstance(redis, str)
         self.keys = Keys(namespace)
         self.rid = identity.process_service_id()  # <host>-<pid>-<hex>, as an agent's default id

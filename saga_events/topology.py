@@ -56,6 +56,13 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from ._pubsub_route import (
+    PublishCommand,
+    SubscribeCommand,
+    feed_commands,
+    publish,
+    pubsub_commands,
+)
 from ._redis import TRANSIENT
 from ._topology_url import (
     SCHEMES,
@@ -71,12 +78,17 @@ from .keys import Keys
 __all__ = [
     "SCHEMES",
     "Address",
+    "PublishCommand",
     "ReadFrom",
+    "SubscribeCommand",
     "Topology",
     "TopologyURL",
     "connect",
+    "feed_commands",
     "is_topology_url",
     "parse_url",
+    "publish",
+    "pubsub_commands",
     "slot_of",
 ]
 
@@ -152,6 +164,7 @@ class Topology:
             **client_kwargs,
         }
         self._cache: dict[tuple[str, str], Address] = {}
+        self._views: dict[int, _ClusterView] = {}  # Cluster: the owner's view of each slot
         self._clients: dict[tuple[Address, bool], aioredis.Redis] = {}
         self._known: list[Address] = list(self.url.hosts)  # seeds, then nodes seen since
         #: Incremented by every refresh(); a connection made before it reconnects.
@@ -164,7 +177,32 @@ class Topology:
     def refresh(self) -> None:
         """Forget every resolved address: the next call asks Sentinels or Cluster nodes again."""
         self._cache.clear()
+        self._views.clear()
         self.generation += 1
+
+    async def serves(self, slot: int, address: Address, role: ReadFrom = "master") -> bool:
+        """Cluster: whether ``address`` is still the right node for ``slot`` (``role``
+        master: its owner; replica: the owner or one of its healthy replicas), by the
+        cached view (resolved if there is none)."""
+        view = self._views.get(slot)
+        if view is None:
+            await self.slot_address(slot, role="master")
+            view = self._views.get(slot)
+        if view is None or view.owner is None:
+            return False
+        return address == view.owner or (role == "replica" and address in view.replicas)
+
+    async def verify(self, slot: int) -> bool:
+        """Cluster: ask the slot's owner again, ignoring the cache; if the owner changed
+        (a failover, a migration), :meth:`refresh` and return False."""
+        cached = self._views.get(slot)
+        fresh = await self._cluster_view(slot)
+        if cached is not None and cached.owner == fresh.owner:
+            return True
+        if cached is not None:
+            self.refresh()
+        self._views[slot] = fresh
+        return cached is None
 
     async def master(self) -> aioredis.Redis:
         """A client on the current master (one-node URL: that node). Not for a Cluster."""
@@ -350,7 +388,23 @@ class Topology:
         return master  # no healthy replica: readers keep working on the master
 
     async def _cluster_node(self, slot: int, role: ReadFrom) -> Address:
+        view = await self._cluster_view(slot)
+        self._views[slot] = view
+        assert view.owner is not None
+        if role == "master":
+            return view.owner
+        return await self._pick_replica(list(view.replicas), view.owner)
+
+    async def _cluster_view(self, slot: int) -> _ClusterView:
+        """The slot owner's own CLUSTER NODES (asked of the seeds and nodes seen, in turn).
+
+        A node's claim to own the slot counts once another node names it too: a primary
+        restarted after its replica was promoted claims its old slots from its
+        nodes.conf until the bus tells it otherwise. An unconfirmed claim is used only
+        when no reachable node names another owner (a one-node Cluster)."""
         problems: list[str] = []
+        named: set[Address] = set()  # owners named by a node other than themselves
+        claims: dict[Address, _ClusterView] = {}
         for seed in list(self._known):
             address: Address | None = seed
             for _ in range(_HOPS):
@@ -366,11 +420,21 @@ class Topology:
                 if view.owner is None:
                     problems.append(f"node {address[0]}:{address[1]} knows no owner of slot {slot}")
                     break
-                if view.owner == view.myself:  # the owner's own table is the one that counts
-                    if role == "master":
-                        return view.owner
-                    return await self._pick_replica(view.replicas, view.owner)
-                address = view.owner
+                if view.owner != view.myself:
+                    named.add(view.owner)
+                    if view.owner in claims:
+                        return claims[view.owner]
+                    address = view.owner
+                    continue
+                # The owner's own table is the one that counts, once another node agrees.
+                if view.owner in named:
+                    return view
+                claims[view.owner] = view
+                problems.append(f"node {address[0]}:{address[1]} claims slot {slot} alone")
+                break
+        unopposed = [view for owner, view in claims.items() if not named - {owner}]
+        if unopposed:
+            return unopposed[0]
         raise TopologyUnavailable(self.url.text, "host list", "; ".join(problems[-4:]))
 
     def _learn(self, nodes: Iterable[Address]) -> None:

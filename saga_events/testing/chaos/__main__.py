@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--faults defaults to the topology faults")  # fmt: skip
     parser.add_argument("--replica-mirrors", type=int, default=0,
                         help="with --topology: mirrors reading from replicas")  # fmt: skip
+    parser.add_argument("--ttl", type=float, default=None,
+                        help="agents' TTL in s (default 3; 10 with --topology: a failover "
+                             "takes longer than 3 s)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     ns = parser.parse_args(args)
     logging.basicConfig(
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=ns.workers, pick_threads=ns.pick_threads, cpu_hogs=ns.cpu_hogs,
         hostile=not ns.no_hostile, hostile_bombs=not ns.no_bombs, topology=ns.topology,
         replica_mirrors=ns.replica_mirrors,
+        ttl=ns.ttl if ns.ttl is not None else (10.0 if ns.topology else 3.0),
     )  # fmt: skip
     if ns.soak is not None:
         config.duration = ns.soak * 60
