@@ -207,3 +207,49 @@ async def test_a_reaped_instance_drops_its_override(
         return not await r.exists(KEYS.override("pay", "p9"))
 
     await eventually(dropped, 10, what="the override deleted with the reaped record")
+
+
+async def test_a_timed_drain_ends_on_time_without_any_heartbeat(
+    redis_server: RedisServer, r: aioredis.Redis
+) -> None:
+    """The end of ``--for`` shows in the record (so in ls, REST and pick) within a
+    bounded wait while the agent sends no heartbeat at all (ttl 60 s: every 20 s)."""
+    from saga_events.override_ends import ends_key
+
+    url = redis_server.url
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    async with (
+        Registrar(url, rebuild_wait=0.1, liveness_interval=0.2) as reg,
+        Mirror(url) as mirror,
+        serve_gateway(reg, mirror, url) as s,
+        Agent(url, "pay", "http://p1:80", service_id="p1", ttl=60) as agent,
+    ):
+        await mirror.wait_for("pay", 10)
+        resp = await s.client.post(
+            "/api/v1/services/pay/drain?duration=0.5", json={"by": "erin", "reason": "deploy"}
+        )
+        assert resp.status_code == 200, resp.text
+        assert await r.zscore(ends_key(KEYS), b'["pay","p1"]') is not None
+        announced = agent.announcements
+        with pytest.raises(ServiceNotFound):
+            mirror.pick("pay")
+
+        async def rest_serving() -> bool:
+            got = await s.client.get("/api/v1/services/pay")
+            return got.status_code == 200 and got.json()["draining"] is False
+
+        await eventually(rest_serving, 10, what="the REST API shows the drain ended")
+        assert mirror.pick("pay").service_id == "p1"
+        assert mirror.instances("pay")[0].override is None
+        rows = json.loads(
+            await anyio.to_thread.run_sync(lambda: cli("ls", "--redis", url, "--json"))
+        )
+        assert rows["pay"][0]["draining"] is False and rows["pay"][0]["drained_by"] is None
+        assert agent.announcements == announced  # no heartbeat did it
+        assert await r.zcard(ends_key(KEYS)) == 0  # the schedule is emptied
