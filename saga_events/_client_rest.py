@@ -1,7 +1,10 @@
 """The client's REST transport: the seed's HTTP API with keep-alive, a watch and a cache (internal).
 
 Contract: each registration is heartbeated in the background and registered
-again when a heartbeat is not answered 200. Discovery follows the gateway's
+again when a heartbeat is not answered 200. With a ``health_check``, each
+heartbeat first runs it and carries its verdict as the body
+``{"status": "failing"|"passing", "reason": ...}`` (a registration made while
+it fails is followed at once by a failing heartbeat). Discovery follows the gateway's
 watch stream (``GET /api/v1/watch``, a :class:`WatchFollower` started on the
 first ``discover``) and answers from its view, round-robin over the live
 instances, without a request: current within milliseconds. It asks the
@@ -38,7 +41,8 @@ from .sse_client import WatchFollower, WatchUnsupported
 if TYPE_CHECKING:
     import httpx
 
-from ._client_base import Filters, Registration, ServiceInfo
+from ._client_base import Filters, HealthOptions, Registration, ServiceInfo
+from .health import HealthGate
 
 log = logging.getLogger("saga_events.client")
 
@@ -50,10 +54,13 @@ def _why(exc: BaseException) -> str:
 
 
 class _RestRegistration:
-    def __init__(self, reg: Registration, scope: anyio.CancelScope) -> None:
+    def __init__(
+        self, reg: Registration, scope: anyio.CancelScope, gate: HealthGate | None = None
+    ) -> None:
         self.reg = reg
         self.scope = scope
         self.confirmed = False
+        self.gate = gate  # the client's health_check, run before each heartbeat
 
 
 class _RestBackend:
@@ -70,7 +77,9 @@ class _RestBackend:
         clock: Callable[[], float] = time.monotonic,
         transport: Any = None,
         watch: bool = True,
+        health: HealthOptions | None = None,
     ) -> None:
+        self._health = health
         try:
             import httpx
         except ImportError:  # pragma: no cover - httpx is a core dependency
@@ -144,11 +153,20 @@ class _RestBackend:
             log.warning("%s: unreadable registration answer (%s)", reg.service_name, exc)
             return None
 
-    async def _post_heartbeat(self, reg: Registration) -> bool:
+    async def _post_heartbeat(self, reg: Registration, gate: HealthGate | None = None) -> bool:
+        body: dict[str, str] | None = None
+        if gate is not None:  # the health check's verdict, for the gateway to store
+            failure = gate.failure
+            body = (
+                {"status": "passing"}
+                if failure is None
+                else {"status": "failing", "reason": failure.removeprefix("failing: ")}
+            )
         try:
             resp = await self._http.post(
                 f"/api/v1/services/{reg.service_name}/heartbeat",
                 params={"service_id": reg.service_id},
+                json=body,
             )
         except self._httpx_errors as exc:
             log.warning("%s: heartbeat failed (%s)", reg.service_name, _why(exc))
@@ -179,10 +197,18 @@ class _RestBackend:
                 entry.confirmed = False
 
     async def _refresh_entry(self, entry: _RestRegistration) -> bool:
-        if entry.confirmed and await self._post_heartbeat(entry.reg):
+        gate = entry.gate
+        if gate is not None:
+            await gate.run()  # never raises: a failure is sent as the heartbeat's status
+        if entry.confirmed and await self._post_heartbeat(entry.reg, gate):
             return True
         try:
-            return await self._post_register(entry.reg) is not None
+            if await self._post_register(entry.reg) is None:
+                return False
+            if gate is not None and gate.failure is not None:
+                # A registration is serving: say at once that it is failing.
+                await self._post_heartbeat(entry.reg, gate)
+            return True
         except InvalidEvent as exc:  # the gateway's rules changed under us: keep trying, loudly
             log.error("%s: %s", entry.reg.service_name, exc)
             return False
@@ -206,7 +232,8 @@ class _RestBackend:
         if entry is not None:
             entry.reg = reg
         else:
-            entry = _RestRegistration(reg, anyio.CancelScope())
+            gate = self._health.gate() if self._health is not None else None
+            entry = _RestRegistration(reg, anyio.CancelScope(), gate)
             self._regs[reg.service_name] = entry
             entry.scope = await self._tg.start(self._run_keep_alive, reg.service_name)
         entry.confirmed = info is not None
@@ -224,6 +251,8 @@ class _RestBackend:
         if entry is None:
             return False
         entry.scope.cancel()
+        if entry.gate is not None:
+            entry.gate.close()
         self._cache.pop(name, None)
         self._own[name] = (entry.reg.service_id, None)
         with anyio.CancelScope(shield=True):
@@ -359,4 +388,7 @@ class _RestBackend:
         raise RegistryUnavailable(name, reason)
 
     async def aclose(self) -> None:
+        for entry in self._regs.values():
+            if entry.gate is not None:
+                entry.gate.close()
         await self._http.aclose()
