@@ -29,19 +29,10 @@ from __future__ import annotations
 
 from typing import Final
 
-import msgspec
-
 from . import model, override_ends
 from .writer import Writer, WriteRejected
 
 MAX_TEXT: Final = 256  # by and reason, characters
-
-
-class _OverrideKey(msgspec.Struct, frozen=True, kw_only=True):
-    by: str
-    reason: str = ""
-    at_ms: int = 0
-    until_ms: int | None = None
 
 
 def _check_text(label: str, value: str) -> str:
@@ -70,7 +61,9 @@ async def drain(
     now_ms = await override_ends.redis_ms(writer.redis)  # the clock of the key's PX
     px = round(duration * 1000) if duration is not None else None
     until_ms = now_ms + px if px is not None else None
-    raw = model.encode(_OverrideKey(by=by, reason=reason, at_ms=now_ms, until_ms=until_ms))
+    raw = model.encode(
+        override_ends.OverrideKey(by=by, reason=reason, at_ms=now_ms, until_ms=until_ms)
+    )
     keys = writer.registrar.keys
     for inst in targets:
         await writer.redis.set(keys.override(name, inst.service_id), raw, px=px)

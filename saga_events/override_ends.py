@@ -23,6 +23,11 @@ Contract:
   (left, reaped) is dropped. Each round handles at most ``limit`` entries.
   Two registrars may end the same drain: the second re-apply is an unchanged
   record (a refresh, no record change).
+* :func:`restore_overrides` (a rebuild after an empty restart, next to the
+  records' restore) writes back the override keys of the registrar's last
+  view (``NX``; the time left of a duration; an ended one is skipped) and
+  re-applies those records, so that an operator's drain survives the loss
+  of Redis's data as the records do.
 * No writes happen when nothing is due: one ``TIME`` and one
   ``ZRANGEBYSCORE`` per round.
 """
@@ -30,6 +35,7 @@ Contract:
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -45,6 +51,16 @@ if TYPE_CHECKING:
 
 REAPPLY_RETRIES: Final = 8
 _member_decoder: Final = msgspec.json.Decoder(tuple[str, str])
+
+
+class OverrideKey(msgspec.Struct, frozen=True, kw_only=True):
+    """The JSON of an override key (the record's :class:`model.DrainOverride` without
+    ``self_draining``, which the apply script adds)."""
+
+    by: str
+    reason: str = ""
+    at_ms: int = 0
+    until_ms: int | None = None
 
 
 def ends_key(keys: Keys) -> str:
@@ -143,3 +159,27 @@ async def end_expired(registrar: Registrar, redis: Redis, limit: int = 100) -> i
         if score is not None and score <= now:
             await redis.zrem(zkey, member)
     return ended
+
+
+async def restore_overrides(
+    registrar: Registrar, redis: Redis, instances: Iterable[model.Instance]
+) -> int:
+    """Write back the overrides of ``instances`` (a registrar's last view) where Redis
+    has none, and re-apply their records; return how many were written."""
+    keys = registrar.keys
+    now = await redis_ms(redis)
+    restored = 0
+    for inst in instances:
+        ov = inst.override
+        if ov is None or (ov.until_ms is not None and ov.until_ms <= now):
+            continue
+        name, sid = inst.service_name, inst.service_id
+        raw = model.encode(
+            OverrideKey(by=ov.by, reason=ov.reason, at_ms=ov.at_ms, until_ms=ov.until_ms)
+        )
+        px = ov.until_ms - now if ov.until_ms is not None else None
+        if await redis.set(keys.override(name, sid), raw, px=px, nx=True):
+            restored += 1
+            await schedule(redis, keys, name, sid, ov.until_ms)
+        await reapply(registrar, redis, name, sid)
+    return restored

@@ -253,3 +253,57 @@ async def test_a_timed_drain_ends_on_time_without_any_heartbeat(
         assert rows["pay"][0]["draining"] is False and rows["pay"][0]["drained_by"] is None
         assert agent.announcements == announced  # no heartbeat did it
         assert await r.zcard(ends_key(KEYS)) == 0  # the schedule is emptied
+
+
+async def test_a_drain_survives_an_empty_redis_restart(redis_server: RedisServer) -> None:
+    """Redis restarts empty: the rebuild restores the override key from the registrar's
+    last view with the records, so the instance comes back drained, not serving."""
+    url = redis_server.url
+    async with (
+        Registrar(url, rebuild_wait=0.1, liveness_interval=0.2) as reg,
+        Mirror(url) as mirror,
+        serve_gateway(reg, mirror, url) as s,
+        Agent(url, "pay", "http://p1:80", service_id="p1", ttl=1.5),
+        Agent(url, "pay", "http://p2:80", service_id="p2", ttl=1.5),
+    ):
+        await mirror.wait_until(lambda m: len(m.instances("pay")) == 2, 10)
+        resp = await s.client.post(
+            "/api/v1/services/pay/drain?service_id=p1&duration=3600",
+            json={"by": "alice", "reason": "disk full"},
+        )
+        assert resp.status_code == 200, resp.text
+        await anyio.to_thread.run_sync(redis_server.kill)
+        await anyio.to_thread.run_sync(redis_server.restart)
+        await mirror.wait_until(lambda m: not m.stale and len(m.instances("pay")) == 2, 20)
+
+        def drained_again(m: Mirror) -> bool:
+            insts = {i.service_id: i for i in m.instances("pay")}
+            p1 = insts.get("p1")
+            return (
+                not m.stale
+                and p1 is not None
+                and p1.override is not None
+                and p1.override.by == "alice"
+            )
+
+        await mirror.wait_until(drained_again, 20)
+        r = aioredis.Redis.from_url(url)
+        try:
+            assert 0 < await r.pttl(KEYS.override("pay", "p1")) <= 3_600_000
+            await heartbeats_applied_of(r, "p1", 2)  # its own heartbeats keep the drain
+        finally:
+            await r.aclose()
+        assert {mirror.pick("pay").service_id for _ in range(6)} == {"p2"}
+        assert mirror.instances("pay")[0].override is not None
+
+
+async def heartbeats_applied_of(r: aioredis.Redis, sid: str, n: int) -> None:
+    rec = KEYS.inst("pay", sid)
+    seen = [await r.zscore(KEYS.deadlines, rec)]
+
+    async def moved() -> float | None:
+        now = await r.zscore(KEYS.deadlines, rec)
+        return now if now is not None and now != seen[-1] else None
+
+    for _ in range(n):
+        seen.append(await eventually(moved, 10, what="a heartbeat applied"))
