@@ -270,6 +270,7 @@ class ChaosRun:
                 await self.start_http_clients(tg)
                 if config.drains and config.http_clients:  # drains go through the gateway
                     self.drains = await start_drains(self.dep, config.drains)
+                    self.report.clients["operator drains"] += len(self.drains.drained)
                 await self.converge("start", anyio.current_time())
                 tg.start_soon(self.watch_changes)
                 if config.hostile:
