@@ -34,20 +34,25 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import msgspec
+from redis.exceptions import RedisError
 
 from . import model
+from ._redis import TRANSIENT
 from .keys import Keys
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from .registrar import Registrar
+
+log = logging.getLogger("saga_events.registrar")
 
 REAPPLY_RETRIES: Final = 8
 _member_decoder: Final = msgspec.json.Decoder(tuple[str, str])
@@ -150,7 +155,7 @@ async def end_expired(registrar: Registrar, redis: Redis, limit: int = 100) -> i
         pttl = await redis.pttl(keys.override(name, sid))
         if pttl > 0:
             continue  # not expired yet (ms rounding): the next round
-        if pttl == -2 and not await reapply(registrar, redis, name, sid):
+        if pttl == -2 and not await _reapply_logged(registrar, redis, name, sid):
             continue  # kept losing the race: the next round
         if pttl == -2:
             ended += 1
@@ -181,5 +186,18 @@ async def restore_overrides(
         if await redis.set(keys.override(name, sid), raw, px=px, nx=True):
             restored += 1
             await schedule(redis, keys, name, sid, ov.until_ms)
-        await reapply(registrar, redis, name, sid)
+        await _reapply_logged(registrar, redis, name, sid)
     return restored
+
+
+async def _reapply_logged(registrar: Registrar, redis: Redis, name: str, sid: str) -> bool:
+    """:func:`reapply` for the registrar's background work: Redis trouble propagates (its
+    loops retry), anything else (a bug) is logged and the entry given up, never raised
+    into the registrar's task group."""
+    try:
+        return await reapply(registrar, redis, name, sid)
+    except (*TRANSIENT, RedisError):
+        raise
+    except Exception:
+        log.exception("re-applying %s/%s for an operator's drain failed", name, sid)
+        return True

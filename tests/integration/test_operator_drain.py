@@ -272,6 +272,13 @@ async def test_a_drain_survives_an_empty_redis_restart(redis_server: RedisServer
             json={"by": "alice", "reason": "disk full"},
         )
         assert resp.status_code == 200, resp.text
+
+        async def in_registrars_view() -> bool:
+            # The rebuild restores the registrar's own last view: it must have seen it.
+            view = reg.view() if reg.view is not None else []
+            return any(i.service_id == "p1" and i.override is not None for i in view)
+
+        await eventually(in_registrars_view, 10, what="the drain in the registrar's view")
         await anyio.to_thread.run_sync(redis_server.kill)
         await anyio.to_thread.run_sync(redis_server.restart)
         await mirror.wait_until(lambda m: not m.stale and len(m.instances("pay")) == 2, 20)
