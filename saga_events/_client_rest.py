@@ -6,7 +6,8 @@ heartbeat first runs it and carries its verdict as the body
 ``{"status": "failing"|"passing", "reason": ...}`` (a registration made while
 it fails is followed at once by a failing heartbeat). Discovery follows the gateway's
 watch stream (``GET /api/v1/watch``, a :class:`WatchFollower` started on the
-first ``discover``) and answers from its view, round-robin over the live
+first ``discover``) and answers from its view, by the mirror's default
+strategy (smooth weighted round-robin over metadata ``weight``) over the live
 instances, without a request: current within milliseconds. It asks the
 gateway (``GET /api/v1/services/{name}``, the poll path) instead when the
 view has no live instance of the name (a registration may be a few
@@ -36,6 +37,8 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ._redis import Backoff
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
+from .model import Instance
+from .selection import Selection, SelectionState
 from .sse_client import WatchFollower, WatchUnsupported
 
 if TYPE_CHECKING:
@@ -45,6 +48,21 @@ from ._client_base import Filters, HealthOptions, Registration, ServiceInfo
 from .health import HealthGate
 
 log = logging.getLogger("saga_events.client")
+
+
+def _as_instance(info: ServiceInfo) -> Instance:
+    """What the selection reads of an instance (id, capabilities, metadata)."""
+    return Instance(
+        incarnation=0,
+        seq=0,
+        registered_at_ms=0,
+        service_name=info.service_name,
+        service_id=info.service_id,
+        service_url=info.service_url,
+        capabilities=info.capabilities,
+        metadata=info.metadata,
+        draining=info.draining,
+    )
 
 
 def _why(exc: BaseException) -> str:
@@ -101,7 +119,8 @@ class _RestBackend:
         self._timeout = timeout
         self._watch = watch  # False once the gateway has no stream or the follower failed
         self._follower: WatchFollower | None = None
-        self._rr: dict[str, int] = {}
+        # name -> (the follower's event count, its selection, its instances by id)
+        self._selections: dict[str, tuple[int, Selection, dict[str, ServiceInfo]]] = {}
         # Our own writes not seen in the view yet: name -> (service_id, url or None if left).
         self._own: dict[str, tuple[str, str | None]] = {}
         self.watch_answers = 0  # discoveries answered from the stream's view
@@ -329,21 +348,34 @@ class _RestBackend:
         return info if current else info.with_source("cache")
 
     def _last_view(self, name: str) -> ServiceInfo | None:
-        """The next instance of ``name`` in the follower's view (round-robin, live first)."""
+        """The next instance of ``name`` in the follower's view: live ones first, picked
+        as :meth:`Mirror.pick` does (smooth weighted round-robin over metadata
+        ``weight``, :mod:`saga_events.selection`). The selection is built once per
+        version of the view (the follower's event count), not per call."""
         follower = self._follower
         if follower is None or not follower.has_synced:
             return None
-        insts = follower.instances(name)
-        live = [i for i in insts if not i.get("draining")] or insts
-        if not live:
+        version = follower.events
+        cached = self._selections.get(name)
+        if cached is None or cached[0] != version:
+            state = cached[1].state if cached is not None else SelectionState()
+            insts = follower.instances(name)
+            live = [i for i in insts if not i.get("draining")] or insts
+            infos: dict[str, ServiceInfo] = {}
+            for raw in live:
+                try:
+                    info = ServiceInfo.from_json(msgspec.json.encode(raw))
+                except msgspec.MsgspecError as exc:
+                    log.warning("%s: unreadable instance in the watch stream (%s)", name, exc)
+                    continue
+                infos[info.service_id] = info
+            candidates = tuple(_as_instance(i) for i in infos.values())
+            cached = (version, Selection(candidates, state), infos)
+            self._selections[name] = cached
+        _version, selection, infos = cached
+        if not selection.candidates:
             return None
-        turn = self._rr.get(name, 0)
-        self._rr[name] = turn + 1
-        try:
-            return ServiceInfo.from_json(msgspec.json.encode(live[turn % len(live)]))
-        except msgspec.MsgspecError as exc:
-            log.warning("%s: unreadable instance in the watch stream (%s)", name, exc)
-            return None
+        return infos[selection.round_robin().service_id]
 
     async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo:
         # Filtered lookups are answered by the gateway (it applies the selectors);
