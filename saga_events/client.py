@@ -333,7 +333,7 @@ class AsyncSagaServiceDiscovery:
         where: Mapping[str, str] | None = None,
         prefer: Mapping[str, str] | None = None,
     ) -> ServiceInfo:
-        """Return an instance of ``name`` (round-robin over live ones in Redis mode).
+        """Return an instance of ``name`` (smooth weighted round-robin over live ones).
 
         ``capability``, ``where`` (metadata pairs that must all match) and
         ``prefer`` (pairs preferred, the rest as a fallback) select as
