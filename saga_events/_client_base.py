@@ -9,6 +9,7 @@ is the transport seam (Redis, REST, the in-memory fake). Pure data, no I/O.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from . import identity, model
 from .errors import InvalidEvent
+from .health import HealthCheck, HealthGate
 from .model import Instance
 
 Source = Literal["registry", "stale", "cache", "fallback", "local"]
@@ -145,6 +147,18 @@ def check_registration(reg: Registration, schemes: frozenset[str]) -> None:
 
 
 Pairs = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthOptions:
+    """The client's ``health_check`` options, handed to each registration's gate."""
+
+    check: HealthCheck
+    timeout: float = 2.0
+    executor: concurrent.futures.Executor | None = None
+
+    def gate(self) -> HealthGate:
+        return HealthGate(self.check, self.timeout, self.executor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from . import model
-from ._client_base import Filters, Registration, ServiceInfo, _now
+from ._client_base import Filters, HealthOptions, Registration, ServiceInfo, _now
 from ._redis import Backoff, connect
 from .agent import Agent
 from .errors import RegistryUnavailable
@@ -35,7 +35,9 @@ class _RedisBackend:
         timeout: float,
         discovery_timeout: float,
         url_schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
+        health: HealthOptions | None = None,
     ) -> None:
+        self._health = health
         self._redis = connect(redis_url)
         self._namespace = namespace
         self._url_schemes = url_schemes
@@ -89,6 +91,9 @@ class _RedisBackend:
                 namespace=self._namespace,
                 url_schemes=self._url_schemes,
                 first_announce_timeout=self._timeout,
+                health_check=self._health.check if self._health is not None else None,
+                health_timeout=self._health.timeout if self._health is not None else 2.0,
+                health_executor=self._health.executor if self._health is not None else None,
             )
             scope = await self._tg.start(self._run_agent, agent)
             self._agents[reg.service_name] = (agent, scope)
@@ -118,6 +123,8 @@ class _RedisBackend:
             return False
         agent, scope = entry
         scope.cancel()
+        if agent.health is not None:
+            agent.health.close()
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
             return await agent.leave()  # never raises: a refused leave expires after its TTL
         return False
@@ -165,4 +172,7 @@ class _RedisBackend:
         return ServiceInfo.from_instance(inst, "stale" if self._mirror.stale else "registry")
 
     async def aclose(self) -> None:
+        for agent, _scope in self._agents.values():
+            if agent.health is not None:
+                agent.health.close()
         await self._redis.aclose()

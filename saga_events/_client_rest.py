@@ -1,9 +1,13 @@
 """The client's REST transport: the seed's HTTP API with keep-alive, a watch and a cache (internal).
 
 Contract: each registration is heartbeated in the background and registered
-again when a heartbeat is not answered 200. Discovery follows the gateway's
+again when a heartbeat is not answered 200. With a ``health_check``, each
+heartbeat first runs it and carries its verdict as the body
+``{"status": "failing"|"passing", "reason": ...}`` (a registration made while
+it fails is followed at once by a failing heartbeat). Discovery follows the gateway's
 watch stream (``GET /api/v1/watch``, a :class:`WatchFollower` started on the
-first ``discover``) and answers from its view, round-robin over the live
+first ``discover``) and answers from its view, by the mirror's default
+strategy (smooth weighted round-robin over metadata ``weight``) over the live
 instances, without a request: current within milliseconds. It asks the
 gateway (``GET /api/v1/services/{name}``, the poll path) instead when the
 view has no live instance of the name (a registration may be a few
@@ -33,14 +37,32 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ._redis import Backoff
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
+from .model import Instance
+from .selection import Selection, SelectionState
 from .sse_client import WatchFollower, WatchUnsupported
 
 if TYPE_CHECKING:
     import httpx
 
-from ._client_base import Filters, Registration, ServiceInfo
+from ._client_base import Filters, HealthOptions, Registration, ServiceInfo
+from .health import HealthGate
 
 log = logging.getLogger("saga_events.client")
+
+
+def _as_instance(info: ServiceInfo) -> Instance:
+    """What the selection reads of an instance (id, capabilities, metadata)."""
+    return Instance(
+        incarnation=0,
+        seq=0,
+        registered_at_ms=0,
+        service_name=info.service_name,
+        service_id=info.service_id,
+        service_url=info.service_url,
+        capabilities=info.capabilities,
+        metadata=info.metadata,
+        draining=info.draining,
+    )
 
 
 def _why(exc: BaseException) -> str:
@@ -50,10 +72,13 @@ def _why(exc: BaseException) -> str:
 
 
 class _RestRegistration:
-    def __init__(self, reg: Registration, scope: anyio.CancelScope) -> None:
+    def __init__(
+        self, reg: Registration, scope: anyio.CancelScope, gate: HealthGate | None = None
+    ) -> None:
         self.reg = reg
         self.scope = scope
         self.confirmed = False
+        self.gate = gate  # the client's health_check, run before each heartbeat
 
 
 class _RestBackend:
@@ -70,7 +95,9 @@ class _RestBackend:
         clock: Callable[[], float] = time.monotonic,
         transport: Any = None,
         watch: bool = True,
+        health: HealthOptions | None = None,
     ) -> None:
+        self._health = health
         try:
             import httpx
         except ImportError:  # pragma: no cover - httpx is a core dependency
@@ -92,7 +119,8 @@ class _RestBackend:
         self._timeout = timeout
         self._watch = watch  # False once the gateway has no stream or the follower failed
         self._follower: WatchFollower | None = None
-        self._rr: dict[str, int] = {}
+        # name -> (the follower's event count, its selection, its instances by id)
+        self._selections: dict[str, tuple[int, Selection, dict[str, ServiceInfo]]] = {}
         # Our own writes not seen in the view yet: name -> (service_id, url or None if left).
         self._own: dict[str, tuple[str, str | None]] = {}
         self.watch_answers = 0  # discoveries answered from the stream's view
@@ -144,11 +172,20 @@ class _RestBackend:
             log.warning("%s: unreadable registration answer (%s)", reg.service_name, exc)
             return None
 
-    async def _post_heartbeat(self, reg: Registration) -> bool:
+    async def _post_heartbeat(self, reg: Registration, gate: HealthGate | None = None) -> bool:
+        body: dict[str, str] | None = None
+        if gate is not None:  # the health check's verdict, for the gateway to store
+            failure = gate.failure
+            body = (
+                {"status": "passing"}
+                if failure is None
+                else {"status": "failing", "reason": failure.removeprefix("failing: ")}
+            )
         try:
             resp = await self._http.post(
                 f"/api/v1/services/{reg.service_name}/heartbeat",
                 params={"service_id": reg.service_id},
+                json=body,
             )
         except self._httpx_errors as exc:
             log.warning("%s: heartbeat failed (%s)", reg.service_name, _why(exc))
@@ -179,10 +216,18 @@ class _RestBackend:
                 entry.confirmed = False
 
     async def _refresh_entry(self, entry: _RestRegistration) -> bool:
-        if entry.confirmed and await self._post_heartbeat(entry.reg):
+        gate = entry.gate
+        if gate is not None:
+            await gate.run()  # never raises: a failure is sent as the heartbeat's status
+        if entry.confirmed and await self._post_heartbeat(entry.reg, gate):
             return True
         try:
-            return await self._post_register(entry.reg) is not None
+            if await self._post_register(entry.reg) is None:
+                return False
+            if gate is not None and gate.failure is not None:
+                # A registration is serving: say at once that it is failing.
+                await self._post_heartbeat(entry.reg, gate)
+            return True
         except InvalidEvent as exc:  # the gateway's rules changed under us: keep trying, loudly
             log.error("%s: %s", entry.reg.service_name, exc)
             return False
@@ -206,7 +251,8 @@ class _RestBackend:
         if entry is not None:
             entry.reg = reg
         else:
-            entry = _RestRegistration(reg, anyio.CancelScope())
+            gate = self._health.gate() if self._health is not None else None
+            entry = _RestRegistration(reg, anyio.CancelScope(), gate)
             self._regs[reg.service_name] = entry
             entry.scope = await self._tg.start(self._run_keep_alive, reg.service_name)
         entry.confirmed = info is not None
@@ -224,6 +270,8 @@ class _RestBackend:
         if entry is None:
             return False
         entry.scope.cancel()
+        if entry.gate is not None:
+            entry.gate.close()
         self._cache.pop(name, None)
         self._own[name] = (entry.reg.service_id, None)
         with anyio.CancelScope(shield=True):
@@ -300,21 +348,34 @@ class _RestBackend:
         return info if current else info.with_source("cache")
 
     def _last_view(self, name: str) -> ServiceInfo | None:
-        """The next instance of ``name`` in the follower's view (round-robin, live first)."""
+        """The next instance of ``name`` in the follower's view: live ones first, picked
+        as :meth:`Mirror.pick` does (smooth weighted round-robin over metadata
+        ``weight``, :mod:`saga_events.selection`). The selection is built once per
+        version of the view (the follower's event count), not per call."""
         follower = self._follower
         if follower is None or not follower.has_synced:
             return None
-        insts = follower.instances(name)
-        live = [i for i in insts if not i.get("draining")] or insts
-        if not live:
+        version = follower.events
+        cached = self._selections.get(name)
+        if cached is None or cached[0] != version:
+            state = cached[1].state if cached is not None else SelectionState()
+            insts = follower.instances(name)
+            live = [i for i in insts if not i.get("draining")] or insts
+            infos: dict[str, ServiceInfo] = {}
+            for raw in live:
+                try:
+                    info = ServiceInfo.from_json(msgspec.json.encode(raw))
+                except msgspec.MsgspecError as exc:
+                    log.warning("%s: unreadable instance in the watch stream (%s)", name, exc)
+                    continue
+                infos[info.service_id] = info
+            candidates = tuple(_as_instance(i) for i in infos.values())
+            cached = (version, Selection(candidates, state), infos)
+            self._selections[name] = cached
+        _version, selection, infos = cached
+        if not selection.candidates:
             return None
-        turn = self._rr.get(name, 0)
-        self._rr[name] = turn + 1
-        try:
-            return ServiceInfo.from_json(msgspec.json.encode(live[turn % len(live)]))
-        except msgspec.MsgspecError as exc:
-            log.warning("%s: unreadable instance in the watch stream (%s)", name, exc)
-            return None
+        return infos[selection.round_robin().service_id]
 
     async def discover(self, name: str, filters: Filters | None = None) -> ServiceInfo:
         # Filtered lookups are answered by the gateway (it applies the selectors);
@@ -359,4 +420,7 @@ class _RestBackend:
         raise RegistryUnavailable(name, reason)
 
     async def aclose(self) -> None:
+        for entry in self._regs.values():
+            if entry.gate is not None:
+                entry.gate.close()
         await self._http.aclose()

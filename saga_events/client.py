@@ -42,6 +42,7 @@ interpreter exit. It can be shared between threads.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import functools
 import logging
 import os
@@ -54,11 +55,19 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import identity, model
-from ._client_base import Backend, Filters, Registration, ServiceInfo, check_registration
+from ._client_base import (
+    Backend,
+    Filters,
+    HealthOptions,
+    Registration,
+    ServiceInfo,
+    check_registration,
+)
 from ._client_redis import _RedisBackend
 from ._client_rest import _RestBackend
 from ._portal import PortalOwner
 from .errors import InvalidEvent, RegistryUnavailable, ServiceNotFound
+from .health import HealthCheck
 
 log = logging.getLogger("saga_events.client")
 
@@ -97,6 +106,16 @@ class AsyncSagaServiceDiscovery:
     mode). ``timeout`` bounds each request or first announcement;
     ``discovery_timeout`` bounds the wait for the mirror's first sync (Redis).
     ``api_token`` (default ``SAGA_API_TOKEN``) is sent as a bearer token.
+
+    ``health_check`` (a sync or async callable; see :mod:`saga_events.health`)
+    runs before each heartbeat of every registration, bounded by
+    ``health_timeout``: while it fails (returns False, raises, or does not
+    answer in time) the instance is announced draining with
+    ``metadata["health"] = "failing: <why>"``, and serving again once it
+    passes. A sync check runs on ``health_executor`` (give the host's own
+    worker pool, so that stuck workers fail it) or on a private thread. In
+    REST mode the status is sent in the heartbeat's body (the gateway's
+    ``{"status": "failing"|"passing", "reason": ...}``).
     """
 
     def __init__(
@@ -114,7 +133,17 @@ class AsyncSagaServiceDiscovery:
         api_token: str | None = None,
         url_schemes: frozenset[str] = model.DEFAULT_URL_SCHEMES,
         backend: Backend | None = None,
+        health_check: HealthCheck | None = None,
+        health_timeout: float = 2.0,
+        health_executor: concurrent.futures.Executor | None = None,
     ) -> None:
+        health = (
+            None
+            if health_check is None
+            else HealthOptions(health_check, health_timeout, health_executor)
+        )
+        if health is not None and health_timeout <= 0:
+            raise ValueError("health_timeout must be > 0 seconds")
         self.fallbacks: dict[str, str] = dict(fallbacks or {})
         for name, url in self.fallbacks.items():
             if not identity.is_valid_name(name):
@@ -133,6 +162,7 @@ class AsyncSagaServiceDiscovery:
                     timeout=timeout,
                     discovery_timeout=discovery_timeout,
                     url_schemes=url_schemes,
+                    health=health,
                 )
             else:
                 assert saga_url is not None
@@ -142,6 +172,7 @@ class AsyncSagaServiceDiscovery:
                     timeout=timeout,
                     api_token=api_token or os.environ.get("SAGA_API_TOKEN") or None,
                     heartbeat_interval=heartbeat_interval,
+                    health=health,
                 )
         self._backend = backend
         self.saga_url = saga_url
@@ -302,7 +333,7 @@ class AsyncSagaServiceDiscovery:
         where: Mapping[str, str] | None = None,
         prefer: Mapping[str, str] | None = None,
     ) -> ServiceInfo:
-        """Return an instance of ``name`` (round-robin over live ones in Redis mode).
+        """Return an instance of ``name`` (smooth weighted round-robin over live ones).
 
         ``capability``, ``where`` (metadata pairs that must all match) and
         ``prefer`` (pairs preferred, the rest as a fallback) select as

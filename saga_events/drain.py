@@ -14,9 +14,11 @@ Contract:
   instance (agent heartbeats, HTTP re-registers) is stored the same way while
   the key stands, across registrar restarts.
 * :func:`undrain` deletes the key and re-applies the record without it.
-* When the key expires (``duration``), the record keeps the override until the
-  instance's next announce (one heartbeat interval); a leave or a reap deletes
-  the key with the record.
+* A ``duration`` is also put on the schedule of
+  :mod:`saga_events.override_ends` (in Redis's clock): when the key expires,
+  a registrar re-applies the record without the override within about one
+  ``liveness_interval`` (1 s), without waiting for the instance's next
+  heartbeat. A leave or a reap deletes the key with the record.
 * Both act on the live instances the writer's view holds (``not_found`` when
   none) and return once that view shows the change (or after its
   ``write_timeout``). Bad input (empty ``by``, a duration <= 0) is refused
@@ -25,24 +27,12 @@ Contract:
 
 from __future__ import annotations
 
-import random
-import time
 from typing import Final
 
-import anyio
-import msgspec
-
-from . import model
-from .writer import WRITE_RETRIES, Writer, WriteRejected, _announce_like
+from . import model, override_ends
+from .writer import Writer, WriteRejected
 
 MAX_TEXT: Final = 256  # by and reason, characters
-
-
-class _OverrideKey(msgspec.Struct, frozen=True, kw_only=True):
-    by: str
-    reason: str = ""
-    at_ms: int = 0
-    until_ms: int | None = None
 
 
 def _check_text(label: str, value: str) -> str:
@@ -68,16 +58,16 @@ async def drain(
     if duration is not None and not (0 < duration <= 365 * 86400):
         raise WriteRejected("invalid", "invalid", "duration must be > 0 seconds and <= a year")
     targets = writer.targets(name, service_id)
-    now_ms = int(time.time() * 1000)
+    now_ms = await override_ends.redis_ms(writer.redis)  # the clock of the key's PX
     px = round(duration * 1000) if duration is not None else None
+    until_ms = now_ms + px if px is not None else None
     raw = model.encode(
-        _OverrideKey(
-            by=by, reason=reason, at_ms=now_ms, until_ms=now_ms + px if px is not None else None
-        )
+        override_ends.OverrideKey(by=by, reason=reason, at_ms=now_ms, until_ms=until_ms)
     )
     keys = writer.registrar.keys
     for inst in targets:
         await writer.redis.set(keys.override(name, inst.service_id), raw, px=px)
+        await override_ends.schedule(writer.redis, keys, name, inst.service_id, until_ms)
         await _reapply(writer, name, inst.service_id)
     return await _shown(writer, name, [i.service_id for i in targets], drained=True)
 
@@ -88,39 +78,20 @@ async def undrain(writer: Writer, name: str, service_id: str | None) -> list[mod
     keys = writer.registrar.keys
     for inst in targets:
         await writer.redis.delete(keys.override(name, inst.service_id))
+        await override_ends.unschedule(writer.redis, keys, name, inst.service_id)
         if inst.override is not None:
             await _reapply(writer, name, inst.service_id)
     return await _shown(writer, name, [i.service_id for i in targets], drained=False)
 
 
 async def _reapply(writer: Writer, name: str, sid: str) -> None:
-    """Announce the stored record again (its own body, next seq): the script adds
-    or drops the override as its key says."""
-    for attempt in range(WRITE_RETRIES):
-        if attempt:
-            await anyio.sleep(random.uniform(0, 0.002 * attempt))
-        stored, _tomb = await writer._stored(name, sid)
-        if stored is None:
-            return  # left or reaped meanwhile: nothing to drain
-        event = writer.check(
-            _announce_like(stored, model.Heartbeat, stored.incarnation, stored.seq + 1)
+    """Announce the stored record again: the script adds or drops the override."""
+    if not await override_ends.reapply(writer.registrar, writer.redis, name, sid):
+        raise WriteRejected(
+            "conflict",
+            "conflict",
+            f"instance {name}/{sid} is being changed by another writer; retry",
         )
-        result = await writer.registrar.apply(event, after_newest=True)
-        if result.status == "created":  # removed between the read and the apply
-            await writer.registrar.apply(
-                model.Leave(
-                    service_name=name,
-                    service_id=sid,
-                    incarnation=result.incarnation,
-                    seq=result.seq + 1,
-                )
-            )
-            return
-        if result.status != "stale":
-            return
-    raise WriteRejected(
-        "conflict", "conflict", f"instance {name}/{sid} is being changed by another writer; retry"
-    )
 
 
 async def _shown(

@@ -25,7 +25,7 @@ import anyio
 from anyio.abc import TaskGroup
 from redis.exceptions import RedisError
 
-from . import identity, model, scripts
+from . import identity, model, override_ends, scripts
 from ._redis import TRANSIENT, Backoff
 
 if TYPE_CHECKING:
@@ -97,10 +97,13 @@ class Rebuilds:
         """Write back each instance that Redis does not hold (restore script); return
         how many were restored."""
         restored = 0
-        for inst in list(instances):
+        insts = list(instances)
+        for inst in insts:
             keys, args = scripts.restore_call(self._reg.keys, inst)
             restored += int(await self._reg._scripts.call(scripts.RESTORE, keys, args))
         self._reg.stats.restored += restored
+        # Operators' drains too: their keys were lost with the records (override_ends.py).
+        await override_ends.restore_overrides(self._reg, self._reg._redis, insts)
         return restored
 
     async def _finish(self, epoch_id: str) -> None:

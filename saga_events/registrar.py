@@ -30,7 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _wire, connection, identity, model, scripts
+from . import _wire, connection, identity, model, override_ends, scripts
 from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
@@ -408,6 +408,7 @@ class Registrar(RunsInBackground):
                 if self.notifications.ok:
                     await self._write_liveness()
                 await self.check_epoch()
+                await self._end_expired_drains()
                 now = anyio.current_time()
                 if now - last_config_check >= self.config_check_interval:
                     last_config_check = now
@@ -416,6 +417,10 @@ class Registrar(RunsInBackground):
                 log.debug("housekeeping: %s", exc)
             except RedisError as exc:
                 self._redis_refusals.warning("housekeeping: Redis refused (%s)", exc)
+
+    async def _end_expired_drains(self) -> None:
+        # Timed operator drains end on time, not at the next heartbeat (override_ends.py).
+        await override_ends.end_expired(self, self._redis)
 
     async def _recheck_config(self) -> None:
         if await self.notifications.check(self._redis):

@@ -17,8 +17,9 @@ Contract:
   period (weights divided by their gcd) is computed once per selection and
   each pick indexes it with the selection's counter; with equal weights it is
   plain round-robin over the candidates. When a period would cost more than
-  :data:`MAX_SCHEDULE_WORK` steps to compute, picks stride through the
-  cumulative weights instead (exact shares per period, less smooth).
+  :data:`MAX_SCHEDULE_WORK` steps to compute (about 100 candidates of
+  unequal weights), picks stride through the cumulative weights instead
+  (exact shares per period, less smooth; O(n) to build, O(log n) a pick).
 * ``random``: weighted random. ``least_recently_picked``: the candidate
   picked longest ago (never-picked ones first), weights ignored but 0 kept out.
 * State that must outlive a snapshot (counters, recency order) lives in a
@@ -42,7 +43,10 @@ from .model import Instance
 Strategy = Literal["round_robin", "random", "least_recently_picked"]
 STRATEGIES: Final[tuple[str, ...]] = ("round_robin", "random", "least_recently_picked")
 MAX_WEIGHT: Final = 1_000_000
-MAX_SCHEDULE_WORK: Final = 2_000_000
+#: The work (period x candidates) of a smooth schedule computed up front: each
+#: snapshot computes it again at its first pick, in the reader's thread, so it is
+#: kept to a few ms (2M steps took ~0.4 s: 1,000 instances of weights 1-3).
+MAX_SCHEDULE_WORK: Final = 20_000
 MAX_SELECTIONS: Final = 1024  # cached selections (and carried states) per service
 _STRIDE: Final = 2_654_435_761  # Knuth's multiplicative constant: spreads the stride picks
 

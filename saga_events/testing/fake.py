@@ -6,9 +6,18 @@ real :class:`AsyncSagaServiceDiscovery` / :class:`SagaServiceDiscovery` classes
 with an in-memory transport, so fallbacks, argument validation and the
 failure policy are the real ones.
 
+Picks are the real :class:`~saga_events.Mirror`'s: the fake keeps a
+:class:`~saga_events.view.View` (the mirror's store and pick policy, with
+:mod:`saga_events.selection`) beside its dictionary, so ``weight`` metadata,
+``where``/``prefer``, the strategy (``FakeRegistry(strategy=...)``) and
+draining instances are honoured exactly as a mirror does: for the same
+instances and the same calls, the same sequence of picks.
+:meth:`FakeRegistry.drain` / :meth:`FakeRegistry.undrain` stand for an
+operator's drain (an override the instance's own re-registrations keep).
+
 What it does not do, on purpose (it is deterministic and has no clock):
-instances never expire by themselves and nothing heartbeats in the
-background. Call :meth:`FakeRegistry.expire` to make an instance vanish as if
+instances never expire by themselves, nothing heartbeats in the background,
+and a drain has no duration. Call :meth:`FakeRegistry.expire` to make an instance vanish as if
 its TTL ran out, and ``available = False`` to make the registry unreachable
 (registrations then return ``source == "local"``, discovery falls back or
 raises :class:`RegistryUnavailable`). It can be shared between threads.
@@ -18,12 +27,15 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from anyio.abc import TaskGroup
 
+from .. import model
 from .._client_base import Filters
 from ..agent import default_service_id
 from ..client import (
@@ -33,6 +45,7 @@ from ..client import (
     ServiceInfo,
 )
 from ..errors import RegistryUnavailable, ServiceNotFound
+from ..view import View
 
 
 class FakeRegistry:
@@ -42,10 +55,13 @@ class FakeRegistry:
     action ``register``, ``heartbeat`` or ``leave``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, strategy: str = "round_robin") -> None:
         self._lock = threading.Lock()
         self._instances: dict[str, dict[str, ServiceInfo]] = {}
-        self._rr: dict[str, itertools.count[int]] = {}
+        self._overrides: dict[tuple[str, str], model.DrainOverride] = {}
+        self._seq = itertools.count(1)
+        #: the mirror's own store and pick policy; written under ``_lock``
+        self.view = View(strategy=strategy)
         self.available = True
         self.log: list[tuple[str, str, str]] = []
 
@@ -72,24 +88,86 @@ class FakeRegistry:
             metadata=dict(metadata or {}),
         )
         with self._lock:
-            self._instances.setdefault(name, {})[info.service_id] = info
-            self._rr.setdefault(name, itertools.count())
-        return info
+            return self._store(info)
 
     def expire(self, name: str, service_id: str | None = None) -> int:
         """Remove instances of ``name`` (all, or one id) as if their TTL ran out."""
         with self._lock:
             group = self._instances.get(name, {})
             ids = [service_id] if service_id is not None else list(group)
-            removed = sum(group.pop(i, None) is not None for i in ids)
+            removed = 0
+            for sid in ids:
+                if group.pop(sid, None) is not None:
+                    removed += 1
+                    self._overrides.pop((name, sid), None)  # a leave or reap drops it
+                    self.view.remove(_key(name, sid))
             if not group:
                 self._instances.pop(name, None)
+            self.view.publish()
             return removed
 
     def clear(self) -> None:
         with self._lock:
+            for key in list(self.view.snapshot()):
+                self.view.remove(key)
+            self.view.publish()
             self._instances.clear()
+            self._overrides.clear()
             self.log.clear()
+
+    def drain(
+        self, name: str, service_id: str | None = None, *, by: str = "operator", reason: str = ""
+    ) -> list[ServiceInfo]:
+        """An operator's drain of ``name`` (or one id): never picked, still listed,
+        kept when the instance registers again, until :meth:`undrain`. Returns the
+        instances drained (none when ``name`` has none)."""
+        at_ms = int(time.time() * 1000)
+        with self._lock:
+            group = self._instances.get(name, {})
+            ids = [service_id] if service_id is not None else sorted(group)
+            out = []
+            for sid in ids:
+                if sid in group:
+                    self._overrides[(name, sid)] = model.DrainOverride(
+                        by=by, reason=reason, at_ms=at_ms
+                    )
+                    out.append(self._store(group[sid]))
+            return out
+
+    def undrain(self, name: str, service_id: str | None = None) -> list[ServiceInfo]:
+        """End an operator's drain of ``name`` (or one id); returns the instances."""
+        with self._lock:
+            group = self._instances.get(name, {})
+            ids = [service_id] if service_id is not None else sorted(group)
+            out = []
+            for sid in ids:
+                if sid in group:
+                    self._overrides.pop((name, sid), None)
+                    out.append(self._store(group[sid]))
+            return out
+
+    def _store(self, info: ServiceInfo) -> ServiceInfo:
+        """Put ``info`` in the dictionary and the view, the override applied (under _lock)."""
+        name, sid = info.service_name, info.service_id
+        override = self._overrides.get((name, sid))
+        info = msgspec.structs.replace(info, draining=override is not None)
+        self._instances.setdefault(name, {})[sid] = info
+        registered = info.registered_at or datetime.now(UTC)
+        inst = model.Instance(
+            incarnation=1,
+            seq=next(self._seq),
+            registered_at_ms=int(registered.timestamp() * 1000),
+            service_name=name,
+            service_id=sid,
+            service_url=info.service_url,
+            capabilities=info.capabilities,
+            metadata=dict(info.metadata),
+            draining=override is not None,
+            override=override,
+        )
+        self.view.put(_key(name, sid), inst)
+        self.view.publish()
+        return info
 
     # -- what tests read ------------------------------------------------------------------
 
@@ -102,15 +180,28 @@ class FakeRegistry:
             names = sorted(self._instances)
         return {name: self.instances(name) for name in names}
 
-    def pick(self, name: str, filters: Filters | None = None) -> ServiceInfo:
-        """An instance of ``name`` (matching ``filters``), round-robin; raises ServiceNotFound."""
+    def pick(
+        self,
+        name: str,
+        filters: Filters | None = None,
+        *,
+        capability: str | None = None,
+        where: Mapping[str, str] | None = None,
+        prefer: Mapping[str, str] | None = None,
+    ) -> ServiceInfo:
+        """A live, non-draining instance of ``name`` chosen as :meth:`Mirror.pick` does
+        (the same view and strategy: weights, ``where``, ``prefer``); raises
+        ServiceNotFound. ``filters`` is the client's form of the same selectors."""
+        if filters is not None:
+            capability = filters.capability
+            where = dict(filters.where) or None
+            prefer = dict(filters.prefer) or None
+        inst = self.view.pick(name, capability, where=where, prefer=prefer)
+        if inst is None:
+            raise ServiceNotFound(name, capability)
         with self._lock:
-            live = sorted(self._instances.get(name, {}).values(), key=lambda i: i.service_id)
-            if filters is not None:
-                live = filters.choose(live)
-            if not live:
-                raise ServiceNotFound(name, filters.capability if filters else None)
-            return live[next(self._rr[name]) % len(live)]
+            info = self._instances.get(name, {}).get(inst.service_id)
+        return info if info is not None else ServiceInfo.from_instance(inst)
 
     # -- clients --------------------------------------------------------------------------
 
@@ -138,8 +229,7 @@ class FakeRegistry:
             return current
         now = datetime.now(UTC)
         with self._lock:
-            group = self._instances.setdefault(reg.service_name, {})
-            old = group.get(reg.service_id)
+            old = self._instances.get(reg.service_name, {}).get(reg.service_id)
             info = ServiceInfo(
                 service_id=reg.service_id,
                 service_name=reg.service_name,
@@ -149,9 +239,11 @@ class FakeRegistry:
                 last_heartbeat=now,
                 metadata=dict(reg.metadata),
             )
-            group[reg.service_id] = info
-            self._rr.setdefault(reg.service_name, itertools.count())
-        return info
+            return self._store(info)
+
+
+def _key(name: str, sid: str) -> str:
+    return f"fake:{name}:{sid}"
 
 
 class _FakeBackend:

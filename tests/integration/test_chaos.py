@@ -46,6 +46,7 @@ async def test_registry_stays_right_under_seeded_faults(capsys: pytest.CaptureFi
     did = report.clients
     assert did["http register"] and did["http heartbeat"] and did["thread picks"], did
     assert did["cpu hogs started"] and did["hostile json bomb (list)"], did
+    assert did["operator drains"], did  # the drain invariant (never picked, never lost) ran
     assert testing.run_chaos is run_chaos  # reusable from saga_events.testing
 
 

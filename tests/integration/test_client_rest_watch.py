@@ -169,3 +169,36 @@ async def test_stream_down_serves_the_last_view_then_polls(saga_url: str, mirror
         now[0] += 2  # down for longer than cache_ttl: ask the gateway
         assert (await reader.discover_service("flaky")).source == "registry"
         assert await discover_gets(saga_url) == before + 1
+
+
+async def test_discover_from_the_stream_honours_weights_and_drains(saga_url: str) -> None:
+    """Plain discoveries answered from the stream pick as Mirror.pick does: smooth
+    weighted round-robin over metadata ``weight``, draining instances never."""
+    async with (
+        AsyncSagaServiceDiscovery(saga_url) as reader,
+        httpx.AsyncClient(base_url=saga_url) as http,
+    ):
+        for sid, meta in (("w3", {"weight": "3"}), ("w1", {}), ("w0", {"weight": "0"})):
+            r = await http.post(
+                "/api/v1/services/register",
+                json={"service_name": "api", "service_url": f"http://{sid}:80",
+                      "service_id": sid, "metadata": meta},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+        with pytest.raises(ServiceNotFound):
+            await reader.discover_service("none")  # starts the follower
+        backend: Any = reader._backend
+        follower = backend._follower
+        await follower.wait_until(lambda f: len(f.instances("api")) == 3, 10)
+        before = await discover_gets(saga_url)
+        got = [(await reader.discover_service("api")).service_id for _ in range(8)]
+        assert sorted(got) == ["w1", "w1"] + ["w3"] * 6  # exact shares per period; w0 never
+        assert got[:4] == ["w3", "w1", "w3", "w3"]  # smooth, as nginx (and Mirror.pick)
+        r = await http.post("/api/v1/services/api/drain?service_id=w3", json={"by": "t"})
+        assert r.status_code == 200, r.text
+        await follower.wait_until(
+            lambda f: any(i["service_id"] == "w3" and i["draining"] for i in f.instances("api")),
+            10,
+        )
+        assert {(await reader.discover_service("api")).service_id for _ in range(6)} == {"w1"}
+        assert await discover_gets(saga_url) == before  # all from the stream's view

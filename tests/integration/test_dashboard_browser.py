@@ -258,3 +258,32 @@ async def _stage_screenshot(served: Served, browser: Any, path: Path) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     assert await in_browser(lambda: browser.save_screenshot(str(path)))
+
+
+@needs_browser
+async def test_dashboard_shows_an_operators_drain_and_its_end(served: Served, browser: Any) -> None:
+    """Who and why of an operator's drain show on the instance's row, live; undrain
+    clears them."""
+    sid = await register(
+        served, service_name="pay", service_url="http://10.0.0.21:80", service_id="p-1"
+    )
+    await in_browser(lambda: browser.get(f"{served.base_url}/ui"))
+    await see(browser, row_text(f"pay/{sid}"), "pay row")
+    r = await served.client.post(
+        "/api/v1/services/pay/drain", json={"by": "alice", "reason": "disk full"}
+    )
+    assert r.status_code == 200, r.text
+
+    def drained(d: Any) -> str | None:
+        text = row_text(f"pay/{sid}")(d)
+        return text if text is not None and "draining (by alice: disk full)" in text else None
+
+    await see(browser, drained, "the drain's who and why")
+    r = await served.client.post("/api/v1/services/pay/undrain")
+    assert r.status_code == 200, r.text
+
+    def serving(d: Any) -> str | None:
+        text = row_text(f"pay/{sid}")(d)
+        return text if text is not None and "draining" not in text else None
+
+    await see(browser, serving, "the drain ended")

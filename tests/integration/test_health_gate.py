@@ -10,7 +10,15 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from saga_events import Agent, Mirror, Registrar, ServiceNotFound, SyncAgent
+from saga_events import (
+    Agent,
+    AsyncSagaServiceDiscovery,
+    Mirror,
+    Registrar,
+    SagaServiceDiscovery,
+    ServiceNotFound,
+    SyncAgent,
+)
 from saga_events.model import Instance
 from tests.gateway_helpers import serve_gateway
 
@@ -120,3 +128,83 @@ async def test_http_heartbeat_reports_failing_and_passing(
         )
         inst = only(mirror, "go-svc")
         assert inst is not None and "health" not in inst.metadata
+
+
+@pytest.mark.parametrize("mode", ["redis", "rest"])
+async def test_seed_client_health_check_drains_with_a_reason_and_recovers(
+    registrar: Registrar, mirror: Mirror, redis_url: str, mode: str
+) -> None:
+    """``AsyncSagaServiceDiscovery(health_check=...)``: the same gate as the Agent's, in
+    both transports (REST: the verdict rides in the heartbeat's body)."""
+    healthy = True
+
+    async def check() -> bool:
+        if not healthy:
+            raise RuntimeError("db down")
+        return True
+
+    async with serve_gateway(registrar, mirror, redis_url) as s:
+        urls = {"redis_url": redis_url} if mode == "redis" else {"saga_url": s.base_url}
+        async with AsyncSagaServiceDiscovery(
+            **urls, ttl=1.5, heartbeat_interval=0.3, health_check=check, health_timeout=1.0
+        ) as saga:
+            await saga.register_service("api", "http://a:80", service_id="a")
+            await mirror.wait_for("api", 10)
+            healthy = False
+            await mirror.wait_until(lambda m: (i := only(m, "api")) is not None and i.draining, 10)
+            inst = only(mirror, "api")
+            assert inst is not None and inst.metadata["health"] == "failing: RuntimeError: db down"
+            with pytest.raises(ServiceNotFound):
+                mirror.pick("api")
+            assert (await s.client.get("/api/v1/services/api")).json()["draining"] is True
+            healthy = True
+            await mirror.wait_until(
+                lambda m: (i := only(m, "api")) is not None and not i.draining, 10
+            )
+            inst = only(mirror, "api")
+            assert inst is not None and "health" not in inst.metadata
+            assert mirror.pick("api").service_id == "a"
+
+
+@pytest.mark.parametrize("mode", ["redis", "rest"])
+async def test_sync_seed_client_with_deadlocked_workers_drains(
+    registrar: Registrar, mirror: Mirror, redis_url: str, mode: str
+) -> None:
+    """The blocking client in a Flask-like host: the check runs on the host's pool."""
+    lock = threading.Lock()
+    workers = ThreadPoolExecutor(1, "host-worker")
+
+    def handler() -> str:
+        with lock:
+            return "ok"
+
+    async with serve_gateway(registrar, mirror, redis_url) as s:
+        urls = {"redis_url": redis_url} if mode == "redis" else {"saga_url": s.base_url}
+        saga = SagaServiceDiscovery(
+            **urls,
+            ttl=1.5,
+            heartbeat_interval=0.3,
+            health_check=lambda: handler() == "ok",
+            health_timeout=0.3,
+            health_executor=workers,
+        )
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: saga.register_service("web", "http://w:80", service_id="w")
+            )
+            await mirror.wait_for("web", 10)
+            lock.acquire()  # the deadlock
+            stuck = workers.submit(handler)  # the only worker now blocks
+            await mirror.wait_until(lambda m: (i := only(m, "web")) is not None and i.draining, 15)
+            inst = only(mirror, "web")
+            assert inst is not None and inst.metadata["health"].startswith("failing: no answer")
+            lock.release()
+            await mirror.wait_until(
+                lambda m: (i := only(m, "web")) is not None and not i.draining, 15
+            )
+            assert stuck.result(timeout=5) == "ok"
+        finally:
+            if lock.locked():
+                lock.release()
+            await anyio.to_thread.run_sync(saga.close)
+            workers.shutdown(wait=False, cancel_futures=True)

@@ -207,3 +207,110 @@ async def test_a_reaped_instance_drops_its_override(
         return not await r.exists(KEYS.override("pay", "p9"))
 
     await eventually(dropped, 10, what="the override deleted with the reaped record")
+
+
+async def test_a_timed_drain_ends_on_time_without_any_heartbeat(
+    redis_server: RedisServer, r: aioredis.Redis
+) -> None:
+    """The end of ``--for`` shows in the record (so in ls, REST and pick) within a
+    bounded wait while the agent sends no heartbeat at all (ttl 60 s: every 20 s)."""
+    from saga_events.override_ends import ends_key
+
+    url = redis_server.url
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    async with (
+        Registrar(url, rebuild_wait=0.1, liveness_interval=0.2) as reg,
+        Mirror(url) as mirror,
+        serve_gateway(reg, mirror, url) as s,
+        Agent(url, "pay", "http://p1:80", service_id="p1", ttl=60) as agent,
+    ):
+        await mirror.wait_for("pay", 10)
+        resp = await s.client.post(
+            "/api/v1/services/pay/drain?duration=0.5", json={"by": "erin", "reason": "deploy"}
+        )
+        assert resp.status_code == 200, resp.text
+        assert await r.zscore(ends_key(KEYS), b'["pay","p1"]') is not None
+        announced = agent.announcements
+        with pytest.raises(ServiceNotFound):
+            mirror.pick("pay")
+
+        async def rest_serving() -> bool:
+            got = await s.client.get("/api/v1/services/pay")
+            return got.status_code == 200 and got.json()["draining"] is False
+
+        await eventually(rest_serving, 10, what="the REST API shows the drain ended")
+        assert mirror.pick("pay").service_id == "p1"
+        assert mirror.instances("pay")[0].override is None
+        rows = json.loads(
+            await anyio.to_thread.run_sync(lambda: cli("ls", "--redis", url, "--json"))
+        )
+        assert rows["pay"][0]["draining"] is False and rows["pay"][0]["drained_by"] is None
+        assert agent.announcements == announced  # no heartbeat did it
+        assert await r.zcard(ends_key(KEYS)) == 0  # the schedule is emptied
+
+
+async def test_a_drain_survives_an_empty_redis_restart(redis_server: RedisServer) -> None:
+    """Redis restarts empty: the rebuild restores the override key from the registrar's
+    last view with the records, so the instance comes back drained, not serving."""
+    url = redis_server.url
+    async with (
+        Registrar(url, rebuild_wait=0.1, liveness_interval=0.2) as reg,
+        Mirror(url) as mirror,
+        serve_gateway(reg, mirror, url) as s,
+        Agent(url, "pay", "http://p1:80", service_id="p1", ttl=1.5),
+        Agent(url, "pay", "http://p2:80", service_id="p2", ttl=1.5),
+    ):
+        await mirror.wait_until(lambda m: len(m.instances("pay")) == 2, 10)
+        resp = await s.client.post(
+            "/api/v1/services/pay/drain?service_id=p1&duration=3600",
+            json={"by": "alice", "reason": "disk full"},
+        )
+        assert resp.status_code == 200, resp.text
+
+        async def in_registrars_view() -> bool:
+            # The rebuild restores the registrar's own last view: it must have seen it.
+            view = reg.view() if reg.view is not None else []
+            return any(i.service_id == "p1" and i.override is not None for i in view)
+
+        await eventually(in_registrars_view, 10, what="the drain in the registrar's view")
+        await anyio.to_thread.run_sync(redis_server.kill)
+        await anyio.to_thread.run_sync(redis_server.restart)
+        await mirror.wait_until(lambda m: not m.stale and len(m.instances("pay")) == 2, 20)
+
+        def drained_again(m: Mirror) -> bool:
+            insts = {i.service_id: i for i in m.instances("pay")}
+            p1 = insts.get("p1")
+            return (
+                not m.stale
+                and p1 is not None
+                and p1.override is not None
+                and p1.override.by == "alice"
+            )
+
+        await mirror.wait_until(drained_again, 20)
+        r = aioredis.Redis.from_url(url)
+        try:
+            assert 0 < await r.pttl(KEYS.override("pay", "p1")) <= 3_600_000
+            await heartbeats_applied_of(r, "p1", 2)  # its own heartbeats keep the drain
+        finally:
+            await r.aclose()
+        assert {mirror.pick("pay").service_id for _ in range(6)} == {"p2"}
+        assert mirror.instances("pay")[0].override is not None
+
+
+async def heartbeats_applied_of(r: aioredis.Redis, sid: str, n: int) -> None:
+    rec = KEYS.inst("pay", sid)
+    seen = [await r.zscore(KEYS.deadlines, rec)]
+
+    async def moved() -> float | None:
+        now = await r.zscore(KEYS.deadlines, rec)
+        return now if now is not None and now != seen[-1] else None
+
+    for _ in range(n):
+        seen.append(await eventually(moved, 10, what="a heartbeat applied"))

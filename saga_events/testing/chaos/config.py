@@ -61,6 +61,8 @@ class ChaosConfig:
     * ``pick_threads``: OS threads calling ``mirror.pick()`` in a loop; any exception
       is a violation.
     * ``cpu_hogs``: busy-loop processes started for a few seconds at each fault.
+    * ``drains``: instances of ``svc-d`` drained by an operator through the gateway
+      (needs ``http_clients``), beside one serving; never picked, never lost.
     * ``hostile``: a publisher of floods of fresh ids and leaves for unknown ids beside
       the faults, and with ``hostile_bombs`` JSON bombs, 1 MB and non-JSON messages.
     """
@@ -81,6 +83,7 @@ class ChaosConfig:
     workers: int = 2
     pick_threads: int = 2
     cpu_hogs: int = 2
+    drains: int = 1
     hostile: bool = True
     hostile_bombs: bool = True  # with hostile: JSON bombs, 1 MB and non-JSON messages too
     topology: str = ""  # "": one redis-server; "sentinel": master, 2 replicas, 3 Sentinels;
@@ -89,7 +92,7 @@ class ChaosConfig:
 
     def classic(self) -> ChaosConfig:
         """This config with every client kind added after the first release turned off."""
-        self.http_clients = self.workers = self.pick_threads = self.cpu_hogs = 0
+        self.http_clients = self.workers = self.pick_threads = self.cpu_hogs = self.drains = 0
         self.hostile = self.hostile_bombs = False
         self.faults = tuple(f for f in self.faults if f not in ("flags_flip", "worker_recycle"))
         return self

@@ -13,7 +13,9 @@ Contract (the invariants; each broken one is a :class:`~.config.Violation`):
 * ``resurrect``: an instance removed after its client stopped (leave or crash, then
   reaped) never comes back (mirror 0's change stream);
 * ``stale``: a mirror reports ``stale`` where the fault makes that mandatory;
-* ``crash``: no registrar or gateway process died (they are only killed by a fault).
+* ``crash``: no registrar or gateway process died (they are only killed by a fault);
+* ``drain``: an operator-drained instance is never picked and never lost
+  (:mod:`.drains`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,21 @@ import random
 import anyio
 import anyio.abc
 
+from ... import model
 from ..._redis import TRANSIENT
 from ...errors import ServiceNotFound
 from ...mirror import Removed
 from .clients import PickThreads, cpu_hogs, hostile_publisher, http_client
 from .config import DROPS_EXPECTED, ChaosConfig, ChaosReport, Violation
 from .deployment import HTTP_SERVICE, WORKER_SERVICE, Deployment
+from .drains import (
+    DRAIN_PICKS_EXPECTED,
+    Drains,
+    check_drained,
+    check_picks,
+    check_truth,
+    start_drains,
+)
 from .faults import FAULT_FUNCS, churn
 
 log = logging.getLogger("saga_events.testing.chaos")
@@ -48,6 +59,8 @@ class ChaosRun:
         self._require_stale = False
         self._stale_seen: list[bool] = []
         self._picks: PickThreads | None = None
+        self.drains: Drains | None = None
+        self._drain_seen: set[tuple[str, str]] = set()
 
     def violation(self, kind: str, detail: str, fault: str | None = None) -> None:
         v = Violation(kind, fault or self._fault or "start", detail)
@@ -111,6 +124,7 @@ class ChaosRun:
                         problems.append(f"slow mirror differs on {diff[:5]}")
                     elif stale:
                         problems.append("slow mirror still stale")
+                problems += self.drain_problems(truth)
                 if not problems:
                     now = anyio.current_time()
                     self.report.convergence.setdefault(fault, []).append(now - started)
@@ -120,6 +134,7 @@ class ChaosRun:
                 last = "; ".join(problems)
                 await anyio.sleep(0.05)
         kind = "truth" if last.startswith("truth") else "mirror"
+        kind = "drain" if last.startswith("drain") else kind
         self.violation(kind, f"not converged {self.config.settle_timeout} s after heal: {last}")
 
     async def watch_during_fault(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -141,7 +156,40 @@ class ChaosRun:
                     except ServiceNotFound:
                         self.violation("pick", f"mirror {i} lost {name!r} during the fault")
                         known[i].discard(name)
+            self.watch_drain_picks()
             await anyio.sleep(0.02)
+
+    # -- the drain invariant (drains.py)
+
+    def drain_picked(self, detail: str) -> None:
+        """A drained instance was picked: a violation unless the fault allows it."""
+        key = (self.where(), detail)
+        if self.where() not in DRAIN_PICKS_EXPECTED and key not in self._drain_seen:
+            self._drain_seen.add(key)
+            self.violation("drain", detail)
+
+    def watch_drain_picks(self) -> None:
+        if self.drains is None:
+            return
+        for i, mirror in enumerate(self.dep.mirrors):
+            for name, sid in self.drains.drained.values():
+                for problem in check_picks(mirror, name, [sid], 4):
+                    self.drain_picked(f"mirror {i}: {problem}")
+
+    def drain_problems(self, truth: dict[str, model.Instance]) -> list[str]:
+        """After a heal: a drained instance picked is a violation at once; one lost
+        (from Redis or a mirror) is a problem the convergence waits for."""
+        if self.drains is None:
+            return []
+        drained = self.drains.drained
+        waiting = [f"drain: {p}" for p in check_truth(truth, drained)]
+        for i, mirror in enumerate(self.dep.mirrors):
+            for problem in check_drained(mirror, drained):
+                if problem.startswith("picked"):
+                    self.drain_picked(f"mirror {i}: {problem}")
+                else:
+                    waiting.append(f"drain: mirror {i}: {problem}")
+        return waiting
 
     async def watch_changes(self) -> None:
         """On mirror 0's change stream: a live stable instance removed (``pick``), or an
@@ -220,6 +268,9 @@ class ChaosRun:
         async with self.dep.running(), anyio.create_task_group() as tg:
             try:
                 await self.start_http_clients(tg)
+                if config.drains and config.http_clients:  # drains go through the gateway
+                    self.drains = await start_drains(self.dep, config.drains)
+                    self.report.clients["operator drains"] += len(self.drains.drained)
                 await self.converge("start", anyio.current_time())
                 tg.start_soon(self.watch_changes)
                 if config.hostile:
