@@ -31,6 +31,7 @@ from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
 from . import _wire, connection, identity, model, scripts
+from ._fastdecode import FastDecoder
 from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
@@ -134,6 +135,7 @@ class Registrar(RunsInBackground):
             else None
         )
         self._scripts = scripts.Scripts(self._redis)
+        self._fast = FastDecoder(url_schemes)
         self._rebuilds = Rebuilds(self)
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
@@ -260,6 +262,9 @@ class Registrar(RunsInBackground):
         """
         prefix = self.keys.events_prefix.encode()
         service = channel[len(prefix) :].decode("utf-8", "replace")
+        event = self._fast.decode(data, service)  # the common case, checked strings cached
+        if event is not None:
+            return event
         try:
             return model.decode_event(data, service, schemes=self.url_schemes)
         except InvalidEvent as exc:
