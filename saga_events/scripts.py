@@ -131,13 +131,10 @@ def backstop_ms(ttl_ms: int) -> int:
 #: one call's overhead); bounded so that one call blocks Redis for little.
 BATCH_EVENTS: Final = 64
 _SHARED_KEYS: Final = 5
-_ARGS_PER_EVENT: Final = 12
 
 
-def _event_args(
-    keys: Keys, event: model.AnyEvent, limits: Limits, after_newest: bool
-) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
-    """One event's three keys (record, tombstone, override) and its 12 ARGV."""
+def _event_args(keys: Keys, event: model.AnyEvent) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
+    """One event's three keys (record, tombstone, override) and its six ARGV."""
     name, sid = event.service_name, event.service_id
     if isinstance(event, model.Leave):
         kind, body, ttl = "leave", b"", 0
@@ -145,20 +142,7 @@ def _event_args(
         kind, body, ttl = "announce", model.encode(model.body_of(event))[1:], event.ttl_ms
     return (
         (keys.inst(name, sid), keys.tomb(name, sid), keys.override(name, sid)),
-        (
-            kind,
-            event.incarnation,
-            event.seq,
-            body,
-            ttl,
-            backstop_ms(ttl),
-            max(limits.tomb_ttl_ms, 3 * ttl),
-            "1" if after_newest else "0",
-            name,
-            limits.max_instances_per_service,
-            limits.max_instances,
-            limits.unknown_leave_ms,
-        ),
+        (kind, event.incarnation, event.seq, body, ttl, name),
     )
 
 
@@ -169,7 +153,7 @@ def apply_batch_call(
     event_keys: list[str] = []
     event_args: list[Any] = []
     for event in events:
-        k, a = _event_args(keys, event, limits, after_newest)
+        k, a = _event_args(keys, event)
         event_keys.extend(k)
         event_args.extend(a)
     return (
@@ -182,6 +166,12 @@ def apply_batch_call(
         keys.rev,
         counts_key(keys),
         *event_keys,
+        limits.tomb_ttl_ms,
+        "1" if after_newest else "0",
+        limits.max_instances_per_service,
+        limits.max_instances,
+        limits.unknown_leave_ms,
+        BACKSTOP_MIN_MS,
         *event_args,
     )
 

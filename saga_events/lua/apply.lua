@@ -3,10 +3,13 @@
 -- Batch layout (one EVALSHA applies N events in order, as N calls would):
 --   KEYS[1..5]          index, deadlines, order, rev, counts (shared)
 --   KEYS[6+3i .. 8+3i]  record, tombstone, override of event i (0-based)
---   ARGV[1+12i .. 12+12i] the 12 ARGV of event i, below
+--   ARGV[1..6]          shared: tomb_ttl_ms, next, max_per_service,
+--                       max_instances, unknown_leave_ms, backstop_min_ms
+--   ARGV[7+6i .. 12+6i] event i: kind, incarnation, seq, body, ttl_ms, service
 --   Reply: one reply per event, below. TIME is read once per batch.
 -- Each event is applied by apply_one(KEYS, ARGV) with its own KEYS and ARGV
--- laid out as follows:
+-- (the batch's, and backstop_ms = max(10 x ttl, backstop_min_ms), tombstone
+-- life max(tomb_ttl_ms, 3 x ttl)) laid out as follows:
 --
 -- KEYS[1] record      saga:{ns}:inst:<service>:<id>
 -- KEYS[2] tombstone   saga:{ns}:tomb:<service>:<id>
@@ -203,11 +206,15 @@ end
 return {'created', reg, nows, incs, seqs}
 end
 local shared, out = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, {}
-for i = 0, #ARGV / 12 - 1 do
-  local k, a = 6 + 3 * i, 12 * i
+local least_tomb, least_backstop = tonumber(ARGV[1]), tonumber(ARGV[6])
+for i = 0, (#ARGV - 6) / 6 - 1 do
+  local k, a = 6 + 3 * i, 6 + 6 * i
+  local ttl = tonumber(ARGV[a + 5])
   out[i + 1] = apply_one(
     {KEYS[k], KEYS[k + 1], shared[1], shared[2], shared[3], shared[4], shared[5], KEYS[k + 2]},
-    {ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
-     ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]})
+    {ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5],
+     string.format('%d', math.max(10 * ttl, least_backstop)),
+     string.format('%d', math.max(least_tomb, 3 * ttl)),
+     ARGV[2], ARGV[a + 6], ARGV[3], ARGV[4], ARGV[5]})
 end
 return out
