@@ -199,7 +199,7 @@ def parse_batch(reply: Any) -> list[ApplyResult]:
     return [parse_apply(r) for r in reply]
 
 
-async def apply_many(
+async def apply_raw(
     redis: aioredis.Redis,
     pipe: _wire.Pipe,
     keys: Keys,
@@ -207,9 +207,10 @@ async def apply_many(
     limits: Limits,
     *,
     after_newest: bool = False,
-) -> list[ApplyResult]:
-    """Apply events in order in one pipeline (one round trip); raise the first
-    error reply (a refused write: OOM, READONLY)."""
+) -> list[list[Any]]:
+    """Apply events in order in one pipeline (one round trip); return each event's
+    raw reply (``[status, registered_at_ms, now_ms, incarnation, seq]`` as bytes
+    and ints). Raise the first error reply (a refused write: OOM, READONLY)."""
     if not events:
         return []
     pack = _wire.pack_command
@@ -226,8 +227,22 @@ async def apply_many(
         for r in replies:
             if isinstance(r, Exception):
                 raise r
-        return [res for r in replies for res in parse_batch(r)]
+        return replies[0] if len(replies) == 1 else [res for r in replies for res in r]
     raise NoScriptError("apply script could not be loaded")
+
+
+async def apply_many(
+    redis: aioredis.Redis,
+    pipe: _wire.Pipe,
+    keys: Keys,
+    events: list[model.AnyEvent],
+    limits: Limits,
+    *,
+    after_newest: bool = False,
+) -> list[ApplyResult]:
+    """:func:`apply_raw`, each reply read into an :class:`ApplyResult`."""
+    replies = await apply_raw(redis, pipe, keys, events, limits, after_newest=after_newest)
+    return [parse_apply(r) for r in replies]
 
 
 def restore_call(keys: Keys, inst: model.Instance) -> tuple[list[str], list[Any]]:
