@@ -206,7 +206,7 @@ def registrar_role(url: str, ready: Any, counters: Any, slot: int, batch_size: i
 
     from saga_events import _loop
 
-    _loop.run(main)  # the loop the CLI's registrar runs on (uvloop when installed)
+    _loop.run(main)  # the loop the CLI's registrar runs on (SAGA_EVENTS_LOOP)
 
 
 def watcher_role(url: str, idx: int, out: Any, target: str) -> None:

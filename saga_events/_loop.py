@@ -1,13 +1,11 @@
 """The event loop a long-running saga-events process runs on (internal).
 
-One job: ``run(func, *args)`` is ``anyio.run`` on uvloop when uvloop is
-installed (the ``fast`` extra, also in ``server``), on asyncio's own loop
-otherwise. Measured for the registrar (docs/BENCHMARKS.md, "Registrar"): a
-busy registrar spends much of its time in the loop's select and socket
-writes, which uvloop does in C.
-
-``SAGA_EVENTS_LOOP=asyncio`` forces asyncio's loop; ``=uvloop`` requires
-uvloop (an ImportError says so when it is missing).
+One job: ``run(func, *args)`` is ``anyio.run`` on asyncio's own loop, or on
+uvloop when ``SAGA_EVENTS_LOOP=uvloop`` (``pip install 'saga-events[fast]'``;
+an ImportError says so when it is missing). asyncio stays the default: for
+the registrar, paired runs measured no gain from uvloop (docs/BENCHMARKS.md,
+"Registrar": its time goes to the socket syscalls, which are the same on
+both loops, and to decoding and packing, which are not the loop's).
 """
 
 from __future__ import annotations
@@ -26,13 +24,13 @@ ENV: str = "SAGA_EVENTS_LOOP"
 
 def backend_options() -> dict[str, Any]:
     """anyio's asyncio backend options for this process's loop."""
-    choice = os.environ.get(ENV, "auto").strip().lower()
-    if choice == "asyncio":
+    choice = os.environ.get(ENV, "asyncio").strip().lower()
+    if choice != "uvloop":
         return {}
     if importlib.util.find_spec("uvloop") is None:
-        if choice == "uvloop":
-            raise ImportError(f"{ENV}=uvloop but uvloop is not installed: pip install uvloop")
-        return {}
+        raise ImportError(
+            f"{ENV}=uvloop but uvloop is not installed: pip install 'saga-events[fast]'"
+        )
     return {"use_uvloop": True}
 
 
