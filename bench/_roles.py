@@ -204,7 +204,9 @@ def registrar_role(url: str, ready: Any, counters: Any, slot: int, batch_size: i
                     counters[slot * width + i] = v
                 await anyio.sleep(0.01)
 
-    anyio.run(main)
+    from saga_events import _loop
+
+    _loop.run(main)  # the loop the CLI's registrar runs on (SAGA_EVENTS_LOOP)
 
 
 def watcher_role(url: str, idx: int, out: Any, target: str) -> None:

@@ -29,9 +29,13 @@ from saga_events.model import new_incarnation
 
 
 def _info(r: Any) -> tuple[int, dict[str, int]]:
+    """Commands processed, and per command its calls and (key ``<cmd>:usec``) the
+    µs Redis spent in it (its own clock: less sensitive to a loaded machine
+    than the process's CPU time, which also counts the syscalls)."""
     stats = r.info("stats")
     cmd = r.info("commandstats")
     calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in cmd.items()}
+    calls.update({f"{k.removeprefix('cmdstat_')}:usec": int(v["usec"]) for k, v in cmd.items()})
     return int(stats["total_commands_processed"]), calls
 
 
@@ -135,6 +139,9 @@ def run_size(n: int, interval: float, ttl_ms: int, profile: bool, bar: Any) -> d
         ]
 
     calls = {k: v - calls0.get(k, 0) for k, v in calls1.items() if v - calls0.get(k, 0) > 0}
+    # Inside a script each redis.call is counted in its own command's stats, and
+    # the script's EVALSHA usec already holds them: the scripts plus the PUBLISHes.
+    usec = sum(calls.get(f"{c}:usec", 0) for c in ("evalsha", "eval", "publish"))
     return {
         "n": n,
         "heartbeats": heartbeats,
@@ -143,6 +150,7 @@ def run_size(n: int, interval: float, ttl_ms: int, profile: bool, bar: Any) -> d
         "redis_cpu_pct": [100 * x for x in per_second(cpu_redis)],
         "redis_ops_per_s": per_second([float(x) for x in ops]),
         "redis_commands_per_heartbeat": (ops1 - ops0) / max(1, heartbeats),
+        "redis_usec_per_heartbeat": usec / max(1, heartbeats),
         "commandstats": calls,
         "mirror_record_notifications": delta("record_notifications"),
         "mirror_gets": delta("gets"),
@@ -187,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             per_heartbeat=res["redis_commands_per_heartbeat"],
         )
         report.add(
+            f"Redis time in commands per heartbeat, N={n}",
+            "µs",
+            [res["redis_usec_per_heartbeat"]],
+        )
+        report.add(
             f"mirror messages per heartbeat, N={n}",
             "msgs",
             [res["mirror_record_notifications"] / hb],
@@ -202,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     big = results[-1]
     mean_cpu = sum(big["registrar_cpu_pct"]) / max(1, len(big["registrar_cpu_pct"]))
     report.target(
-        f"{big['n']:,} heartbeating instances at <= 25 % of one core (registrar)",
+        f"{big['n']:,} heartbeating instances at <= 15 % of one core (registrar)",
         f"{mean_cpu:.1f} % (mean over {big['elapsed_s']:.0f} s)",
-        mean_cpu <= 25,
+        mean_cpu <= 15,
     )
     msgs = sum(r["mirror_record_notifications"] for r in results)
     cmds = sum(r["mirror_gets"] + r["mirror_snapshots"] for r in results)
@@ -231,7 +244,7 @@ def _plot(report: h.Report, fig: Any) -> None:
     ax1.plot(ns, [r.extra["mean_pct"] for r in rows], marker="o", label="registrar")
     red = [r for r in report.rows if r.name.startswith("redis-server CPU")]
     ax1.plot(ns, [r.stats["mean"] for r in red], marker="s", label="redis-server")
-    ax1.axhline(25, color="grey", linestyle=":", label="target (registrar)")
+    ax1.axhline(15, color="grey", linestyle=":", label="target (registrar)")
     ax1.set_xscale("log")
     ax1.set_xlabel("instances heartbeating every 20 s")
     ax1.set_ylabel("% of one core")

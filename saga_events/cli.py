@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import __version__
+from . import __version__, _loop
 from ._cli_base import (
     click,
     namespace_option,
@@ -200,7 +200,7 @@ def up(
 
             anyio.run(setup_redis, redis_url, PROTO_MAX_BULK_LEN)
         ready = _echo_ready(redis_url, namespace, server is not None)
-        anyio.run(_serve_registrar, redis_url, namespace, True, ready, address, api_token)
+        _loop.run(_serve_registrar, redis_url, namespace, True, ready, address, api_token)
     except NotificationConfigError as exc:
         raise click.ClickException(str(exc)) from None
     except SagaError as exc:
@@ -241,7 +241,7 @@ def registrar(
         raise click.UsageError("give --redis URL or set SAGA_REDIS_URL")
     address = _parse_http(http)
     try:
-        anyio.run(
+        _loop.run(
             _serve_registrar, redis_url, namespace, not no_manage_config,
             _echo_ready(redis_url, namespace, False), address, api_token,
         )  # fmt: skip

@@ -31,6 +31,7 @@ from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
 from . import _wire, connection, identity, model, override_ends, scripts
+from ._fastdecode import FastDecoder
 from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
@@ -134,6 +135,7 @@ class Registrar(RunsInBackground):
             else None
         )
         self._scripts = scripts.Scripts(self._redis)
+        self._fast = FastDecoder(url_schemes)
         self._rebuilds = Rebuilds(self)
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
@@ -236,22 +238,33 @@ class Registrar(RunsInBackground):
         self, events: list[model.AnyEvent], *, after_newest: bool = False
     ) -> list[ApplyResult]:
         """Apply events in order in one pipeline (one round trip)."""
-        results = await scripts.apply_many(
+        replies = await self._apply_raw(events, after_newest)
+        return [scripts.parse_apply(r) for r in replies]
+
+    async def _apply_raw(
+        self, events: list[model.AnyEvent], after_newest: bool = False
+    ) -> list[list[Any]]:
+        """Apply and count; the raw replies (the intake needs only their statuses)."""
+        replies = await scripts.apply_raw(
             self._redis, self._pipe, self.keys, events, self.limits, after_newest=after_newest
         )
-        for event, res in zip(events, results, strict=True):
-            self.stats.applied[res.status] += 1
-            if res.status == "capped":
-                self.stats.rejected["cap_refused"] += 1
-                self._rejections.warning(
-                    "refused to create %s/%s (cap_refused): more than %d instances of the "
-                    "service or %d in all",
-                    event.service_name,
-                    event.service_id,
-                    self.limits.max_instances_per_service,
-                    self.limits.max_instances,
-                )
-        return results
+        statuses = Counter(r[0] for r in replies)
+        applied = self.stats.applied
+        for status, count in statuses.items():
+            applied[status.decode()] += count
+        if b"capped" in statuses:
+            for event, reply in zip(events, replies, strict=True):
+                if reply[0] == b"capped":
+                    self.stats.rejected["cap_refused"] += 1
+                    self._rejections.warning(
+                        "refused to create %s/%s (cap_refused): more than %d instances of the "
+                        "service or %d in all",
+                        event.service_name,
+                        event.service_id,
+                        self.limits.max_instances_per_service,
+                        self.limits.max_instances,
+                    )
+        return replies
 
     def validate(self, channel: bytes, data: bytes) -> model.AnyEvent | None:
         """Decode one message; count and log a rejection and return None if invalid.
@@ -260,6 +273,9 @@ class Registrar(RunsInBackground):
         """
         prefix = self.keys.events_prefix.encode()
         service = channel[len(prefix) :].decode("utf-8", "replace")
+        event = self._fast.decode(data, service)  # the common case, checked strings cached
+        if event is not None:
+            return event
         try:
             return model.decode_event(data, service, schemes=self.url_schemes)
         except InvalidEvent as exc:
@@ -355,7 +371,7 @@ class Registrar(RunsInBackground):
                 events.append(event)
         if events:
             try:
-                await self.apply_many(events)
+                await self._apply_raw(events)
             except ResponseError as exc:
                 # Redis refused the writes (OOM, READONLY): these events are lost,
                 # the agents' next heartbeats carry the same records again.

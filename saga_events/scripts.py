@@ -8,9 +8,11 @@ Contract:
 * :class:`Scripts` calls a script by EVALSHA and, on ``NOSCRIPT`` (Redis
   restarted and lost its script cache), loads it and calls again: a NOSCRIPT
   reply means nothing ran.
-* :func:`apply_call` builds the apply script's command for one validated
-  event and :func:`parse_apply` reads its reply; :func:`apply_many` sends a
-  batch as one hand-packed EVALSHA pipeline (``_wire``). The registrar's
+* :func:`apply_batch_call` builds the apply script's command for a batch of
+  validated events (one script call applies them in order) and
+  :func:`parse_batch` reads its reply; :func:`apply_many` sends any number
+  of events as one hand-packed pipeline (``_wire``) of such calls, at most
+  :data:`BATCH_EVENTS` events each. The registrar's
   pub/sub intake and the HTTP gateway (through ``Registrar.apply``) both go
   through :func:`apply_many`: one implementation of applying an event.
 """
@@ -125,40 +127,61 @@ def backstop_ms(ttl_ms: int) -> int:
     return max(10 * ttl_ms, BACKSTOP_MIN_MS)
 
 
-def apply_call(
-    keys: Keys, event: model.AnyEvent, limits: Limits, *, after_newest: bool = False
-) -> tuple[Any, ...]:
-    """The EVALSHA command that applies one validated event."""
+#: Events per apply EVALSHA: a batch runs as one script call (TIME read once,
+#: one call's overhead); bounded so that one call blocks Redis for little.
+BATCH_EVENTS: Final = 64
+_SHARED_KEYS: Final = 5
+
+
+def _event_args(keys: Keys, event: model.AnyEvent) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
+    """One event's three keys (record, tombstone, override) and its six ARGV."""
     name, sid = event.service_name, event.service_id
     if isinstance(event, model.Leave):
         kind, body, ttl = "leave", b"", 0
     else:
         kind, body, ttl = "announce", model.encode(model.body_of(event))[1:], event.ttl_ms
     return (
+        (keys.inst(name, sid), keys.tomb(name, sid), keys.override(name, sid)),
+        (kind, event.incarnation, event.seq, body, ttl, name),
+    )
+
+
+def apply_batch_call(
+    keys: Keys, events: list[model.AnyEvent], limits: Limits, *, after_newest: bool = False
+) -> tuple[Any, ...]:
+    """The one EVALSHA that applies validated ``events`` in order (see lua/apply.lua)."""
+    event_keys: list[str] = []
+    event_args: list[Any] = []
+    for event in events:
+        k, a = _event_args(keys, event)
+        event_keys.extend(k)
+        event_args.extend(a)
+    return (
         "EVALSHA",
         APPLY.sha,
-        8,
-        keys.inst(name, sid),
-        keys.tomb(name, sid),
+        _SHARED_KEYS + len(event_keys),
         keys.index,
         keys.deadlines,
         keys.order,
         keys.rev,
         counts_key(keys),
-        keys.override(name, sid),
-        kind,
-        event.incarnation,
-        event.seq,
-        body,
-        ttl,
-        backstop_ms(ttl),
-        max(limits.tomb_ttl_ms, 3 * ttl),
+        *event_keys,
+        limits.tomb_ttl_ms,
         "1" if after_newest else "0",
-        name,
         limits.max_instances_per_service,
         limits.max_instances,
         limits.unknown_leave_ms,
+        BACKSTOP_MIN_MS,
+        *event_args,
     )
+
+
+def apply_call(
+    keys: Keys, event: model.AnyEvent, limits: Limits, *, after_newest: bool = False
+) -> tuple[Any, ...]:
+    """The EVALSHA that applies one validated event (a batch of one; its reply
+    is read by :func:`parse_batch`)."""
+    return apply_batch_call(keys, [event], limits, after_newest=after_newest)
 
 
 def _text(value: Any) -> str:
@@ -166,8 +189,46 @@ def _text(value: Any) -> str:
 
 
 def parse_apply(reply: Any) -> ApplyResult:
+    """One event's reply ``{status, registered_at_ms, now_ms, incarnation, seq}``."""
     status, reg, now, inc, seq = reply
     return ApplyResult(_text(status), int(reg), int(now), int(inc), int(seq))
+
+
+def parse_batch(reply: Any) -> list[ApplyResult]:
+    """A batch call's reply: one :class:`ApplyResult` per event, in order."""
+    return [parse_apply(r) for r in reply]
+
+
+async def apply_raw(
+    redis: aioredis.Redis,
+    pipe: _wire.Pipe,
+    keys: Keys,
+    events: list[model.AnyEvent],
+    limits: Limits,
+    *,
+    after_newest: bool = False,
+) -> list[list[Any]]:
+    """Apply events in order in one pipeline (one round trip); return each event's
+    raw reply (``[status, registered_at_ms, now_ms, incarnation, seq]`` as bytes
+    and ints). Raise the first error reply (a refused write: OOM, READONLY)."""
+    if not events:
+        return []
+    pack = _wire.pack_command
+    chunks = [events[i : i + BATCH_EVENTS] for i in range(0, len(events), BATCH_EVENTS)]
+    packed = b"".join(
+        [pack(apply_batch_call(keys, c, limits, after_newest=after_newest)) for c in chunks]
+    )
+    for _attempt in range(2):
+        replies = await pipe.execute(packed, len(chunks))
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis restarted and lost its script cache: nothing was applied.
+            await Scripts(redis).load(APPLY)
+            continue
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies[0] if len(replies) == 1 else [res for r in replies for res in r]
+    raise NoScriptError("apply script could not be loaded")
 
 
 async def apply_many(
@@ -179,25 +240,9 @@ async def apply_many(
     *,
     after_newest: bool = False,
 ) -> list[ApplyResult]:
-    """Apply events in order in one pipeline (one round trip); raise the first
-    error reply (a refused write: OOM, READONLY)."""
-    if not events:
-        return []
-    pack = _wire.pack_command
-    packed = b"".join(
-        [pack(apply_call(keys, e, limits, after_newest=after_newest)) for e in events]
-    )
-    for _attempt in range(2):
-        replies = await pipe.execute(packed, len(events))
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # Redis restarted and lost its script cache: nothing was applied.
-            await Scripts(redis).load(APPLY)
-            continue
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
-        return [parse_apply(r) for r in replies]
-    raise NoScriptError("apply script could not be loaded")
+    """:func:`apply_raw`, each reply read into an :class:`ApplyResult`."""
+    replies = await apply_raw(redis, pipe, keys, events, limits, after_newest=after_newest)
+    return [parse_apply(r) for r in replies]
 
 
 def restore_call(keys: Keys, inst: model.Instance) -> tuple[list[str], list[Any]]:

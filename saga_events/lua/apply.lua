@@ -1,4 +1,15 @@
--- apply.lua: apply one event to one instance, ordered by (incarnation, seq).
+-- apply.lua: apply a batch of events, each to one instance, ordered by (incarnation, seq).
+--
+-- Batch layout (one EVALSHA applies N events in order, as N calls would):
+--   KEYS[1..5]          index, deadlines, order, rev, counts (shared)
+--   KEYS[6+3i .. 8+3i]  record, tombstone, override of event i (0-based)
+--   ARGV[1..6]          shared: tomb_ttl_ms, next, max_per_service,
+--                       max_instances, unknown_leave_ms, backstop_min_ms
+--   ARGV[7+6i .. 12+6i] event i: kind, incarnation, seq, body, ttl_ms, service
+--   Reply: one reply per event, below. TIME is read once per batch.
+-- Each event is applied by apply_one(KEYS, ARGV) with its own KEYS and ARGV
+-- (the batch's, and backstop_ms = max(10 x ttl, backstop_min_ms), tombstone
+-- life max(tomb_ttl_ms, 3 x ttl)) laid out as follows:
 --
 -- KEYS[1] record      saga:{ns}:inst:<service>:<id>
 -- KEYS[2] tombstone   saga:{ns}:tomb:<service>:<id>
@@ -41,16 +52,21 @@
 -- announce if it lands within ARGV[12]; a later one creates the instance,
 -- which is then reaped one ttl later, as any crash.
 -- Heartbeats are invisible: an unchanged record only moves its deadline (a
--- zset write outside the mirrors' subscription); its PX is refreshed when
--- less than half of the backstop is left, so at most once per backstop/2 >= 1 h
--- per instance (one 'expire' notification to each mirror).
+-- zset write outside the mirrors' subscription) and its order entry; its PX
+-- is refreshed when less than half of the backstop is left (checked on every
+-- 4th seq), so at most once per backstop/2 >= 1 h per instance (one 'expire'
+-- notification to each mirror).
 -- Out of memory: removal deletes before it writes; once a script has written,
 -- Redis lets its further writes through, and the tombstone SET is a pcall, so
 -- a leave removes the record even when the tombstone cannot be stored.
 -- Every record change (create, update, remove) INCRs KEYS[6].
+local batch_time = redis.call('TIME')
+local function apply_one(KEYS, ARGV)
+-- One MGET reads the record, the tombstone and the override (one call, not three).
+local got = redis.call('MGET', KEYS[1], KEYS[2], KEYS[8])
 local body = ARGV[4]
-if KEYS[8] and ARGV[1] ~= 'leave' then
-  local ov = redis.call('GET', KEYS[8])
+if ARGV[1] ~= 'leave' then
+  local ov = got[3]
   if ov then
     local base, own = string.match(body, '^(.*),"draining":([a-z]+)}$')
     local head = string.match(ov, '^({.*)}$')
@@ -59,7 +75,7 @@ if KEYS[8] and ARGV[1] ~= 'leave' then
     end
   end
 end
-local t = redis.call('TIME')
+local t = batch_time
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nows = string.format('%.0f', now)
 local inc = tonumber(ARGV[2])
@@ -77,9 +93,9 @@ local function cmp(i, q)
   if seq ~= q then return seq < q and -1 or 1 end
   return 0
 end
-local tomb = redis.call('GET', KEYS[2])
+local tomb = got[2]
 local ti, ts = pair(tomb)
-local cur = redis.call('GET', KEYS[1])
+local cur = got[1]
 local ci, cs, creg, crest
 if cur then
   ci, cs, creg, crest = string.match(cur,
@@ -147,8 +163,12 @@ if ci and inc == ci and crest == body then
   if order > 0 then
     redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
   end
+  -- The backstop is checked on a duplicate (order 0: the HTTP gateway's
+  -- heartbeats) and on every 4th seq (an agent's heartbeats count up by one;
+  -- its changes rewrite the record with a fresh PX anyway): the half left is
+  -- >= 5 ttl, 15 heartbeats, so this costs one PTTL per 4 heartbeats, not 1.
   local backstop = tonumber(ARGV[6])
-  if redis.call('PTTL', KEYS[1]) < backstop / 2 then
+  if (order == 0 or seq % 4 == 0) and redis.call('PTTL', KEYS[1]) < backstop / 2 then
     redis.call('PEXPIRE', KEYS[1], backstop)
   end
   return {'refreshed', creg, nows, incs, seqs}
@@ -184,3 +204,17 @@ if cur then
   return {'updated', reg, nows, incs, seqs}
 end
 return {'created', reg, nows, incs, seqs}
+end
+local shared, out = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, {}
+local least_tomb, least_backstop = tonumber(ARGV[1]), tonumber(ARGV[6])
+for i = 0, (#ARGV - 6) / 6 - 1 do
+  local k, a = 6 + 3 * i, 6 + 6 * i
+  local ttl = tonumber(ARGV[a + 5])
+  out[i + 1] = apply_one(
+    {KEYS[k], KEYS[k + 1], shared[1], shared[2], shared[3], shared[4], shared[5], KEYS[k + 2]},
+    {ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5],
+     string.format('%d', math.max(10 * ttl, least_backstop)),
+     string.format('%d', math.max(least_tomb, 3 * ttl)),
+     ARGV[2], ARGV[a + 6], ARGV[3], ARGV[4], ARGV[5]})
+end
+return out

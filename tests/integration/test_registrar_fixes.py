@@ -100,8 +100,24 @@ async def test_backstop_is_long_and_unchanged_heartbeats_do_not_touch_it(
     await quiet.apply(hb(seq=2, ttl_ms=60_000))
     assert 3_600_000 < await r.pttl(key) <= 3_700_000  # more than half left: untouched
     await r.pexpire(key, 3_500_000)  # less than half of the 2 h backstop left
+    # Checked on every 4th seq (one PTTL per 4 heartbeats): refreshed within 4.
     await quiet.apply(hb(seq=3, ttl_ms=60_000))
+    assert await r.pttl(key) <= 3_500_000
+    await quiet.apply(hb(seq=4, ttl_ms=60_000))
     assert await r.pttl(key) > 7_000_000  # refreshed, once: the next is an hour away
+
+
+async def test_backstop_refreshed_by_a_duplicate_heartbeat(
+    quiet: Registrar, r: aioredis.Redis
+) -> None:
+    # The HTTP gateway's heartbeats repeat the newest (incarnation, seq): such a
+    # duplicate always checks the backstop, whatever its seq.
+    await quiet.apply(reg(seq=1, ttl_ms=60_000))
+    key = K.inst("svc", "a")
+    await quiet.apply(hb(seq=5, ttl_ms=60_000))
+    await r.pexpire(key, 3_500_000)
+    assert (await quiet.apply(hb(seq=5, ttl_ms=60_000))).status == "refreshed"
+    assert await r.pttl(key) > 7_000_000
 
 
 async def test_leave_tombstone_lives_three_ttls(quiet: Registrar, r: aioredis.Redis) -> None:

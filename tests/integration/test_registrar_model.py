@@ -128,7 +128,7 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     def _send(self, ev: model.AnyEvent, conn: int = 0, after_newest: bool = False) -> None:
         call = scripts.apply_call(K, ev, self.limits, after_newest=after_newest)
-        got = scripts.parse_apply(self.conns[conn].execute_command(*call)).status
+        got = scripts.parse_batch(self.conns[conn].execute_command(*call))[0].status
         want = self.model.apply(ev, after_newest)
         assert got == want, f"{ev!r} (after_newest={after_newest}): script {got}, model {want}"
 

@@ -300,11 +300,11 @@ def test_token_bucket_rejects_nonsense_settings() -> None:
 async def _collect(registrar: Registrar, batch: list[Any]) -> list[model.AnyEvent]:
     applied: list[model.AnyEvent] = []
 
-    async def apply_many(events: list[model.AnyEvent]) -> list[Any]:
+    async def apply_raw(events: list[model.AnyEvent], after_newest: bool = False) -> list[Any]:
         applied.extend(events)
         return []
 
-    registrar.apply_many = apply_many  # type: ignore[method-assign]
+    registrar._apply_raw = apply_raw  # type: ignore[method-assign]
     await registrar._process(batch)
     return applied
 
