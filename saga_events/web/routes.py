@@ -171,7 +171,10 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 def handlers(ctx: Context) -> list[Any]:
     """The route handlers of the REST API, bound to ``ctx``."""
 
-    def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    # async: Litestar runs a plain function guard in a worker thread (a thread hop per write).
+    async def require_token(
+        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
         if not ctx.authorized(connection.headers.get("authorization")):
             raise NotAuthorizedException(
                 "this gateway requires 'Authorization: Bearer <token>' for writes "
