@@ -108,6 +108,49 @@ except ImportError:  # pragma: no cover - platforms without httptools
 _PARSER_ENV: Final = "SAGA_HTTP_PARSER"  # "h11" forces the pure-Python parser
 
 
+class _Corked:
+    """A connection's transport whose writes within one turn of the loop go out as one.
+
+    uvicorn writes a response's head and body separately: two ``send`` calls,
+    two packets (TCP_NODELAY) where one does. Writes are gathered and flushed
+    by a callback at the loop's next turn, or at once by ``close``.
+    """
+
+    __slots__ = ("_loop", "_parts", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._parts:
+            self._loop.call_soon(self._flush)
+        self._parts.append(bytes(data))
+
+    def _flush(self) -> None:
+        parts = self._parts
+        if parts:
+            self._parts = []
+            self._transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._parts = []
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(p) for p in self._parts)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
 def _base_protocol() -> type[H11Protocol]:
     if _FastProtocol is not None and os.environ.get(_PARSER_ENV, "").lower() != "h11":
         return _FastProtocol  # type: ignore[return-value]  # same interface for what we use
@@ -125,7 +168,8 @@ def _guarded_protocol(limits: Limits) -> type[H11Protocol]:
         _pending = 0  # bytes received while waiting for a request's headers
 
         def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
+            corked = _Corked(transport, asyncio.get_running_loop())
+            super().connection_made(corked)
             if len(self.connections) > limits.max_connections:
                 transport.write(
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
