@@ -112,8 +112,9 @@ class _Corked:
     """A connection's transport whose writes within one turn of the loop go out as one.
 
     uvicorn writes a response's head and body separately: two ``send`` calls,
-    two packets (TCP_NODELAY) where one does. Writes are gathered and flushed
-    by a callback at the loop's next turn, or at once by ``close``.
+    two packets (TCP_NODELAY) where one does. A head and what follows it are
+    gathered and flushed by a callback at the loop's next turn, or at once by
+    ``close``; any other write (a stream's next chunk) goes at once.
     """
 
     __slots__ = ("_loop", "_parts", "_transport")
@@ -127,6 +128,11 @@ class _Corked:
         if not data:
             return
         if not self._parts:
+            if bytes(data[:7]) != b"HTTP/1.":
+                # Not a response's head (e.g. the next chunk of a stream): nothing to
+                # gather it with, so it goes at once.
+                self._transport.write(data)
+                return
             self._loop.call_soon(self._flush)
         self._parts.append(bytes(data))
 
