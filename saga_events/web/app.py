@@ -48,6 +48,7 @@ from .fast import JSON_HEADERS, FastReads
 from .metrics import route_of
 from .routes import TOKEN_ENV, Context, handlers
 from .schema import NAME_RULE, ErrorBody
+from .watch import RAW_SEND
 
 log = logging.getLogger("saga_events.gateway")
 
@@ -285,6 +286,7 @@ class Front:
             await self.app(scope, receive, send)
             return
         stats = self.ctx.metrics.stats
+        scope[RAW_SEND] = send  # for the watch stream's chunks (see web.watch)
         method, path = str(scope["method"]), str(scope["path"])
         if method in ("POST", "DELETE") and path.startswith("/api/v1/services"):
             stats.received += 1  # every write request, accepted or not

@@ -90,6 +90,9 @@ DEFAULT_QUEUE_SIZE: Final = 1024
 DEFAULT_HISTORY: Final = 4096
 DEFAULT_SEND_TIMEOUT: Final = 30.0
 RETRY_MS: Final = 1000
+#: The scope key under which the gateway's ASGI front leaves the server's own ``send``:
+#: a stream's chunks skip the wrappers that only look at the response's start.
+RAW_SEND: Final = "saga.raw_send"
 KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
 
 _encode = msgspec.json.Encoder().encode
@@ -422,6 +425,15 @@ class _GuardedStreaming(ASGIStreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        await self.start_response(send=send)  # through every wrapper (counting, errors)
+        raw: Send | None = scope.get(RAW_SEND)
+        if self.is_head_response:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await self.send_body(send=raw if raw is not None else send, receive=receive)
+        await self.after_response()
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         # Litestar's version waits for the client to disconnect even after the stream
