@@ -64,15 +64,15 @@ class Heartbeats:
         self.writer = writer
         self.max_age = max_age
         self.clock = clock
-        # (name, id) -> (when read, the record it was read for, last heartbeat ms)
-        self._known: dict[Key, tuple[float, model.Instance, int | None]] = {}
+        # name -> id -> (when read, the record it was read for, last heartbeat ms)
+        self._known: dict[str, dict[str, tuple[float, model.Instance, int | None]]] = {}
+        self._size = 0  # entries stored since the last clear (an upper bound)
         self._forgets = 0  # a read that began before a forget() keeps nothing
 
     def forget(self, name: str) -> None:
         """A write to ``name`` through this gateway: read its instances afresh."""
         self._forgets += 1
-        for key in [k for k in self._known if k[0] == name]:
-            del self._known[key]
+        self._known.pop(name, None)
 
     async def of(self, insts: list[model.Instance]) -> list[int | None]:
         """``deadline - ttl`` per instance (None where unknown), reading only what is old."""
@@ -81,7 +81,8 @@ class Heartbeats:
         out: list[int | None] = []
         missing: list[int] = []
         for i, inst in enumerate(insts):
-            entry = known.get((inst.service_name, inst.service_id))
+            service = known.get(inst.service_name)
+            entry = service.get(inst.service_id) if service is not None else None
             if entry is not None and entry[1] is inst and now - entry[0] < self.max_age:
                 out.append(entry[2])
             else:
@@ -93,12 +94,14 @@ class Heartbeats:
             beats, read = await self._read(wanted)
             read = read and forgets == self._forgets
             now = self.clock()
-            if len(known) > 4 * max(1024, len(self.writer.view)):
+            if self._size > 4 * max(1024, len(self.writer.view)):
                 known.clear()  # removed instances' entries: dropped in bulk, rarely
+                self._size = 0
             for i, inst, beat in zip(missing, wanted, beats, strict=True):
                 out[i] = beat
                 if read:
-                    known[(inst.service_name, inst.service_id)] = (now, inst, beat)
+                    known.setdefault(inst.service_name, {})[inst.service_id] = (now, inst, beat)
+                    self._size += 1
         return out
 
     async def _read(self, insts: list[model.Instance]) -> tuple[list[int | None], bool]:

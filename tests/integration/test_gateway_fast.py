@@ -146,4 +146,4 @@ async def test_heartbeats_cache_keeps_nothing_read_across_a_forget(
     assert hb._known == {}
     hb._read = real  # type: ignore[method-assign]
     await hb.of([inst])
-    assert list(hb._known) == [("orders", inst.service_id)]
+    assert {n: list(ids) for n, ids in hb._known.items()} == {"orders": [inst.service_id]}
