@@ -60,13 +60,11 @@ gateway's (asyncio) event loop and is not thread-safe.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import anyio
@@ -82,6 +80,7 @@ from litestar.types import HTTPResponseBodyEvent, Receive, Send
 from .. import model
 from ..mirror import Added, Change, ChangesOverflow, Mirror, Removed
 from ..model import Instance
+from ._sse import KEEPALIVE, Event, Watcher, sse_frame
 
 log = logging.getLogger("saga_events.web.watch")
 
@@ -93,85 +92,10 @@ RETRY_MS: Final = 1000
 #: The scope key under which the gateway's ASGI front leaves the server's own ``send``:
 #: a stream's chunks skip the wrappers that only look at the response's start.
 RAW_SEND: Final = "saga.raw_send"
-KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
 
 _encode = msgspec.json.Encoder().encode
 
 Key = tuple[str, str]
-
-
-def sse_frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
-    """One SSE frame; ``data`` must hold no newline (compact JSON holds none)."""
-    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
-    return head + b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
-
-
-@dataclass(frozen=True, slots=True)
-class _Event:
-    n: int
-    service: str | None  # None: for every watcher
-    frame: bytes
-
-
-_KEEPALIVE: Final = _Event(0, None, KEEPALIVE_FRAME)
-
-
-class _Watcher:
-    """One watcher's queue: a bounded deque and, while its stream waits, a future.
-
-    Cheaper per event than a memory object stream (one ``call_soon`` to wake the
-    stream's task, no objects per receive): the hub pushes every change to every
-    watcher.
-    """
-
-    __slots__ = ("closed", "last", "overflow", "queue", "service", "size", "waiter")
-
-    def __init__(self, service: str | None, size: int) -> None:
-        self.service = service
-        self.size = size
-        self.queue: deque[_Event] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.closed = False
-        self.overflow: str | None = None
-        self.last = time.monotonic()  # when something was last queued for it
-
-    def wants(self, event: _Event) -> bool:
-        return event.service is None or self.service is None or event.service == self.service
-
-    def put(self, event: _Event) -> bool:
-        """Queue ``event``; False when the queue is full (nothing queued)."""
-        if len(self.queue) >= self.size:
-            return False
-        self.queue.append(event)
-        self._wake()
-        return True
-
-    def close(self) -> None:
-        """No more events: the stream sends what is queued, then ends."""
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def frames(self) -> bytes | None:
-        """Every queued frame in one piece, waiting for one; None once closed and empty."""
-        while not self.queue:
-            if self.closed:
-                return None
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        queue = self.queue
-        if len(queue) == 1:
-            return queue.popleft().frame
-        out = b"".join([e.frame for e in queue])
-        queue.clear()
-        return out
 
 
 class WatchHub:
@@ -201,9 +125,9 @@ class WatchHub:
         self.overflows = 0  # watchers cut off for being slow (a counter for /metrics)
         self.resyncs = 0  # times the hub fell behind the mirror and re-read its view
         self._n = 0
-        self._ring: deque[_Event] = deque(maxlen=history)
+        self._ring: deque[Event] = deque(maxlen=history)
         self._view: dict[Key, Instance] = {}
-        self._watchers: set[_Watcher] = set()
+        self._watchers: set[Watcher] = set()
         self._sending: set[_Sending] = set()
         self._stale = mirror.stale
 
@@ -271,7 +195,7 @@ class WatchHub:
                     w.overflow is None
                     and not w.closed
                     and now - w.last >= self.keepalive
-                    and w.put(_KEEPALIVE)
+                    and w.put(KEEPALIVE)
                 ):
                     w.last = now
             for sending in list(self._sending):
@@ -305,7 +229,7 @@ class WatchHub:
 
     def _publish(self, name: str, service: str | None, data: bytes) -> None:
         self._n += 1
-        event = _Event(self._n, service, sse_frame(name, data, f"{self.hub_id}-{self._n}"))
+        event = Event(self._n, service, sse_frame(name, data, f"{self.hub_id}-{self._n}"))
         self._ring.append(event)
         now = time.monotonic()
         for w in self._watchers:
@@ -361,7 +285,7 @@ class WatchHub:
         # replay) and the watcher's queue start at the same point of the event order.
         replay = self._replay(last_event_id, service)
         first = replay if replay is not None else [self.snapshot_frame(service)]
-        w = _Watcher(service, self.queue_size)
+        w = Watcher(service, self.queue_size)
         self._watchers.add(w)
         try:
             yield f"retry: {RETRY_MS}\n\n".encode() + b"".join(first)
