@@ -22,6 +22,7 @@ SCENARIOS: Final = {
     "throughput": "registrar_throughput.py",
     "scale": "mirror_scale.py",
     "peers": "peers.py",
+    "gateway": "gateway_latency.py",
 }
 
 

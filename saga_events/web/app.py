@@ -44,9 +44,11 @@ from redis.exceptions import (
 from .. import __version__
 from .._redis import TRANSIENT, RateLimitedLog
 from ..writer import WriteRejected
+from .fast import JSON_HEADERS, FastReads
 from .metrics import route_of
 from .routes import TOKEN_ENV, Context, handlers
 from .schema import NAME_RULE, ErrorBody
+from .watch import RAW_SEND
 
 log = logging.getLogger("saga_events.gateway")
 
@@ -255,6 +257,8 @@ class Front:
         self.app = app
         self.ctx = ctx
         self.allowed_hosts: frozenset[str] | None = None
+        self.fast = FastReads(ctx.writer, ctx.heartbeats, ctx.choose)
+        self._timers: dict[tuple[str, str], Any] = {}  # the histogram's children, bound once
 
     def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
         if self.allowed_hosts is not None:
@@ -282,6 +286,7 @@ class Front:
             await self.app(scope, receive, send)
             return
         stats = self.ctx.metrics.stats
+        scope[RAW_SEND] = send  # for the watch stream's chunks (see web.watch)
         method, path = str(scope["method"]), str(scope["path"])
         if method in ("POST", "DELETE") and path.startswith("/api/v1/services"):
             stats.received += 1  # every write request, accepted or not
@@ -295,6 +300,22 @@ class Front:
         try:
             refusal = self._refusal(scope)
             if refusal is None:
+                if method == "GET" and not scope.get("query_string"):
+                    answer = self.fast.route(path)
+                    body = await answer() if answer is not None else None
+                    if body is not None:
+                        await counting_send(
+                            {
+                                "type": "http.response.start",
+                                "status": 200,
+                                "headers": [
+                                    JSON_HEADERS,
+                                    (b"content-length", str(len(body)).encode()),
+                                ],
+                            }
+                        )
+                        await counting_send({"type": "http.response.body", "body": body})
+                        return
                 await self.app(scope, receive, counting_send)
                 return
             status, reason, detail = refusal
@@ -313,6 +334,8 @@ class Front:
             await counting_send({"type": "http.response.body", "body": body})
         finally:
             label = method if method in _KNOWN_METHODS else "other"
-            self.ctx.metrics.latency.labels(route_of(method, path), label).observe(
-                time.perf_counter() - started
-            )
+            route = route_of(method, path)
+            timer = self._timers.get((route, label))
+            if timer is None:
+                timer = self._timers[(route, label)] = self.ctx.metrics.latency.labels(route, label)
+            timer.observe(time.perf_counter() - started)

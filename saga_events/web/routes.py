@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import anyio
@@ -31,6 +31,7 @@ from ..drain import drain as operator_drain
 from ..drain import undrain as operator_undrain
 from ..errors import SagaError
 from ..writer import Registration, Writer, WriteRejected, not_found
+from .fast import Heartbeats
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .schema import (
     NAME_DOC_PATTERN,
@@ -81,6 +82,11 @@ class Context:
     metrics: GatewayMetrics
     redis: Redis
     token: str | None
+    #: last heartbeat times, kept briefly (see :mod:`saga_events.web.fast`)
+    heartbeats: Heartbeats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.heartbeats = Heartbeats(self.writer)
 
     def authorized(self, header: str | None) -> bool:
         if self.token is None:
@@ -93,7 +99,7 @@ class Context:
         return hmac.compare_digest(credentials.strip().encode(), self.token.encode())
 
     async def describe(self, insts: list[model.Instance]) -> list[ServiceInfo]:
-        beats = await self.writer.last_heartbeats(insts)
+        beats = await self.heartbeats.of(insts)
         return [ServiceInfo.of(i, b) for i, b in zip(insts, beats, strict=True)]
 
     def choose(
@@ -165,7 +171,10 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 def handlers(ctx: Context) -> list[Any]:
     """The route handlers of the REST API, bound to ``ctx``."""
 
-    def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    # async: Litestar runs a plain function guard in a worker thread (a thread hop per write).
+    async def require_token(
+        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
         if not ctx.authorized(connection.headers.get("authorization")):
             raise NotAuthorizedException(
                 "this gateway requires 'Authorization: Bearer <token>' for writes "
@@ -201,6 +210,7 @@ def handlers(ctx: Context) -> list[Any]:
                 ttl_ms=round(data.ttl_seconds * 1000),
             )
         )
+        ctx.heartbeats.forget(data.service_name)
         return ServiceInfo.of(inst, now_ms)
 
     @post(
@@ -229,12 +239,15 @@ def handlers(ctx: Context) -> list[Any]:
             except msgspec.MsgspecError as exc:
                 detail = f"heartbeat body: expected {{'status': 'failing'|'passing'}}: {exc}"
                 raise ValidationException(detail) from None
-        ids, now_ms = await writer.heartbeat(
-            name,
-            service_id,
-            status.status if status is not None else None,
-            status.reason if status is not None else "",
-        )
+        try:
+            ids, now_ms = await writer.heartbeat(
+                name,
+                service_id,
+                status.status if status is not None else None,
+                status.reason if status is not None else "",
+            )
+        finally:
+            ctx.heartbeats.forget(name)
         return HeartbeatResult(
             service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
         )
@@ -249,7 +262,10 @@ def handlers(ctx: Context) -> list[Any]:
         description="Removes every instance of the service, or only ?service_id=.",
     )
     async def deregister(name: PathName, service_id: QueryId = None) -> DeregisterResult:
-        removed = await writer.deregister(name, service_id)
+        try:
+            removed = await writer.deregister(name, service_id)
+        finally:
+            ctx.heartbeats.forget(name)
         return DeregisterResult(service_name=name, removed=removed)
 
     @post(
@@ -284,6 +300,7 @@ def handlers(ctx: Context) -> list[Any]:
         insts = await operator_drain(
             writer, name, service_id, by=by, reason=reason, duration=duration
         )
+        ctx.heartbeats.forget(name)
         return DrainResult(service_name=name, instances=await ctx.describe(insts))
 
     @post(
@@ -297,6 +314,7 @@ def handlers(ctx: Context) -> list[Any]:
     )
     async def undrain(name: PathName, service_id: QueryId = None) -> DrainResult:
         insts = await operator_undrain(writer, name, service_id)
+        ctx.heartbeats.forget(name)
         return DrainResult(service_name=name, instances=await ctx.describe(insts))
 
     @get(

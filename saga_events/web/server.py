@@ -100,14 +100,82 @@ def allowed_hosts(host: str, port: int) -> frozenset[str]:
     return frozenset(f"{h}:{port}".lower() for h in (*LOOPBACK_NAMES, bound))
 
 
+try:  # C parser; the pure-Python h11 where the platform has no wheel
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _FastProtocol
+except ImportError:  # pragma: no cover - platforms without httptools
+    _FastProtocol = None  # type: ignore[assignment,misc]
+
+_PARSER_ENV: Final = "SAGA_HTTP_PARSER"  # "h11" forces the pure-Python parser
+
+
+class _Corked:
+    """A connection's transport whose writes within one turn of the loop go out as one.
+
+    uvicorn writes a response's head and body separately: two ``send`` calls,
+    two packets (TCP_NODELAY) where one does. A head and what follows it are
+    gathered and flushed by a callback at the loop's next turn, or at once by
+    ``close``; any other write (a stream's next chunk) goes at once.
+    """
+
+    __slots__ = ("_loop", "_parts", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._parts:
+            if bytes(data[:7]) != b"HTTP/1.":
+                # Not a response's head (e.g. the next chunk of a stream): nothing to
+                # gather it with, so it goes at once.
+                self._transport.write(data)
+                return
+            self._loop.call_soon(self._flush)
+        self._parts.append(bytes(data))
+
+    def _flush(self) -> None:
+        parts = self._parts
+        if parts:
+            self._parts = []
+            self._transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._parts = []
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(p) for p in self._parts)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+def _base_protocol() -> type[H11Protocol]:
+    if _FastProtocol is not None and os.environ.get(_PARSER_ENV, "").lower() != "h11":
+        return _FastProtocol  # type: ignore[return-value]  # same interface for what we use
+    return H11Protocol
+
+
 def _guarded_protocol(limits: Limits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header timeout and a hard connection cap."""
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a header
+    timeout, a header size limit and a hard connection cap."""
+    base = _base_protocol()
+    check_size = base is not H11Protocol  # h11 enforces h11_max_incomplete_event_size
 
-    class Guarded(H11Protocol):
+    class Guarded(base):  # type: ignore[valid-type,misc]
         _header_timer: asyncio.TimerHandle | None = None
+        _pending = 0  # bytes received while waiting for a request's headers
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            corked = _Corked(transport, asyncio.get_running_loop())
+            super().connection_made(corked)
             if len(self.connections) > limits.max_connections:
                 transport.write(
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
@@ -127,7 +195,7 @@ def _guarded_protocol(limits: Limits) -> type[H11Protocol]:
                 self._header_timer = None
 
         def _waiting(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+            return self.cycle is None or bool(self.cycle.response_complete)
 
         def _expired(self) -> None:
             self._header_timer = None
@@ -137,9 +205,18 @@ def _guarded_protocol(limits: Limits) -> type[H11Protocol]:
         def data_received(self, data: bytes) -> None:
             if self._waiting():
                 self._arm()  # the next request's headers start arriving
+                self._pending += len(data)
             super().data_received(data)
             if not self._waiting():
                 self._disarm()  # its headers are in: the request runs
+                self._pending = 0
+            elif (
+                check_size
+                and self._pending > limits.max_header_bytes
+                and not self.transport.is_closing()
+            ):
+                # What h11 answers for headers over its limit.
+                self.send_400_response("Invalid HTTP request received.")
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -48,10 +48,14 @@
   final ``event: overflow`` (no id; ``{"reason": ...}``), and the stream
   ends; reconnecting with the last id it saw resumes (or snapshots). A
   reader that stops reading altogether is dropped once a single write has
-  waited ``send_timeout`` seconds. Memory per watcher is bounded either way.
+  waited ``send_timeout`` seconds (checked by the hub at least every second).
+  Memory per watcher is bounded either way.
+* Cost: each change is encoded once (one frame, shared by every watcher);
+  a watcher's task wakes once per batch and writes what queued meanwhile
+  in one piece.
 
 Reads need no token, like every read of the gateway. It runs on the
-gateway's event loop and is not thread-safe.
+gateway's (asyncio) event loop and is not thread-safe.
 """
 
 from __future__ import annotations
@@ -61,7 +65,6 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import anyio
@@ -77,6 +80,7 @@ from litestar.types import HTTPResponseBodyEvent, Receive, Send
 from .. import model
 from ..mirror import Added, Change, ChangesOverflow, Mirror, Removed
 from ..model import Instance
+from ._sse import KEEPALIVE, Event, Watcher, sse_frame
 
 log = logging.getLogger("saga_events.web.watch")
 
@@ -85,40 +89,13 @@ DEFAULT_QUEUE_SIZE: Final = 1024
 DEFAULT_HISTORY: Final = 4096
 DEFAULT_SEND_TIMEOUT: Final = 30.0
 RETRY_MS: Final = 1000
-KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
+#: The scope key under which the gateway's ASGI front leaves the server's own ``send``:
+#: a stream's chunks skip the wrappers that only look at the response's start.
+RAW_SEND: Final = "saga.raw_send"
 
 _encode = msgspec.json.Encoder().encode
 
 Key = tuple[str, str]
-
-
-def sse_frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
-    """One SSE frame; ``data`` must hold no newline (compact JSON holds none)."""
-    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
-    return head + b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
-
-
-@dataclass(frozen=True, slots=True)
-class _Event:
-    n: int
-    service: str | None  # None: for every watcher
-    frame: bytes
-
-
-_KEEPALIVE: Final = _Event(0, None, KEEPALIVE_FRAME)
-
-
-class _Watcher:
-    __slots__ = ("last", "overflow", "receive", "send", "service")
-
-    def __init__(self, service: str | None, size: int) -> None:
-        self.service = service
-        self.send, self.receive = anyio.create_memory_object_stream[_Event](size)
-        self.overflow: str | None = None
-        self.last = time.monotonic()  # when something was last queued for it
-
-    def wants(self, event: _Event) -> bool:
-        return event.service is None or self.service is None or event.service == self.service
 
 
 class WatchHub:
@@ -148,9 +125,10 @@ class WatchHub:
         self.overflows = 0  # watchers cut off for being slow (a counter for /metrics)
         self.resyncs = 0  # times the hub fell behind the mirror and re-read its view
         self._n = 0
-        self._ring: deque[_Event] = deque(maxlen=history)
+        self._ring: deque[Event] = deque(maxlen=history)
         self._view: dict[Key, Instance] = {}
-        self._watchers: set[_Watcher] = set()
+        self._watchers: set[Watcher] = set()
+        self._sending: set[_Sending] = set()
         self._stale = mirror.stale
 
     @property
@@ -189,7 +167,7 @@ class WatchHub:
                 tg.cancel_scope.cancel()
         finally:
             for w in list(self._watchers):
-                w.send.close()
+                w.close()
 
     async def _follow_stale(self) -> None:
         while True:
@@ -206,18 +184,23 @@ class WatchHub:
             self._publish("stale" if want else "current", None, _encode({"stale": want}))
 
     async def _keep_alive(self) -> None:
-        # The hub queues the keep-alives: a watcher's receive is never cancelled by a
-        # timeout (a memory stream can lose the item a cancelled receive was handed).
+        # The hub queues the keep-alives (a full queue has events to send anyway), and
+        # ends the streams whose write has waited send_timeout (one clock for all,
+        # instead of a timeout per write).
         while True:
-            await anyio.sleep(min(self.keepalive, 1.0))
+            await anyio.sleep(min(self.keepalive, self.send_timeout / 2, 1.0))
             now = time.monotonic()
             for w in self._watchers:
-                if w.overflow is None and now - w.last >= self.keepalive:
-                    try:
-                        w.send.send_nowait(_KEEPALIVE)
-                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        continue  # a full queue has events to send anyway
+                if (
+                    w.overflow is None
+                    and not w.closed
+                    and now - w.last >= self.keepalive
+                    and w.put(KEEPALIVE)
+                ):
                     w.last = now
+            for sending in list(self._sending):
+                if sending.since and now - sending.since >= sending.timeout:
+                    sending.scope.cancel()
 
     def _reread(self, *, publish: bool) -> None:
         now = {(i.service_name, i.service_id): i for i in self.mirror.snapshot().values()}
@@ -246,23 +229,21 @@ class WatchHub:
 
     def _publish(self, name: str, service: str | None, data: bytes) -> None:
         self._n += 1
-        event = _Event(self._n, service, sse_frame(name, data, f"{self.hub_id}-{self._n}"))
+        event = Event(self._n, service, sse_frame(name, data, f"{self.hub_id}-{self._n}"))
         self._ring.append(event)
+        now = time.monotonic()
         for w in self._watchers:
-            if w.overflow is not None or not w.wants(event):
-                continue
-            try:
-                w.send.send_nowait(event)
-                w.last = time.monotonic()
-            except anyio.WouldBlock:
+            if w.overflow is not None or w.closed or not w.wants(event):
+                continue  # a closed one's stream is ending; it leaves the set itself
+            if w.put(event):
+                w.last = now
+            else:
                 w.overflow = (
                     f"this reader fell {self.queue_size} events behind; "
                     f"reconnect with Last-Event-ID to resume"
                 )
-                w.send.close()  # it reads what is queued, then the overflow event
+                w.close()  # it reads what is queued, then the overflow event
                 self.overflows += 1
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # its stream is ending; it leaves the set itself
 
     # -- one watcher ------------------------------------------------------------------------
 
@@ -304,44 +285,63 @@ class WatchHub:
         # replay) and the watcher's queue start at the same point of the event order.
         replay = self._replay(last_event_id, service)
         first = replay if replay is not None else [self.snapshot_frame(service)]
-        w = _Watcher(service, self.queue_size)
+        w = Watcher(service, self.queue_size)
         self._watchers.add(w)
         try:
             yield f"retry: {RETRY_MS}\n\n".encode() + b"".join(first)
-            while True:
-                try:
-                    event = await w.receive.receive()
-                except anyio.EndOfStream:
-                    break
-                yield event.frame
+            while (frames := await w.frames()) is not None:
+                yield frames  # what queued meanwhile goes in one write
             if w.overflow is not None:
                 yield sse_frame("overflow", _encode({"reason": w.overflow}))
         finally:
             self._watchers.discard(w)
-            w.send.close()
-            w.receive.close()
+            w.close()
+
+
+class _Sending:
+    """A stream's write in progress: since when (0.0: none), for the hub's clock."""
+
+    __slots__ = ("scope", "since", "timeout")
+
+    def __init__(self, scope: anyio.CancelScope, timeout: float) -> None:
+        self.scope = scope
+        self.timeout = timeout
+        self.since = 0.0
 
 
 class _GuardedStreaming(ASGIStreamingResponse):
     """Litestar's streaming response, but a write that waits ``send_timeout`` seconds
-    (the client stopped reading) ends the response instead of waiting forever."""
+    (the client stopped reading) ends the response instead of waiting forever. The
+    hub's clock (:meth:`WatchHub._keep_alive`) ends it, within a second of that."""
 
     __slots__ = ()
     send_timeout: float = DEFAULT_SEND_TIMEOUT
+    hub: WatchHub | None = None
 
     async def _stream(self, send: Send) -> None:
+        hub = self.hub
         try:
-            async for chunk in self.iterator:
-                body: HTTPResponseBodyEvent = {
-                    "type": "http.response.body",
-                    "body": chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding),
-                    "more_body": True,
-                }
-                with anyio.move_on_after(self.send_timeout) as scope:
-                    await send(body)
-                if scope.cancelled_caught:
-                    log.info("watch stream dropped: a write waited %.0f s", self.send_timeout)
-                    return  # the server closes a response that never completed
+            with anyio.CancelScope() as scope:
+                sending = _Sending(scope, self.send_timeout)
+                if hub is not None:
+                    hub._sending.add(sending)
+                try:
+                    clock = time.monotonic
+                    async for chunk in self.iterator:
+                        body: HTTPResponseBodyEvent = {
+                            "type": "http.response.body",
+                            "body": chunk if isinstance(chunk, bytes) else chunk.encode(),
+                            "more_body": True,
+                        }
+                        sending.since = clock()
+                        await send(body)
+                        sending.since = 0.0
+                finally:
+                    if hub is not None:
+                        hub._sending.discard(sending)
+            if scope.cancelled_caught:
+                log.info("watch stream dropped: a write waited %.0f s", self.send_timeout)
+                return  # the server closes a response that never completed
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             # The watcher leaves the hub now, not whenever the generator is collected.
@@ -349,6 +349,15 @@ class _GuardedStreaming(ASGIStreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        await self.start_response(send=send)  # through every wrapper (counting, errors)
+        raw: Send | None = scope.get(RAW_SEND)
+        if self.is_head_response:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await self.send_body(send=raw if raw is not None else send, receive=receive)
+        await self.after_response()
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         # Litestar's version waits for the client to disconnect even after the stream
@@ -375,13 +384,16 @@ class WatchStream(Stream):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._send_timeout = hub.send_timeout
+        self._hub = hub
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
         response = super().to_asgi_response(*args, **kwargs)
         # The same slots, one method more: swap the class rather than copy Litestar's
         # construction of the response.
         response.__class__ = type(
-            "_Guarded", (_GuardedStreaming,), {"__slots__": (), "send_timeout": self._send_timeout}
+            "_Guarded",
+            (_GuardedStreaming,),
+            {"__slots__": (), "send_timeout": self._send_timeout, "hub": self._hub},
         )
         return response
 

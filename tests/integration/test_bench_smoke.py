@@ -56,6 +56,14 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
     ),
     "scale": ("mirror_scale", ["cold start, N=1000", "memory (RSS growth), N=1000"]),
     "peers": ("peers", ["saga-events register M=1", "saga-events crash M=2"]),
+    "gateway": (
+        "gateway_latency",
+        [
+            "register (answered once visible)",
+            "GET /api/v1/services/{name}",
+            "change -> last of 20 SSE watchers",
+        ],
+    ),
 }
 
 

@@ -305,3 +305,42 @@ async def test_heartbeat_racing_the_reaper_answers_404_and_recreates_nothing(
     again = await served.client.post(REGISTER, json={**BODY, "service_id": "a"})
     assert again.status_code == 200, again.text
     assert len(await registry_truth(redis_url)) == 1
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_oversized_headers_get_a_400_and_the_connection_closes(
+    registrar: Registrar,
+    mirror: Mirror,
+    redis_url: str,
+    parser: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Headers beyond max_header_bytes are refused (400, closed) with either HTTP parser:
+    a client cannot make the gateway buffer an endless header block (the socket would
+    otherwise stay open until the header timeout, 10 s, beyond this test's bound)."""
+    monkeypatch.setenv("SAGA_HTTP_PARSER", parser)
+    limits = Limits(max_header_bytes=4096)
+    async with serve_gateway(registrar, mirror, redis_url, limits=limits) as s:
+        assert s.gateway.address is not None
+        addr = ("127.0.0.1", s.gateway.address[1])
+
+        def oversized() -> bytes:
+            with socket.create_connection(addr, timeout=5) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                got = b""
+                try:
+                    for _ in range(64):  # 64 KiB of one header, never finished
+                        sock.sendall(b"X-Big: " + b"a" * 1017 + b"\r\n")
+                except OSError:  # the gateway closed it meanwhile
+                    pass
+                try:
+                    while chunk := sock.recv(65536):
+                        got += chunk
+                except ConnectionResetError:  # closed with our bytes unread: an RST
+                    pass
+                return got  # the connection is closed by now (recv ended)
+
+        answer = await anyio.to_thread.run_sync(oversized)
+        # An RST can discard the answer before it is read; what arrived is the 400.
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert (await s.client.get("/health")).status_code in (200, 503)

@@ -63,7 +63,7 @@ async def test_follower_resumes_with_last_event_id_after_a_dropped_stream(
         with anyio.fail_after(10):
             await tg.start(follower.run)
         for w in list(hub._watchers):  # the gateway ends the stream
-            w.send.close()
+            w.close()
         await follower.wait_until(lambda f: not f.connected)
         added = await register(served, "orders", "http://10.0.0.1:80")
         await follower.wait_until(lambda f: ids(f, "orders") == {added})
