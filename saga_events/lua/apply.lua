@@ -48,6 +48,9 @@
 -- Redis lets its further writes through, and the tombstone SET is a pcall, so
 -- a leave removes the record even when the tombstone cannot be stored.
 -- Every record change (create, update, remove) INCRs KEYS[6].
+-- and PUBLISHes it on the feed channel saga:{ns}:feed (KEYS[6] with 'feed' for
+-- 'rev'): {"rev":<new rev>,"ch":[["set",<key>,<record as stored>]]} or
+-- [["del",<key>]] (saga_events/feed.py reads it).
 local body = ARGV[4]
 if KEYS[8] and ARGV[1] ~= 'leave' then
   local ov = redis.call('GET', KEYS[8])
@@ -133,7 +136,9 @@ if ARGV[1] == 'leave' then
   end
   redis.pcall('SET', KEYS[2], incs .. ':' .. seqs, 'PX', string.format('%.0f', life))
   if cur then
-    redis.call('INCR', KEYS[6])
+    local rev = redis.call('INCR', KEYS[6])
+    redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":'
+      .. string.format('%.0f', rev) .. ',"ch":[["del",' .. cjson.encode(KEYS[1]) .. ']]}')
   end
   return {status, creg or '0', nows, incs, seqs}
 end
@@ -179,7 +184,9 @@ if not member then
   redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
 end
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
-redis.call('INCR', KEYS[6])
+local rev = redis.call('INCR', KEYS[6])
+redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
+  .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. redis.call('GET', KEYS[1]) .. ']]}')
 if cur then
   return {'updated', reg, nows, incs, seqs}
 end
