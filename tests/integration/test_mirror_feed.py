@@ -213,4 +213,3 @@ async def test_a_mirror_on_a_replica_follows_the_feed(
             assert mirror.stats.feed_changes >= 2, mirror.stats
             assert mirror.stats.orphans == 0 and mirror.stats.gets == 0, mirror.stats
             await wait_mirror_matches(mirror, replica.url)
-
