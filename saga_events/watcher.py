@@ -43,10 +43,11 @@ Time comes from a :class:`Clock` so the timing rules can be tested without waits
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import msgspec
@@ -580,25 +581,33 @@ class Watcher:
     ) -> None:
         """Decode the snapshot's records as one JSON list (one msgspec call); record by
         record only when that fails (an unreadable record is skipped and logged)."""
-        present = [(key, raw) for key, raw in zip(keys, values, strict=True) if raw is not None]
-        insts: list[Instance | None] | None = None
-        if present:
+        if None in values:
+            keys = [key for key, raw in zip(keys, values, strict=True) if raw is not None]
+            values = [raw for raw in values if raw is not None]
+        raws = cast(list[bytes], values)
+        # Tens of thousands of new objects at once: the cyclic GC would run many
+        # times over a heap that holds none of their cycles (there are none).
+        paused = gc.isenabled()
+        gc.disable()
+        try:
             try:
-                decoded = _records_decoder.decode(b"[" + b",".join([r for _, r in present]) + b"]")
-                if len(decoded) == len(present):
-                    insts = list(decoded)
+                insts: list[Instance] | None = _records_decoder.decode(
+                    b"[" + b",".join(raws) + b"]"
+                )
             except msgspec.DecodeError:
-                pass
-        if insts is None:
-            insts = [self._decode(key, raw) for key, raw in present]
-            for (key, _), inst in zip(present, insts, strict=True):
-                if inst is not None:
-                    fresh[key] = inst
-            return
-        checked = self._checked
-        for (key, _), inst in zip(present, insts, strict=True):
-            if inst is not None and (inst := checked(key, inst)) is not None:
-                fresh[key] = inst
+                insts = None
+            if insts is None or len(insts) != len(raws):
+                for key, raw in zip(keys, raws, strict=True):
+                    if (one := self._decode(key, raw)) is not None:
+                        fresh[key] = one
+                return
+            checked = self._checked
+            for key, inst in zip(keys, insts, strict=True):
+                if (shared := checked(key, inst)) is not None:
+                    fresh[key] = shared
+        finally:
+            if paused:
+                gc.enable()
 
     def _checked(self, key: str, inst: Instance) -> Instance | None:
         """``inst`` shared (see :meth:`View.share`), or None when it names another key."""
