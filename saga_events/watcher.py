@@ -43,18 +43,17 @@ Time comes from a :class:`Clock` so the timing rules can be tested without waits
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import anyio
-import msgspec
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 
-from . import _wire, feed, identity, model
+from . import _wire, identity
+from ._watch_apply import Applier, Scan
 from ._watch_rules import AnyioClock, Canary, Clock, MirrorStats, RevCheck
 from .connection import (
     DEFAULT_TIMING,
@@ -73,50 +72,16 @@ __all__ = ["AnyioClock", "Canary", "Clock", "MirrorStats", "RevCheck", "Watcher"
 
 log = logging.getLogger("saga_events.mirror")
 
-_CHANGED: Final = frozenset({b"set", b"del"})
-_GONE: Final = frozenset({b"expired", b"evicted"})
 #: a snapshot that meets a feed gap in its own buffer is taken again, at most this often
 _SNAPSHOT_TRIES: Final = 3
 #: seconds between two resyncs caused by feed gaps
 GAP_RESYNC_SPACING: Final = 1.0
-_records_decoder: Final = msgspec.json.Decoder(list[Instance])
 
 
 class _Resync(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class _Scan:
-    """What one pass over a batch of replies found, besides the changes it applied."""
-
-    __slots__ = ("canary_back", "epoch_changed", "gap", "orphan_notes", "orphans", "unmatched")
-
-    def __init__(self) -> None:
-        #: record set/del notifications not yet matched by a feed change, per key
-        self.unmatched: dict[str, int] = {}
-        #: keys to read by GET (set/del with no feed change, Redis's own removals)
-        self.orphans: dict[str, None] = {}
-        #: set/del notifications with no feed change: each may have taken a revision
-        self.orphan_notes = 0
-        self.epoch_changed = False
-        self.canary_back = False
-        self.gap: str | None = None
-
-    def matched(self, key: str) -> None:
-        """A feed change for ``key``: one of its notifications is accounted for."""
-        n = self.unmatched.pop(key, 0)
-        if n > 1:  # more notifications than changes: the rest were another writer's
-            self.orphans[key] = None
-            self.orphan_notes += n - 1
-
-    def orphaned(self) -> None:
-        """Every notification still unmatched is an orphan."""
-        for key, n in self.unmatched.items():
-            self.orphans[key] = None
-            self.orphan_notes += n
-        self.unmatched.clear()
 
 
 def _text(value: bytes | str) -> str:
@@ -173,22 +138,16 @@ class Watcher:
         self.last_error: str | None = None
         self._was_up = False
         self.rev = RevCheck()
-        self.revs = feed.Revisions()
-        self._applied = 0
         self._sub: Subscription | None = None
         self._last_gap_resync = -math.inf
-        prefix = keys.keyspace_prefix.encode()
-        self._ks_len = len(prefix)
-        self._inst_channels = prefix + keys.inst_prefix.encode()
-        self._inst_prefix = keys.inst_prefix
-        self._feed_channel = keys.feed.encode()
-        self._epoch_channel = keys.epoch_notifications.encode()
         self._on_change = on_change
         self._on_state = on_state
         self._wants_changes = wants_changes
         self._pipe = _wire.Pipe(client)
         # Both restart when a session starts (a Mirror may be built outside a loop).
         self.canary = Canary(canary_timeout, 0.0)
+        self._in = Applier(keys, view, self.stats, self.canary, self.clock)
+        self._epoch_channel = keys.epoch_notifications.encode()
         self._last_rev_check = 0.0
 
     async def release(self) -> None:
@@ -334,7 +293,7 @@ class Watcher:
                 await self._resync_after(exc.reason)
                 return True
             after = _int(await self.client.get(self.keys.rev))
-        if not self.rev.lost(before, self._applied, after):
+        if not self.rev.lost(before, self._in.applied, after):
             return False
         self.stats.rev_resyncs += 1
         log.warning("registry revision %s is ahead of the changes seen: resyncing", before)
@@ -366,17 +325,17 @@ class Watcher:
     async def _handle(self, batch: Iterable[Any]) -> None:
         """Apply one batch of replies to the view (watching)."""
         changes: list[Change] = []
-        scan = _Scan()
-        self._scan(batch, scan, None, changes)
+        scan = Scan()
+        self._in.scan(batch, scan, None, changes)
         if scan.unmatched and scan.gap is None and self._sub is not None:
             # A record notification whose feed message is not read yet (a batch
             # cut between them), or none comes (another writer): read up to a
             # PING; whatever is still unmatched then is an orphan.
-            self._scan(await self._sub.barrier(), scan, None, changes)
+            self._in.scan(await self._sub.barrier(), scan, None, changes)
         scan.orphaned()
         if scan.orphans and scan.gap is None:
             self.stats.orphans += scan.orphan_notes
-            self._applied += scan.orphan_notes
+            self._in.applied += scan.orphan_notes
             await self._read_orphans(scan.orphans, changes)
         self._apply(changes)
         if scan.gap is not None:
@@ -391,103 +350,6 @@ class Watcher:
             if epoch != self.epoch:
                 raise _Resync(f"epoch {epoch}")
 
-    def _scan(
-        self,
-        batch: Iterable[Any],
-        scan: _Scan,
-        fresh: dict[str, Instance] | None,
-        changes: list[Change],
-    ) -> None:
-        """One pass over raw replies, in order: feed changes go to ``fresh`` (a
-        snapshot being built) or, with ``fresh`` None, to the view (``changes``
-        gets what changed). Stops at a gap."""
-        stats = self.stats
-        unmatched = scan.unmatched
-        inst_channels = self._inst_channels
-        ks_len = self._ks_len
-        for reply in batch:
-            kind = reply[0]
-            if kind == b"message":
-                channel = reply[1]
-                if channel == self._feed_channel:
-                    self._scan_feed(reply[2], scan, fresh, changes)
-                    if scan.gap is not None:
-                        return
-                elif channel == self._epoch_channel:
-                    stats.epoch_notifications += 1
-                    scan.epoch_changed = True
-            elif kind == b"pmessage":
-                channel, data = reply[2], reply[3]
-                if channel.startswith(inst_channels):
-                    stats.record_notifications += 1
-                    if data in _CHANGED:
-                        key = channel[ks_len:].decode("utf-8", "replace")
-                        unmatched[key] = unmatched.get(key, 0) + 1
-                    elif data in _GONE:
-                        # Redis's own removal (the backstop TTL, maxmemory): no script,
-                        # no feed message, no rev.
-                        key = channel[ks_len:].decode("utf-8", "replace")
-                        if fresh is None:
-                            change = self.view.remove(key)
-                            if change is not None:
-                                changes.append(change)
-                        else:
-                            scan.orphans[key] = None
-                    # 'expire' on a record is a backstop refresh: nothing to do.
-                else:
-                    stats.canary_notifications += 1
-                    if self.canary.beat(self.clock.monotonic()) and fresh is None:
-                        scan.canary_back = True
-
-    def _scan_feed(
-        self,
-        data: bytes,
-        scan: _Scan,
-        fresh: dict[str, Instance] | None,
-        changes: list[Change],
-    ) -> None:
-        stats = self.stats
-        stats.feed_messages += 1
-        try:
-            msg = feed.decode(data)
-        except msgspec.DecodeError as exc:
-            # Not the scripts' shape (a stray PUBLISH): dropped. A lost change
-            # shows as a gap at the next message or at the next rev check.
-            stats.feed_rejected += 1
-            log.warning("ignoring an unreadable feed message: %s", exc)
-            return
-        unmatched = scan.unmatched
-        before = self.revs.last
-        verdict = self.revs.check(msg)
-        if verdict is feed.Verdict.GAP:
-            scan.gap = f"feed gap: revisions {msg.first}..{msg.rev} after {before}"
-            return
-        if verdict is feed.Verdict.SEEN:
-            for c in msg.ch:
-                scan.matched(c.key)
-        else:
-            stats.feed_changes += len(msg.ch)
-            self._applied += len(msg.ch)
-            view = self.view
-            for c in msg.ch:
-                key = c.key
-                if unmatched:
-                    scan.matched(key)
-                inst = self._checked(key, c.record) if type(c) is feed.Set else None
-                if fresh is not None:
-                    if inst is None:
-                        fresh.pop(key, None)
-                    else:
-                        fresh[key] = inst
-                else:
-                    change = view.remove(key) if inst is None else view.put(key, inst)
-                    if change is not None:
-                        changes.append(change)
-        if unmatched:
-            # Notifications before this script's with no change in the feed: an
-            # orphan (a writer other than the registrar's scripts).
-            scan.orphaned()
-
     async def _read_orphans(self, orphans: dict[str, None], changes: list[Change]) -> None:
         """GET the records notified without a feed message, in one round trip, and
         apply what Redis holds now."""
@@ -499,7 +361,7 @@ class Watcher:
         values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
         _raise_errors(values)
         for key, raw in zip(keys, values, strict=True):
-            inst = self._decode(key, raw)
+            inst = self._in.decode(key, raw)
             change = self.view.remove(key) if inst is None else self.view.put(key, inst)
             if change is not None:
                 changes.append(change)
@@ -551,7 +413,7 @@ class Watcher:
             self._on_state()
         log.debug("mirror synced (%s): %d instances", reason, len(fresh))
 
-    async def _snapshot(self, sub: Subscription) -> tuple[dict[str, Instance], int | None, _Scan]:
+    async def _snapshot(self, sub: Subscription) -> tuple[dict[str, Instance], int | None, Scan]:
         """Read rev, the index and the records, then the feed up to now; return the
         records as of the last feed message read, the snapshot's rev, and the scan."""
         k = self.keys
@@ -567,62 +429,11 @@ class Watcher:
             packed = b"".join([pack(("MGET", *chunk)) for chunk in chunks])
             values = await self._pipe.execute(packed, len(chunks))
             _raise_errors(values)
-            self._decode_into(fresh, members, [v for chunk in values for v in chunk])
-        self._applied = 0
-        self.revs.start(rev)
-        scan = _Scan()
+            self._in.decode_into(fresh, members, [v for chunk in values for v in chunk])
+        self._in.applied = 0
+        self._in.revs.start(rev)
+        scan = Scan()
         # Every feed message of a change up to the MGETs is read past this PING.
-        self._scan(await sub.barrier(), scan, fresh, [])
-        self.revs.watching()
+        self._in.scan(await sub.barrier(), scan, fresh, [])
+        self._in.revs.watching()
         return fresh, rev, scan
-
-    def _decode_into(
-        self, fresh: dict[str, Instance], keys: list[str], values: list[bytes | None]
-    ) -> None:
-        """Decode the snapshot's records as one JSON list (one msgspec call); record by
-        record only when that fails (an unreadable record is skipped and logged)."""
-        if None in values:
-            keys = [key for key, raw in zip(keys, values, strict=True) if raw is not None]
-            values = [raw for raw in values if raw is not None]
-        raws = cast(list[bytes], values)
-        # Tens of thousands of new objects at once: the cyclic GC would run many
-        # times over a heap that holds none of their cycles (there are none).
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            try:
-                insts: list[Instance] | None = _records_decoder.decode(
-                    b"[" + b",".join(raws) + b"]"
-                )
-            except msgspec.DecodeError:
-                insts = None
-            if insts is None or len(insts) != len(raws):
-                for key, raw in zip(keys, raws, strict=True):
-                    if (one := self._decode(key, raw)) is not None:
-                        fresh[key] = one
-                return
-            checked = self._checked
-            for key, inst in zip(keys, insts, strict=True):
-                if (shared := checked(key, inst)) is not None:
-                    fresh[key] = shared
-        finally:
-            if paused:
-                gc.enable()
-
-    def _checked(self, key: str, inst: Instance) -> Instance | None:
-        """``inst`` shared (see :meth:`View.share`), or None when it names another key."""
-        name = inst.service_name
-        if key != f"{self._inst_prefix}{name}:{inst.service_id}" or ":" in name:
-            log.warning("ignoring record %s that names another instance", key)
-            return None
-        return self.view.share(inst)
-
-    def _decode(self, key: str, raw: bytes | None) -> Instance | None:
-        if raw is None:
-            return None
-        try:
-            inst = model.decode_instance(raw)
-        except msgspec.DecodeError as exc:
-            log.warning("ignoring unreadable record %s: %s", key, exc)
-            return None
-        return self._checked(key, inst)
