@@ -125,6 +125,8 @@ class Applier:
                     # 'expire' on a record is a backstop refresh: nothing to do.
                 else:
                     stats.canary_notifications += 1
+                    # Back during a snapshot: that snapshot is the resync (see
+                    # Watcher._resync); while watching, resync now.
                     if self.canary.beat(self.clock.monotonic()) and fresh is None:
                         scan.canary_back = True
 

@@ -407,7 +407,10 @@ class Watcher:
             await self._read_orphans(orphans, changes)
         self._apply(changes)
         self.synced = True
-        if not keep_stale:
+        if not keep_stale or not self.canary.is_lost:
+            # Stale only while the canary is still lost: it may have come back
+            # during this very snapshot (its beat read in the snapshot's buffer),
+            # and no later beat would say so again.
             self.set_stale(False)
         else:
             self._on_state()
