@@ -213,3 +213,30 @@ async def test_a_mirror_on_a_replica_follows_the_feed(
             assert mirror.stats.feed_changes >= 2, mirror.stats
             assert mirror.stats.orphans == 0 and mirror.stats.gets == 0, mirror.stats
             await wait_mirror_matches(mirror, replica.url)
+
+
+async def test_a_canary_back_during_the_canary_lost_resync_ends_the_staleness(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """No registrar: the canary is lost and the mirror resyncs as stale. A liveness write
+    lands while that snapshot runs, so its beat is read with the snapshot's buffer and
+    no later one comes: the mirror must not stay stale for good (it did, once the feed
+    read the buffer inside the snapshot; test_chaos found it after a Redis pause)."""
+    url = redis_server.url
+    await admin.config_set("notify-keyspace-events", "Kg$xe")  # what a registrar sets
+    mirror = Mirror(url, canary_timeout=0.5, rev_interval=3600)
+    watcher = mirror._watcher
+    original = watcher._pipe.execute
+    beats: list[str] = []
+
+    async def execute(packed: bytes, replies: int) -> list[Any]:
+        if watcher.canary.is_lost and not beats:
+            beats.append("liveness written during the canary-lost resync")
+            await admin.set(K.registrar("r-1"), b"1", px=60_000)
+        return await original(packed, replies)
+
+    watcher._pipe.execute = execute  # type: ignore[method-assign]
+    async with mirror:
+        await eventually(lambda: beats, 10, what="the canary-lost resync")
+        await mirror.wait_until(lambda m: not m.stale, 10)
+        assert mirror.stats.canary_notifications >= 1
