@@ -1,14 +1,14 @@
 """Scenario 6: the propagation scenario on saga-events, ZooKeeper and etcd.
 
 Same machine, same run, same sample counts, same shape: 1,000 background
-instances, M watcher processes (M = 1, 10, 50), register / leave one
+instances, M watcher processes (M = 1, 10, 50, 100), register / leave one
 instance at a time, then crash a process holding instances (no leave) with
 a 2 s TTL (saga-events agent ttl, ZooKeeper session timeout, etcd lease
 TTL). ZooKeeper (kazoo ChildrenWatch on the service's znode) and etcd
 (prefix watch over its JSON gateway) come from Debian's packages and are
 started here; each is skipped with a message when it is not installed.
 
-    python bench/peers.py [--quick] [--mirrors 1,10,50] [--pairs 100] [--only etcd,...]
+    python bench/peers.py [--quick] [--mirrors 1,10,50,100] [--pairs 100] [--only etcd,...]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import _propagation as prop
 
 def main(argv: list[str] | None = None) -> int:
     p = h.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--mirrors", default=None, help="comma-separated M values (default 1,10,50)")
+    p.add_argument("--mirrors", default=None, help="comma-separated M values (default 1,10,50,100)")
     p.add_argument("--pairs", type=int, default=None, help="register+leave samples per M (100)")
     p.add_argument("--background", type=int, default=None, help="instances registered (1000)")
     p.add_argument("--profile", action="store_true", help="py-spy one watcher at the largest M")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     h.configure(args)
     q = args.quick
-    m_values = [int(x) for x in (args.mirrors or ("1,2" if q else "1,10,50")).split(",")]
+    m_values = [int(x) for x in (args.mirrors or ("1,2" if q else "1,10,50,100")).split(",")]
     pairs = args.pairs or (4 if q else 100)
     background = args.background if args.background is not None else (30 if q else 1000)
     crash_rounds = args.crash_rounds if args.crash_rounds is not None else (1 if q else 2)

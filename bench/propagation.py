@@ -1,6 +1,6 @@
 """Scenario 2: propagation of register / leave / crash to M mirrors.
 
-M mirror processes (M = 1, 10, 50) watch a registry of 1,000 background
+M mirror processes (M = 1, 10, 50, 100) watch a registry of 1,000 background
 instances. The driver registers an instance (PUBLISH of the event an Agent
 sends), waits until every mirror has it, makes it leave, waits again; then
 SIGKILLs a process of agents (no leave) and waits until every mirror has
@@ -8,7 +8,7 @@ dropped them. Then it measures the staleness window of a poll-and-cache
 client (30 s cache, as in the seed): how long after a service moves (its
 record changes) each of many such clients still answers the old URL.
 
-    python bench/propagation.py [--quick] [--mirrors 1,10,50] [--pairs 200]
+    python bench/propagation.py [--quick] [--mirrors 1,10,50,100] [--pairs 200]
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def staleness(
 
 def main(argv: list[str] | None = None) -> int:
     p = h.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--mirrors", default=None, help="comma-separated M values (default 1,10,50)")
+    p.add_argument("--mirrors", default=None, help="comma-separated M values (default 1,10,50,100)")
     p.add_argument("--pairs", type=int, default=None, help="register+leave samples per M")
     p.add_argument("--background", type=int, default=None, help="instances registered")
     p.add_argument("--profile", action="store_true", help="py-spy one watcher at the largest M")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     h.configure(args)
     q = args.quick
-    m_values = [int(x) for x in (args.mirrors or ("1,3" if q else "1,10,50")).split(",")]
+    m_values = [int(x) for x in (args.mirrors or ("1,3" if q else "1,10,50,100")).split(",")]
     pairs = args.pairs or (5 if q else 200)
     background = args.background if args.background is not None else (50 if q else 1000)
     crash_rounds = args.crash_rounds if args.crash_rounds is not None else (1 if q else 3)

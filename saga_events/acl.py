@@ -11,8 +11,9 @@ User names are ``saga-<role>`` in the default namespace and
   channel's, so a stolen publisher password speaks for one service only.
 * **reader** (``saga-ro``, mirrors and ``saga-events ls``): GET, MGET and
   SMEMBERS on the namespace's keys, and (P)SUBSCRIBE to exactly the three
-  keyspace-notification channels the mirror uses. ACL matches a PSUBSCRIBE
-  pattern literally, so the grants are the mirror's own patterns.
+  keyspace-notification channels the mirror uses and the change feed
+  (``saga:{ns}:feed``, which the registrar's scripts PUBLISH to). ACL matches a
+  PSUBSCRIBE pattern literally, so the grants are the mirror's own patterns.
 * **registrar** (``saga-registrar``): writes the namespace's keys, only through
   the commands its Lua scripts, housekeeping and HTTP gateway use. No role
   has CONFIG or any other administration: the notification flags and the
@@ -158,6 +159,7 @@ def reader_role(namespace: str = "default", db: int = 0) -> Role:
             f"&{keys.inst_notifications}",
             f"&{keys.registrar_notifications}",
             f"&{keys.epoch_notifications}",
+            f"&{keys.feed}",
             *_commands(_READER_COMMANDS, db),
         ),
     )
@@ -178,6 +180,7 @@ def registrar_role(namespace: str = "default", db: int = 0) -> Role:
             f"&{keys.inst_notifications}",
             f"&{keys.registrar_notifications}",
             f"&{keys.epoch_notifications}",
+            f"&{keys.feed}",
             f"&{probe_notifications(keys)}",
             *_commands(_REGISTRAR_COMMANDS, db),
         ),

@@ -64,6 +64,12 @@ class Keys:
         return f"{self.prefix}rev"
 
     @property
+    def feed(self) -> str:
+        """Pub/sub channel: every record change, published by the script that makes it
+        (see :mod:`saga_events.feed`)."""
+        return f"{self.prefix}feed"
+
+    @property
     def epoch(self) -> str:
         return f"{self.prefix}epoch"
 

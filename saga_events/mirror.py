@@ -8,10 +8,12 @@ Consistency contract (after client-go's SharedInformer):
   per-service snapshots (:mod:`saga_events.view`) that never touch the
   network and never block. They can be called from any thread: a read sees
   one consistent version of a service, never a half-applied change.
-* The view follows Redis by keyspace notifications: subscribe first, then
-  snapshot the index, then apply what was notified meanwhile, then watch. Each
-  record key converges to Redis's value; changes to one key are seen in the
-  order Redis made them, though intermediate versions may be skipped.
+* The view follows Redis by the change feed (each record change published, with
+  its revision and the record, by the registrar script that made it):
+  subscribe first, then snapshot the index and rev, then apply what the feed
+  carried since that rev, then watch. Each record key converges to Redis's
+  value; changes to one key are seen in the order Redis made them, though
+  intermediate versions may be skipped (never an older one after a newer).
 * On a disconnect, a silent subscription, a lost canary or a new epoch the
   mirror sets ``stale``, keeps serving its last view unchanged, and resyncs
   (list, then watch again), emitting only the differences as changes. While
@@ -19,9 +21,10 @@ Consistency contract (after client-go's SharedInformer):
   until the rebuild is ready, so callers never see the registry vanish.
 * ``changes()`` yields ``Added``/``Updated``/``Removed`` in the order they are
   applied to the view; a resync yields the differences only.
-* A lost notification (the flags cleared for a moment, an output-buffer
-  disconnect) is found by the registry revision check and repaired by a
-  resync within about two ``rev_interval`` s.
+* A lost feed message is found at the next one (its revision skips) and
+  repaired by a resync at once; a lost last message, or a record written
+  outside the registrar's scripts whose notification was lost, by the
+  registry revision check within about ``rev_interval`` s.
 * Redis refusals (NOPERM, READONLY, MOVED, ...) never raise into the host:
   the mirror logs them, stays ``stale`` with the reason in ``last_error``,
   keeps serving what it has and retries with backoff. ``async with`` then
@@ -165,6 +168,7 @@ class Mirror(RunsInBackground):
         self._subscribers: list[MemoryObjectSendStream[Change]] = []
         self._overflowed: set[MemoryObjectSendStream[Change]] = set()
         self._changed = anyio.Event()
+        self._waiting = 0  # tasks in wait_for / wait_until
         self._watcher = Watcher(
             self._redis,
             self.keys,
@@ -295,7 +299,7 @@ class Mirror(RunsInBackground):
                 inst = self.view.pick(name, capability)
                 if inst is not None:
                     return inst
-                await self._changed.wait()
+                await self._wait_change()
         raise ServiceNotFound(name, capability)
 
     async def wait_until(
@@ -310,7 +314,7 @@ class Mirror(RunsInBackground):
         """
         with anyio.fail_after(timeout):
             while not predicate(self):
-                await self._changed.wait()
+                await self._wait_change()
 
     def changes(self) -> ChangeStream:
         """Every change applied to the view from this call on, as an async iterator.
@@ -347,7 +351,16 @@ class Mirror(RunsInBackground):
 
     # -- fan-out -------------------------------------------------------------------
 
+    async def _wait_change(self) -> None:
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1
+
     def _wake_waiters(self) -> None:
+        if not self._waiting:
+            return  # nobody waits: no new Event per change (the hot path)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 

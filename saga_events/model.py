@@ -131,7 +131,7 @@ class DrainOverride(msgspec.Struct, frozen=True, kw_only=True):
     self_draining: bool = False
 
 
-class Instance(msgspec.Struct, frozen=True, kw_only=True):
+class Instance(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One live instance as stored in Redis and served by the mirror.
 
     The field order is part of the format: the first three fields are spliced

@@ -36,7 +36,7 @@ import itertools
 import operator
 import sys
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -55,6 +55,9 @@ from .selection import (
 )
 
 MAX_SHARED_CAPABILITY_SETS: Final = 4096
+_force_setattr: Callable[[object, str, object], None] | None = getattr(
+    msgspec.structs, "force_setattr", None
+)
 
 
 class Added(msgspec.Struct, frozen=True):
@@ -397,7 +400,8 @@ class View:
     def share(self, inst: Instance) -> Instance:
         """Let instances share one copy of their (immutable) service name and
         capability tuple: ~200 bytes less per instance in a large view. The watcher
-        calls it as it decodes, so the unshared copy dies at once."""
+        calls it as it decodes, on an instance nobody else holds yet (it may be
+        changed in place), so the unshared copies die at once."""
         name = sys.intern(inst.service_name)
         caps = self._shared_caps.get(inst.capabilities)
         if caps is None:
@@ -406,4 +410,10 @@ class View:
                 self._shared_caps[caps] = caps
         if name is inst.service_name and caps is inst.capabilities:
             return inst
-        return msgspec.structs.replace(inst, service_name=name, capabilities=caps)
+        if _force_setattr is None:  # msgspec < 0.19
+            return msgspec.structs.replace(inst, service_name=name, capabilities=caps)
+        # The instance was just decoded and nobody else holds it: swap the two fields
+        # in place (a copy of the whole struct cost more than the decode).
+        _force_setattr(inst, "service_name", name)
+        _force_setattr(inst, "capabilities", caps)
+        return inst

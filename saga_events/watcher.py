@@ -2,23 +2,37 @@
 
 One job: keep a :class:`~saga_events.view.View` equal to Redis, after
 client-go's ``Reflector``. It owns the protocol of the design's "Mirror
-protocol" and "Revision and anti-entropy" sections:
+protocol", "Change feed" and "Revision and anti-entropy" sections:
 
-* Subscribe first (records, the canary, the epoch), then snapshot (SMEMBERS
-  index, MGET in chunks), then apply what was notified meanwhile,
-  then watch: ``set`` → GET the key, ``del``/``expired``/``evicted`` →
-  remove; GETs go out in notification order on one connection.
+* Subscribe first: the change feed ``saga:{ns}:feed`` (every record change,
+  published with its revision by the registrar script that made it, record
+  included: :mod:`saga_events.feed`), the records' keyspace notifications,
+  the canary and the epoch. Then snapshot: GET rev and SMEMBERS index in one
+  round trip, MGET the records in chunks (one pipelined round trip, decoded
+  as one msgspec list), then read the subscription up to a PING sent after
+  the MGETs: every feed message of a change the snapshot may have seen is
+  then read. Those with a revision at or before the snapshot's rev are
+  dropped; the rest are applied on top of the snapshot, in order, before the
+  view is replaced; so a change made during the snapshot is neither lost nor
+  applied twice, and the view never goes back to an older record.
+* Watch: each feed message is applied as it comes: one decode, one dict
+  update per change, no round trip. Gaps are exact: a message whose first
+  revision is not the last applied + 1 resyncs at once (at most one such
+  resync per second, so forged messages cannot make a mirror snapshot in a
+  loop). The keyspace notifications are kept for what the feed cannot carry:
+  Redis's own ``expired``/``evicted`` removals (the backstop TTL) → remove,
+  and ``set``/``del`` from a writer other than the registrar's scripts (a
+  registrar without the feed, an operator): a record notification that no
+  feed message matches by the time the next feed message (or a PING past it)
+  is read is an orphan, read by GET.
 * Stale, never empty: on a disconnect, a silent subscription, a lost canary
   or a new epoch, ``stale`` is set and the view is left as it was until a
   resync replaces it; while the epoch says ``rebuilding`` nothing is listed.
-* Anti-entropy: the registrar increments ``saga:{ns}:rev`` on every record
-  change. The watcher counts the ``set``/``del`` record notifications it
-  applies and, right after each snapshot and then every ``rev_interval`` s,
-  compares that count with rev (two GETs and a PING on the subscription;
-  :class:`RevCheck` states the rule). A lost notification (a flags gap, an
-  output-buffer disconnect, a bug) is found at the next check and repaired
-  by a resync: within ``rev_interval`` plus a snapshot. Without a rev key
-  (an older registrar) nothing is checked.
+* Anti-entropy: every ``rev_interval`` s the watcher compares rev with the
+  changes applied since the snapshot (:class:`RevCheck`; two GETs and a PING
+  on the subscription). It finds the one loss a gap cannot show: the last
+  message, with none after it. The snapshot pins the offset, so one check
+  finds it. Without a rev key (an older registrar) nothing is checked.
 * Every change goes to ``on_change`` in the order applied, after the View
   has published it; ``on_state`` is called when ``stale`` flips.
 * Redis refusals (NOPERM, READONLY, MOVED...) never escape: ``run`` logs,
@@ -32,15 +46,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
-import msgspec
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 
-from . import _wire, identity, model
+from . import _wire, identity
+from ._watch_apply import Applier, Scan
+from ._watch_rules import AnyioClock, Canary, Clock, MirrorStats, RevCheck
 from .connection import (
     DEFAULT_TIMING,
     SessionStats,
@@ -54,118 +68,14 @@ from .keys import Keys
 from .model import Instance
 from .view import Change, View
 
+__all__ = ["AnyioClock", "Canary", "Clock", "MirrorStats", "RevCheck", "Watcher"]
+
 log = logging.getLogger("saga_events.mirror")
 
-_REMOVE_EVENTS: Final = frozenset({b"del", b"expired", b"evicted"})
-
-
-class Clock(Protocol):
-    """Where the watcher's timing rules get the time."""
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class AnyioClock:
-    """The event loop's clock."""
-
-    def monotonic(self) -> float:
-        return anyio.current_time()
-
-    async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
-
-
-@dataclass
-class MirrorStats:
-    """Counters of what the mirror received and sent; for metrics and tests."""
-
-    record_notifications: int = 0
-    canary_notifications: int = 0
-    epoch_notifications: int = 0
-    gets: int = 0
-    snapshots: int = 0
-    snapshot_records: int = 0
-    reconnects: int = 0
-    resyncs: int = 0
-    rev_checks: int = 0
-    rev_resyncs: int = 0
-    refusals: int = 0
-
-
-class RevCheck:
-    """Decides whether a record notification was lost, from the registry revision.
-
-    The registrar increments ``rev`` in the same script as each record change
-    it makes, and each such change notifies exactly one ``set`` (create,
-    update, restore) or ``del`` (leave, reap). ``applied`` counts those two
-    kinds only: Redis's own ``expired``/``evicted`` removals change no rev.
-    So, with nothing lost, ``rev - applied`` is a constant: the offset.
-
-    Each check reads rev (``before``), then reads the subscription past a
-    PING sent after that read (every notification of a change up to
-    ``before`` has then been counted, and perhaps some of later changes), then
-    reads rev again (``after``). With nothing lost the offset therefore lies
-    in ``[before - applied, after - applied]``; the check keeps the
-    intersection of these intervals since the last snapshot. A loss shifts
-    every later interval up by the number lost: when one no longer meets the
-    intersection, a notification was lost. A quiet check (``before ==
-    after``) pins the offset exactly, so one lost notification is found at
-    the next check; under constant churn the intersection narrows as checks
-    add up. Fewer notifications than possible is the only conclusion drawn:
-    more (records deleted behind the registrar's back) starts over.
-    """
-
-    def __init__(self) -> None:
-        self.bounds: tuple[int, int] | None = None
-
-    def forget(self) -> None:
-        """After a snapshot: the old bounds say nothing about the new count."""
-        self.bounds = None
-
-    def lost(self, before: int | None, applied: int, after: int | None) -> bool:
-        """One check: True when a notification has been lost."""
-        if before is None or after is None:
-            self.bounds = None  # no rev (an older registrar, or none yet): nothing to check
-            return False
-        low, high = before - applied, after - applied
-        if self.bounds is None or high < self.bounds[0]:
-            self.bounds = (low, high)
-            return False
-        if low > self.bounds[1]:
-            return True
-        self.bounds = (max(low, self.bounds[0]), min(high, self.bounds[1]))
-        return False
-
-
-class Canary:
-    """The registrars' liveness as seen on the subscription.
-
-    ``beat`` on each liveness notification; ``lost`` is True once, when no
-    beat came for ``timeout`` s, and ``beat`` returns True once, when one
-    comes back after a loss.
-    """
-
-    def __init__(self, timeout: float, now: float) -> None:
-        self.timeout = timeout
-        self.last = now
-        self.is_lost = False
-
-    def restart(self, now: float) -> None:
-        self.last = now
-        self.is_lost = False
-
-    def beat(self, now: float) -> bool:
-        self.last = now
-        back, self.is_lost = self.is_lost, False
-        return back
-
-    def lost(self, now: float) -> bool:
-        if self.is_lost or now - self.last <= self.timeout:
-            return False
-        self.is_lost = True
-        return True
+#: a snapshot that meets a feed gap in its own buffer is taken again, at most this often
+_SNAPSHOT_TRIES: Final = 3
+#: seconds between two resyncs caused by feed gaps
+GAP_RESYNC_SPACING: Final = 1.0
 
 
 class _Resync(Exception):
@@ -183,6 +93,12 @@ def _int(value: Any) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _raise_errors(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 class Watcher:
@@ -222,13 +138,16 @@ class Watcher:
         self.last_error: str | None = None
         self._was_up = False
         self.rev = RevCheck()
-        self._applied = 0
+        self._sub: Subscription | None = None
+        self._last_gap_resync = -math.inf
         self._on_change = on_change
         self._on_state = on_state
         self._wants_changes = wants_changes
         self._pipe = _wire.Pipe(client)
         # Both restart when a session starts (a Mirror may be built outside a loop).
         self.canary = Canary(canary_timeout, 0.0)
+        self._in = Applier(keys, view, self.stats, self.canary, self.clock)
+        self._epoch_channel = keys.epoch_notifications.encode()
         self._last_rev_check = 0.0
 
     async def release(self) -> None:
@@ -296,27 +215,24 @@ class Watcher:
         async with subscribe(
             self.client,
             patterns=(k.inst_notifications, k.registrar_notifications),
-            channels=(k.epoch_notifications,),
+            channels=(k.epoch_notifications, k.feed),
             timing=self.timing,
         ) as sub:
+            self._sub = sub
             self.connected = True
             self.canary.restart(self.clock.monotonic())
-            pending, sub.pending = sub.pending, []
             if self.synced:
                 # A resync after a gap: if Redis restarted empty, wait for the
                 # registrar's rebuild instead of showing an empty registry.
-                if await self._wait_until_epoch_ready(sub):
-                    pending = []  # re-read by the snapshot
+                await self._wait_until_epoch_ready(sub)
             else:
                 self.epoch = await self._get_epoch()
             await self._resync("connect")
-            if pending:
-                await self._handle_or_resync(sub, pending)
             on_synced()
             last_resync = self.clock.monotonic()
             while True:
                 batch = await sub.read(self.timing.ping_interval, 1024)
-                if batch and await self._handle_or_resync(sub, batch):
+                if batch and await self._handle_or_resync(batch):
                     last_resync = self.clock.monotonic()
                 now = self.clock.monotonic()
                 if await self._check_canary(now):
@@ -329,17 +245,24 @@ class Watcher:
                     last_resync = now
                     await self._resync("periodic", keep_stale=self.canary.is_lost)
 
-    async def _handle_or_resync(self, sub: Subscription, batch: list[Any]) -> bool:
+    async def _handle_or_resync(self, batch: list[Any]) -> bool:
         try:
             await self._handle(batch)
             return False
         except _Resync as exc:
-            await self._resync_after(sub, exc.reason)
+            await self._resync_after(exc.reason)
             return True
 
-    async def _resync_after(self, sub: Subscription, reason: str) -> None:
+    async def _resync_after(self, reason: str) -> None:
         self.set_stale(True)
-        await self._wait_until_epoch_ready(sub)
+        if reason.startswith("feed gap"):
+            now = self.clock.monotonic()
+            wait = self._last_gap_resync + GAP_RESYNC_SPACING - now
+            if wait > 0:
+                await self.clock.sleep(wait)
+            self._last_gap_resync = self.clock.monotonic()
+        assert self._sub is not None
+        await self._wait_until_epoch_ready(self._sub)
         await self._resync(reason)
 
     async def _check_canary(self, now: float) -> bool:
@@ -356,30 +279,26 @@ class Watcher:
         return True
 
     async def _check_rev(self, sub: Subscription) -> bool:
-        """Compare rev with the notifications applied (see :class:`RevCheck`); resync
-        on a loss. True when it resynced."""
+        """Compare rev with the changes applied (see :class:`RevCheck`); resync on a
+        loss. True when it resynced."""
         self.stats.rev_checks += 1
         before = _int(await self.client.get(self.keys.rev))
         after = None
         if before is not None:
             try:
-                await self._read_past_barrier(sub)
+                batch = await sub.barrier()
+                if batch:
+                    await self._handle(batch)
             except _Resync as exc:
-                await self._resync_after(sub, exc.reason)
+                await self._resync_after(exc.reason)
                 return True
             after = _int(await self.client.get(self.keys.rev))
-        if not self.rev.lost(before, self._applied, after):
+        if not self.rev.lost(before, self._in.applied, after):
             return False
         self.stats.rev_resyncs += 1
-        log.warning("registry revision %s is ahead of the notifications seen: resyncing", before)
+        log.warning("registry revision %s is ahead of the changes seen: resyncing", before)
         await self._resync("revision mismatch", keep_stale=self.canary.is_lost)
         return True
-
-    async def _read_past_barrier(self, sub: Subscription) -> None:
-        """Apply everything Redis queued on the subscription before a PING sent now."""
-        batch = await sub.barrier()
-        if batch:
-            await self._handle(batch)
 
     async def _get_epoch(self) -> str | None:
         raw = await self.client.get(self.keys.epoch)
@@ -388,6 +307,7 @@ class Watcher:
     async def _wait_until_epoch_ready(self, sub: Subscription) -> bool:
         """Return once the epoch is ready; True if it had to wait."""
         waited = False
+        epoch_channel = self._epoch_channel
         while True:
             epoch = await self._get_epoch()
             parsed = identity.parse_epoch(epoch)
@@ -395,70 +315,56 @@ class Watcher:
                 self.epoch = epoch
                 return waited
             waited = True
-            # Wait for the epoch key to change; record notifications meanwhile
-            # are re-read by the snapshot that follows.
-            while not any(r[0] == b"message" for r in await sub.read()):
+            # Wait for the epoch key to change; record changes meanwhile are
+            # re-read by the snapshot that follows.
+            while not any(r[0] == b"message" and r[1] == epoch_channel for r in await sub.read()):
                 pass
 
     # -- applying -----------------------------------------------------------------------
 
     async def _handle(self, batch: Iterable[Any]) -> None:
-        k = self.keys
-        prefix = k.keyspace_prefix.encode()
-        inst_prefix = prefix + k.inst_prefix.encode()
-        to_get: dict[str, None] = {}
-        to_remove: dict[str, None] = {}
-        epoch_changed = False
-        for reply in batch:
-            kind = reply[0]
-            if kind == b"pmessage":
-                channel, data = reply[2], reply[3]
-                if channel.startswith(inst_prefix):
-                    self.stats.record_notifications += 1
-                    key = channel[len(prefix) :].decode("utf-8", "replace")
-                    if k.parse_inst(key) is None:
-                        continue
-                    if data == b"set":
-                        self._applied += 1
-                        to_remove.pop(key, None)
-                        to_get[key] = None
-                    elif data in _REMOVE_EVENTS:
-                        if data == b"del":  # expired/evicted are Redis's own: no rev
-                            self._applied += 1
-                        to_get.pop(key, None)
-                        to_remove[key] = None
-                    # 'expire' on a record is a backstop refresh: nothing to do.
-                else:
-                    self.stats.canary_notifications += 1
-                    if self.canary.beat(self.clock.monotonic()):
-                        log.info("registrar liveness is back; resyncing")
-                        await self._resync("canary back")
-            elif kind == b"message":
-                self.stats.epoch_notifications += 1
-                epoch_changed = True
+        """Apply one batch of replies to the view (watching)."""
         changes: list[Change] = []
-        if to_get:
-            keys = list(to_get)
-            self.stats.gets += len(keys)
-            pack = _wire.pack_command
-            values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
-            for value in values:
-                if isinstance(value, Exception):
-                    raise value
-            for key, raw in zip(keys, values, strict=True):
-                inst = self._decode(key, raw)
-                change = self.view.remove(key) if inst is None else self.view.put(key, inst)
-                if change is not None:
-                    changes.append(change)
-        for key in to_remove:
-            change = self.view.remove(key)
-            if change is not None:
-                changes.append(change)
+        scan = Scan()
+        self._in.scan(batch, scan, None, changes)
+        if scan.unmatched and scan.gap is None and self._sub is not None:
+            # A record notification whose feed message is not read yet (a batch
+            # cut between them), or none comes (another writer): read up to a
+            # PING; whatever is still unmatched then is an orphan.
+            self._in.scan(await self._sub.barrier(), scan, None, changes)
+        scan.orphaned()
+        if scan.orphans and scan.gap is None:
+            self.stats.orphans += scan.orphan_notes
+            self._in.applied += scan.orphan_notes
+            await self._read_orphans(scan.orphans, changes)
         self._apply(changes)
-        if epoch_changed:
+        if scan.gap is not None:
+            self.stats.feed_gaps += 1
+            log.warning("%s: resyncing", scan.gap)
+            raise _Resync(scan.gap)
+        if scan.canary_back:
+            log.info("registrar liveness is back; resyncing")
+            raise _Resync("canary back")
+        if scan.epoch_changed:
             epoch = await self._get_epoch()
             if epoch != self.epoch:
                 raise _Resync(f"epoch {epoch}")
+
+    async def _read_orphans(self, orphans: dict[str, None], changes: list[Change]) -> None:
+        """GET the records notified without a feed message, in one round trip, and
+        apply what Redis holds now."""
+        keys = [k for k in orphans if self.keys.parse_inst(k) is not None]
+        if not keys:
+            return
+        self.stats.gets += len(keys)
+        pack = _wire.pack_command
+        values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
+        _raise_errors(values)
+        for key, raw in zip(keys, values, strict=True):
+            inst = self._in.decode(key, raw)
+            change = self.view.remove(key) if inst is None else self.view.put(key, inst)
+            if change is not None:
+                changes.append(change)
 
     def _apply(self, changes: list[Change]) -> None:
         """Publish the view, then report (``changes`` may be empty when nobody
@@ -468,43 +374,69 @@ class Watcher:
 
     async def _resync(self, reason: str, *, keep_stale: bool = False) -> None:
         """List the registry and make the view equal to it, emitting differences."""
+        sub = self._sub
+        assert sub is not None
         self.stats.snapshots += 1
         if self.synced:
             self.stats.resyncs += 1
-        raw_members = await self.client.smembers(self.keys.index)
-        members = sorted(_text(m) for m in raw_members)
-        fresh: dict[str, Instance] = {}
-        chunks = [members[i : i + self.chunk_size] for i in range(0, len(members), self.chunk_size)]
-        if chunks:
-            pipe = self.client.pipeline(transaction=False)
-            for chunk in chunks:
-                pipe.mget(chunk)
-            for chunk, values in zip(chunks, await pipe.execute(), strict=True):
-                for key, raw in zip(chunk, values, strict=True):
-                    inst = self._decode(key, raw)
-                    if inst is not None:
-                        fresh[key] = inst
+        tries = 0
+        while True:
+            tries += 1
+            fresh, rev, scan = await self._snapshot(sub)
+            if scan.epoch_changed and await self._get_epoch() != self.epoch:
+                # A new epoch while listing: list again once it is ready.
+                self.set_stale(True)
+                await self._wait_until_epoch_ready(sub)
+                continue
+            if scan.gap is None:
+                break
+            self.stats.feed_gaps += 1
+            if tries >= _SNAPSHOT_TRIES:
+                log.warning("%s during %d snapshots; keeping the last", scan.gap, tries)
+                break
         self.stats.snapshot_records += len(fresh)
         self.rev.forget()
+        scan.orphaned()
+        orphans = scan.orphans
+        if rev is not None and not orphans and scan.gap is None:
+            self.rev.pin(rev)  # rev - applied, exactly: every change after rev is applied
         # Take the new offset at the next turn of the loop, not rev_interval later.
         self._last_rev_check = -math.inf
-        self._apply(self.view.replace(fresh, changes=self._wants_changes()))
+        changes = self.view.replace(fresh, changes=self._wants_changes())
+        if orphans:
+            await self._read_orphans(orphans, changes)
+        self._apply(changes)
         self.synced = True
-        if not keep_stale:
+        if not keep_stale or not self.canary.is_lost:
+            # Stale only while the canary is still lost: it may have come back
+            # during this very snapshot (its beat read in the snapshot's buffer),
+            # and no later beat would say so again.
             self.set_stale(False)
         else:
             self._on_state()
         log.debug("mirror synced (%s): %d instances", reason, len(fresh))
 
-    def _decode(self, key: str, raw: bytes | None) -> Instance | None:
-        if raw is None:
-            return None
-        try:
-            inst = model.decode_instance(raw)
-        except msgspec.DecodeError as exc:
-            log.warning("ignoring unreadable record %s: %s", key, exc)
-            return None
-        if self.keys.parse_inst(key) != (inst.service_name, inst.service_id):
-            log.warning("ignoring record %s that names another instance", key)
-            return None
-        return self.view.share(inst)
+    async def _snapshot(self, sub: Subscription) -> tuple[dict[str, Instance], int | None, Scan]:
+        """Read rev, the index and the records, then the feed up to now; return the
+        records as of the last feed message read, the snapshot's rev, and the scan."""
+        k = self.keys
+        pack = _wire.pack_command
+        replies = await self._pipe.execute(pack(("GET", k.rev)) + pack(("SMEMBERS", k.index)), 2)
+        _raise_errors(replies)
+        rev = _int(replies[0])
+        members = [_text(m) for m in replies[1]]
+        fresh: dict[str, Instance] = {}
+        size = self.chunk_size
+        chunks = [members[i : i + size] for i in range(0, len(members), size)]
+        if chunks:
+            packed = b"".join([pack(("MGET", *chunk)) for chunk in chunks])
+            values = await self._pipe.execute(packed, len(chunks))
+            _raise_errors(values)
+            self._in.decode_into(fresh, members, [v for chunk in values for v in chunk])
+        self._in.applied = 0
+        self._in.revs.start(rev)
+        scan = Scan()
+        # Every feed message of a change up to the MGETs is read past this PING.
+        self._in.scan(await sub.barrier(), scan, fresh, [])
+        self._in.revs.watching()
+        return fresh, rev, scan

@@ -60,6 +60,9 @@
 -- Redis lets its further writes through, and the tombstone SET is a pcall, so
 -- a leave removes the record even when the tombstone cannot be stored.
 -- Every record change (create, update, remove) INCRs KEYS[6].
+-- and PUBLISHes it on the feed channel saga:{ns}:feed (KEYS[6] with 'feed' for
+-- 'rev'): {"rev":<new rev>,"ch":[["set",<key>,<record as stored>]]} or
+-- [["del",<key>]] (saga_events/feed.py reads it).
 local batch_time = redis.call('TIME')
 local function apply_one(KEYS, ARGV)
 -- One MGET reads the record, the tombstone and the override (one call, not three).
@@ -149,7 +152,9 @@ if ARGV[1] == 'leave' then
   end
   redis.pcall('SET', KEYS[2], incs .. ':' .. seqs, 'PX', string.format('%.0f', life))
   if cur then
-    redis.call('INCR', KEYS[6])
+    local rev = redis.call('INCR', KEYS[6])
+    redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":'
+      .. string.format('%.0f', rev) .. ',"ch":[["del",' .. cjson.encode(KEYS[1]) .. ']]}')
   end
   return {status, creg or '0', nows, incs, seqs}
 end
@@ -190,16 +195,18 @@ local reg = nows
 if ci and inc == ci then
   reg = creg
 end
-redis.call('SET', KEYS[1],
-  '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
-  .. ',' .. body, 'PX', ARGV[6])
+local record = '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
+  .. ',' .. body
+redis.call('SET', KEYS[1], record, 'PX', ARGV[6])
 redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
 if not member then
   redis.call('SADD', KEYS[3], KEYS[1])
   redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
 end
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
-redis.call('INCR', KEYS[6])
+local rev = redis.call('INCR', KEYS[6])
+redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
+  .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. record .. ']]}')
 if cur then
   return {'updated', reg, nows, incs, seqs}
 end

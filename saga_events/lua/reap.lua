@@ -15,6 +15,8 @@
 -- ARGV[7] override prefix saga:{ns}:override: (optional): a reaped instance's
 --         operator drain is deleted with it
 -- Reply: the record keys reaped (an empty list during a stall's grace).
+-- The keys deleted are published in one feed message with the rev range they
+-- took: {"rev":<rev after>,"ch":[["del",<key>],...]} (saga_events/feed.py).
 --
 -- It touches the record and tombstone keys named by the deadlines set, not
 -- declared in KEYS: sound in Redis Cluster only because every registry key
@@ -60,6 +62,7 @@ if last > 0 and now - last > tonumber(ARGV[2]) then
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local changed = 0
+local gone = {}
 local tombs = {}
 local least = tonumber(ARGV[4])
 local ip, tp = ARGV[5], ARGV[6]
@@ -70,7 +73,7 @@ for _, k in ipairs(due) do
     local i, q = string.match(rec, '^{"incarnation":(%d+),"seq":(%d+),')
     if i then o = i .. ':' .. q end
   end
-  if redis.call('DEL', k) == 1 then changed = changed + 1 end
+  if redis.call('DEL', k) == 1 then changed = changed + 1; gone[changed] = k end
   if redis.call('SREM', KEYS[2], k) == 1 then
     local service = string.match(string.sub(k, #ip + 1), '^([^:]+):')
     if service then
@@ -101,7 +104,12 @@ for _, w in ipairs(tombs) do
   end
 end
 if changed > 0 then
-  redis.pcall('INCRBY', KEYS[5], changed)
+  local rev = redis.pcall('INCRBY', KEYS[5], changed)
+  if type(rev) == 'number' then
+    for i, k in ipairs(gone) do gone[i] = '["del",' .. cjson.encode(k) .. ']' end
+    redis.pcall('PUBLISH', string.sub(KEYS[5], 1, -4) .. 'feed', '{"rev":'
+      .. string.format('%.0f', rev) .. ',"ch":[' .. table.concat(gone, ',') .. ']}')
+  end
 end
 redis.pcall('SET', KEYS[4], nows, 'PX', 86400000)
 redis.pcall('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - 3600000)

@@ -11,6 +11,7 @@
 -- tombstone: a leave or reap that came after the restart wins).
 -- The deadline is fresh (now + ttl): an instance that really died is reaped
 -- one ttl later, as any crash. Caps do not apply: the view was within them.
+-- A restore is a record change: INCR rev and a feed message, as apply.lua's.
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or redis.call('HEXISTS', KEYS[5], KEYS[1]) == 1 then
   return 0
 end
@@ -22,5 +23,7 @@ if redis.call('SADD', KEYS[3], KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[7], ARGV[5], 1)
 end
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), KEYS[1])
-redis.call('INCR', KEYS[6])
+local rev = redis.call('INCR', KEYS[6])
+redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
+  .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. ARGV[1] .. ']]}')
 return 1
