@@ -384,15 +384,26 @@ class Registrar(RunsInBackground):
 
     async def _reap_loop(self) -> None:
         backoff = Backoff()
+        paused = False
         while True:
             if not self.subscribed:
                 # No intake, no heartbeats (a failover): reaping now would remove
                 # live instances. The mark ages meanwhile: the first reap after the
                 # resubscription is a stall, which grants grace (lua/reap.lua).
+                paused = True
                 await anyio.sleep(self.reap_interval)
                 continue
             try:
-                await self.reap()
+                if paused:
+                    # The first reap after the intake was down is a stall however
+                    # short the pause (heartbeats were not applied meanwhile), and
+                    # an instance graced just before it could not heartbeat during
+                    # it either, so this stall may grace it again.
+                    await self._redis.delete(scripts.graced_key(self.keys))
+                    await self.reap(stall_ms=0)
+                    paused = False
+                else:
+                    await self.reap()
                 backoff.reset()
                 await anyio.sleep(self.reap_interval)
             except TRANSIENT as exc:
@@ -402,10 +413,14 @@ class Registrar(RunsInBackground):
                 self._redis_refusals.warning("reaper: Redis refused (%s)", exc)
                 await anyio.sleep(backoff.next())
 
-    async def reap(self, limit: int = 1000) -> int:
-        """Remove the instances whose deadline has passed (Redis clock); return how many."""
+    async def reap(self, limit: int = 1000, *, stall_ms: int | None = None) -> int:
+        """Remove the instances whose deadline has passed (Redis clock); return how many.
+
+        ``stall_ms``: a gap since the last reap longer than this is a stall (default
+        max(REAP_STALL_MS, 3 x reap_interval)); 0 makes this reap a stall."""
         k = self.keys
-        stall_ms = max(REAP_STALL_MS, round(3000 * self.reap_interval))
+        if stall_ms is None:
+            stall_ms = max(REAP_STALL_MS, round(3000 * self.reap_interval))
         total = 0
         while True:
             keys, args = scripts.reap_call(k, limit, stall_ms, REAP_GRACE_MS, self.tomb_ttl_ms)

@@ -8,7 +8,8 @@
 -- KEYS[6] counts     saga:{ns}:counts   (hash service -> members of index)
 -- KEYS[7] graced     saga:{ns}:graced   (zset record key -> deadline granted by a stall)
 -- ARGV[1] limit       at most this many reaps per call
--- ARGV[2] stall_ms    a gap since the last reap longer than this is a stall
+-- ARGV[2] stall_ms    a gap since the last reap longer than this is a stall; 0: this
+--                     reap is a stall even with no mark (after the intake was down)
 -- ARGV[3] grace_ms    the deadline a stall grants to an instance due before it
 -- ARGV[4] tomb_ttl_ms the least tombstone life; it lives max(ARGV[4], 3 x ttl)
 -- ARGV[5] inst prefix saga:{ns}:inst:   ARGV[6] tomb prefix saga:{ns}:tomb:
@@ -36,7 +37,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nows = string.format('%.0f', now)
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
-if last > 0 and now - last > tonumber(ARGV[2]) then
+if (last > 0 or ARGV[2] == '0') and now - last > tonumber(ARGV[2]) then
   redis.pcall('SET', KEYS[4], nows, 'PX', 86400000)
   local grace = now + tonumber(ARGV[3])
   -- Not only the overdue: an instance due within the grace could not heartbeat
