@@ -124,6 +124,7 @@ class Registrar(RunsInBackground):
         self.stats = RegistrarStats()
         self.started_ms = now_ms()
         self.subscribed = False
+        self._intake_was_up = False
         self._rejections = RateLimitedLog(log)
         self._redis_refusals = RateLimitedLog(log, burst=5)
         # Flood guards (events/s and burst), per instance and per service; None
@@ -324,6 +325,7 @@ class Registrar(RunsInBackground):
                 await self._recheck_config()
                 await self._scripts.load()
             self.subscribed = True
+            self._intake_was_up = True
             ready.set()
             await self.check_epoch()
             reconnected = True
@@ -386,10 +388,12 @@ class Registrar(RunsInBackground):
         backoff = Backoff()
         paused = False
         while True:
-            if not self.subscribed:
+            if not self.subscribed and self._intake_was_up:
                 # No intake, no heartbeats (a failover): reaping now would remove
                 # live instances. The mark ages meanwhile: the first reap after the
                 # resubscription is a stall, which grants grace (lua/reap.lua).
+                # Before the first subscription the reaper runs: a start is not a
+                # pause, and the mark must exist before any pause.
                 paused = True
                 await anyio.sleep(self.reap_interval)
                 continue
