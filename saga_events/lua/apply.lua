@@ -63,165 +63,178 @@
 -- and PUBLISHes it on the feed channel saga:{ns}:feed (KEYS[6] with 'feed' for
 -- 'rev'): {"rev":<new rev>,"ch":[["set",<key>,<record as stored>]]} or
 -- [["del",<key>]] (saga_events/feed.py reads it).
-local batch_time = redis.call('TIME')
-local function apply_one(KEYS, ARGV)
--- One MGET reads the record, the tombstone and the override (one call, not three).
-local got = redis.call('MGET', KEYS[1], KEYS[2], KEYS[8])
-local body = ARGV[4]
-if ARGV[1] ~= 'leave' then
-  local ov = got[3]
-  if ov then
-    local base, own = string.match(body, '^(.*),"draining":([a-z]+)}$')
-    local head = string.match(ov, '^({.*)}$')
-    if base and head then
-      body = base .. ',"draining":true,"override":' .. head .. ',"self_draining":' .. own .. '}}'
-    end
-  end
-end
-local t = batch_time
+-- The code below is laid out for the hot path (an unchanged heartbeat costs
+-- MGET, HGET, ZADD, HSET and no table or closure of its own): the shared
+-- KEYS/ARGV are read once per call, each event's are passed as arguments.
+local call, smatch, sfind, sformat = redis.call, string.match, string.find, string.format
+local t = call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local nows = string.format('%.0f', now)
-local inc = tonumber(ARGV[2])
-local seq = tonumber(ARGV[3])
-local incs, seqs = ARGV[2], ARGV[3]
+local nows = sformat('%.0f', now)
+local IDX, DL, ORD, REV, CNT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local FEED = string.sub(REV, 1, -4) .. 'feed'
+local least_tomb, after_newest = tonumber(ARGV[1]), ARGV[2] == '1'
+local max_per, max_total = tonumber(ARGV[3]), tonumber(ARGV[4])
+local unknown_leave, least_backstop = ARGV[5], tonumber(ARGV[6])
+
 local function pair(s)
   if not s then return nil, nil end
-  local i, q = string.match(s, '^(%d+):(%d+)$')
+  local i, q = smatch(s, '^(%d+):(%d+)$')
   if not i then return nil, nil end
   return tonumber(i), tonumber(q)
 end
--- -1: older than (i, q); 0: the same; 1: newer
-local function cmp(i, q)
+
+-- -1: (inc, seq) is older than (i, q); 0: the same; 1: newer
+local function cmp(inc, seq, i, q)
   if inc ~= i then return inc < i and -1 or 1 end
   if seq ~= q then return seq < q and -1 or 1 end
   return 0
 end
-local tomb = got[2]
-local ti, ts = pair(tomb)
-local cur = got[1]
-local ci, cs, creg, crest
-if cur then
-  ci, cs, creg, crest = string.match(cur,
-    '^{"incarnation":(%d+),"seq":(%d+),"registered_at_ms":(%d+),(.*)$')
+
+local function publish(rev, change)
+  call('PUBLISH', FEED, '{"rev":' .. sformat('%.0f', rev) .. ',"ch":[' .. change .. ']}')
 end
-if ci then
-  ci = tonumber(ci)
-  cs = tonumber(cs)
-end
-local ostr = redis.call('HGET', KEYS[5], KEYS[1])
-local oi, oq = pair(ostr)
-if not oi and ci then
-  oi, oq = ci, cs
-end
-if ti and cmp(ti, ts) <= 0 then
-  return {'stale', '0', nows, incs, seqs}
-end
-if ARGV[8] == '1' and oi then
-  inc, seq = oi, oq + 1
-  incs, seqs = string.format('%.0f', inc), string.format('%.0f', seq)
-end
-local order = oi and cmp(oi, oq) or 1
-if ARGV[1] == 'leave' then
-  if order <= 0 then
-    return {'stale', creg or '0', nows, incs, seqs}
-  end
+
+local function leave(rkey, tkey, okey, incs, seqs, service, cur, ostr, tomb, creg)
   if not cur and not ostr and not tomb then
-    -- Nothing was ever stored: only a short-lived marker (ARGV[12] ms, 0: none).
-    if tonumber(ARGV[12]) > 0 then
-      redis.call('SET', KEYS[2], incs .. ':' .. seqs, 'PX', ARGV[12])
+    -- Nothing was ever stored: only a short-lived marker (unknown_leave ms, 0: none).
+    if tonumber(unknown_leave) > 0 then
+      call('SET', tkey, incs .. ':' .. seqs, 'PX', unknown_leave)
     end
     return {'absent', '0', nows, incs, seqs}
   end
-  local life = tonumber(ARGV[7])
-  local rttl = cur and tonumber(string.match(cur, '"ttl_ms":(%d+)'))
+  local life = least_tomb
+  local rttl = cur and tonumber(smatch(cur, '"ttl_ms":(%d+)'))
   if rttl and 3 * rttl > life then life = 3 * rttl end
   local status = 'absent'
   if cur then
-    redis.call('DEL', KEYS[1])
-    if redis.call('SREM', KEYS[3], KEYS[1]) == 1 then
-      if redis.call('HINCRBY', KEYS[7], ARGV[9], -1) <= 0 then
-        redis.call('HDEL', KEYS[7], ARGV[9])
+    call('DEL', rkey)
+    if call('SREM', IDX, rkey) == 1 then
+      if call('HINCRBY', CNT, service, -1) <= 0 then
+        call('HDEL', CNT, service)
       end
     end
-    redis.call('ZREM', KEYS[4], KEYS[1])
+    call('ZREM', DL, rkey)
     status = 'removed'
   end
-  redis.call('HDEL', KEYS[5], KEYS[1])
-  if KEYS[8] then
-    redis.call('DEL', KEYS[8])
+  call('HDEL', ORD, rkey)
+  if okey then
+    call('DEL', okey)
   end
-  redis.pcall('SET', KEYS[2], incs .. ':' .. seqs, 'PX', string.format('%.0f', life))
+  redis.pcall('SET', tkey, incs .. ':' .. seqs, 'PX', sformat('%.0f', life))
   if cur then
-    local rev = redis.call('INCR', KEYS[6])
-    redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":'
-      .. string.format('%.0f', rev) .. ',"ch":[["del",' .. cjson.encode(KEYS[1]) .. ']]}')
+    publish(call('INCR', REV), '["del",' .. cjson.encode(rkey) .. ']')
   end
   return {status, creg or '0', nows, incs, seqs}
 end
-if order < 0 then
-  return {'stale', creg or '0', nows, incs, seqs}
-end
-local ttl = tonumber(ARGV[5])
-if ci and inc == ci and crest == body then
-  -- Unchanged record (a heartbeat, or a duplicate): move the deadline only.
-  redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
-  if order > 0 then
-    redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
+
+-- A change: write the record (created or updated), its order, index and deadline.
+local function write(rkey, incs, seqs, inc, ci, creg, body, ttl, backstop, service, cur)
+  local member = call('SISMEMBER', IDX, rkey) == 1
+  if not cur and not member then
+    if max_per > 0 and tonumber(call('HGET', CNT, service) or '0') >= max_per then
+      return {'capped', '0', nows, incs, seqs}
+    end
+    if max_total > 0 and call('SCARD', IDX) >= max_total then
+      return {'capped', '0', nows, incs, seqs}
+    end
   end
-  -- The backstop is checked on a duplicate (order 0: the HTTP gateway's
-  -- heartbeats) and on every 4th seq (an agent's heartbeats count up by one;
-  -- its changes rewrite the record with a fresh PX anyway): the half left is
-  -- >= 5 ttl, 15 heartbeats, so this costs one PTTL per 4 heartbeats, not 1.
-  local backstop = tonumber(ARGV[6])
-  if (order == 0 or seq % 4 == 0) and redis.call('PTTL', KEYS[1]) < backstop / 2 then
-    redis.call('PEXPIRE', KEYS[1], backstop)
+  local reg = nows
+  if ci and inc == ci then
+    reg = creg
   end
-  return {'refreshed', creg, nows, incs, seqs}
-end
-if order == 0 then
-  return {'stale', creg or '0', nows, incs, seqs}  -- same (incarnation, seq), other record
-end
-local member = redis.call('SISMEMBER', KEYS[3], KEYS[1]) == 1
-if not cur and not member then
-  local per, total = tonumber(ARGV[10]), tonumber(ARGV[11])
-  if per > 0 and tonumber(redis.call('HGET', KEYS[7], ARGV[9]) or '0') >= per then
-    return {'capped', '0', nows, incs, seqs}
+  local record = '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
+    .. ',' .. body
+  call('SET', rkey, record, 'PX', sformat('%d', backstop))
+  call('HSET', ORD, rkey, incs .. ':' .. seqs)
+  if not member then
+    call('SADD', IDX, rkey)
+    call('HINCRBY', CNT, service, 1)
   end
-  if total > 0 and redis.call('SCARD', KEYS[3]) >= total then
-    return {'capped', '0', nows, incs, seqs}
+  call('ZADD', DL, now + ttl, rkey)
+  publish(call('INCR', REV), '["set",' .. cjson.encode(rkey) .. ',' .. record .. ']')
+  if cur then
+    return {'updated', reg, nows, incs, seqs}
   end
+  return {'created', reg, nows, incs, seqs}
 end
-local reg = nows
-if ci and inc == ci then
-  reg = creg
+
+local function apply_one(rkey, tkey, okey, kind, incs, seqs, body, ttl, service)
+  -- One MGET reads the record, the tombstone and the override (one call, not three).
+  local got = call('MGET', rkey, tkey, okey)
+  local is_leave = kind == 'leave'
+  if not is_leave then
+    local ov = got[3]
+    if ov then
+      local base, own = smatch(body, '^(.*),"draining":([a-z]+)}$')
+      local head = smatch(ov, '^({.*)}$')
+      if base and head then
+        body = base .. ',"draining":true,"override":' .. head .. ',"self_draining":' .. own .. '}}'
+      end
+    end
+  end
+  local inc, seq = tonumber(incs), tonumber(seqs)
+  local tomb = got[2]
+  local ti, ts = pair(tomb)
+  local cur = got[1]
+  -- The record's ordering and registered_at_ms; rest: where its body starts
+  -- (compared in place, not copied out).
+  local ci, cs, creg, rest
+  if cur then
+    ci, cs, creg, rest = smatch(cur, '^{"incarnation":(%d+),"seq":(%d+),"registered_at_ms":(%d+),()')
+  end
+  if ci then
+    ci = tonumber(ci)
+    cs = tonumber(cs)
+  end
+  local ostr = call('HGET', ORD, rkey)
+  local oi, oq = pair(ostr)
+  if not oi and ci then
+    oi, oq = ci, cs
+  end
+  if ti and cmp(inc, seq, ti, ts) <= 0 then
+    return {'stale', '0', nows, incs, seqs}
+  end
+  if after_newest and oi then
+    inc, seq = oi, oq + 1
+    incs, seqs = sformat('%.0f', inc), sformat('%.0f', seq)
+  end
+  local order = oi and cmp(inc, seq, oi, oq) or 1
+  if is_leave then
+    if order <= 0 then
+      return {'stale', creg or '0', nows, incs, seqs}
+    end
+    return leave(rkey, tkey, okey, incs, seqs, service, cur, ostr, tomb, creg)
+  end
+  if order < 0 then
+    return {'stale', creg or '0', nows, incs, seqs}
+  end
+  local backstop = 10 * ttl
+  if backstop < least_backstop then backstop = least_backstop end
+  if ci and inc == ci and #cur - rest + 1 == #body and sfind(cur, body, rest, true) == rest then
+    -- Unchanged record (a heartbeat, or a duplicate): move the deadline only.
+    call('ZADD', DL, now + ttl, rkey)
+    if order > 0 then
+      call('HSET', ORD, rkey, incs .. ':' .. seqs)
+    end
+    -- The backstop is checked on a duplicate (order 0: the HTTP gateway's
+    -- heartbeats) and on every 4th seq (an agent's heartbeats count up by one;
+    -- its changes rewrite the record with a fresh PX anyway): the half left is
+    -- >= 5 ttl, 15 heartbeats, so this costs one PTTL per 4 heartbeats, not 1.
+    if (order == 0 or seq % 4 == 0) and call('PTTL', rkey) < backstop / 2 then
+      call('PEXPIRE', rkey, sformat('%d', backstop))
+    end
+    return {'refreshed', creg, nows, incs, seqs}
+  end
+  if order == 0 then
+    return {'stale', creg or '0', nows, incs, seqs}  -- same (incarnation, seq), other record
+  end
+  return write(rkey, incs, seqs, inc, ci, creg, body, ttl, backstop, service, cur)
 end
-local record = '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
-  .. ',' .. body
-redis.call('SET', KEYS[1], record, 'PX', ARGV[6])
-redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
-if not member then
-  redis.call('SADD', KEYS[3], KEYS[1])
-  redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
-end
-redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
-local rev = redis.call('INCR', KEYS[6])
-redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
-  .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. record .. ']]}')
-if cur then
-  return {'updated', reg, nows, incs, seqs}
-end
-return {'created', reg, nows, incs, seqs}
-end
-local shared, out = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, {}
-local least_tomb, least_backstop = tonumber(ARGV[1]), tonumber(ARGV[6])
+
+local out = {}
 for i = 0, (#ARGV - 6) / 6 - 1 do
   local k, a = 6 + 3 * i, 6 + 6 * i
-  local ttl = tonumber(ARGV[a + 5])
-  out[i + 1] = apply_one(
-    {KEYS[k], KEYS[k + 1], shared[1], shared[2], shared[3], shared[4], shared[5], KEYS[k + 2]},
-    {ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5],
-     string.format('%d', math.max(10 * ttl, least_backstop)),
-     string.format('%d', math.max(least_tomb, 3 * ttl)),
-     ARGV[2], ARGV[a + 6], ARGV[3], ARGV[4], ARGV[5]})
+  out[i + 1] = apply_one(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5]), ARGV[a + 6])
 end
 return out
