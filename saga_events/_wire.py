@@ -140,6 +140,11 @@ async def roundtrip(
             reader.feed(data)
 
 
+#: For the registrar's intake reader (``_intake``): the pieces above, by name.
+NOT_ENOUGH: Final = _NOT_ENOUGH
+raw_parts: Final = _raw
+closed: Final = _closed
+
 _MOVED_TAGS: Final = ("READONLY", "MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
 _MOVED_CLASSES: Final = (ReadOnlyError, MovedError, AskError, TryAgainError, ClusterDownError)
 

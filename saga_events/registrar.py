@@ -30,7 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _wire, connection, identity, model, override_ends, scripts
+from . import _intake, _wire, connection, identity, model, override_ends, scripts
 from ._fastdecode import FastDecoder
 from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
@@ -82,6 +82,8 @@ class Registrar(RunsInBackground):
     ``view`` returns the instances the registry last held (a gateway's
     mirror); when not given the registrar runs a :class:`Mirror` of its own
     for it (``own_view=False``: no view, an empty restart restores nothing).
+    ``heartbeat_hold``: intake heartbeats alone wait up to this many seconds
+    to be applied with the next events (``_intake.py``; 0: never).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Registrar(RunsInBackground):
         max_instances: int = scripts.MAX_INSTANCES,
         view: View | None = None,
         own_view: bool = True,
+        heartbeat_hold: float = 0.01,
     ) -> None:
         self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner
         self._owns_client = isinstance(redis, str)
@@ -138,6 +141,7 @@ class Registrar(RunsInBackground):
         self._scripts = scripts.Scripts(self._redis)
         self._fast = FastDecoder(url_schemes)
         self._rebuilds = Rebuilds(self)
+        self.heartbeat_hold = heartbeat_hold
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
         # The connection the apply pipelines go out on (hand-packed, see _wire).
         self._pipe = _wire.Pipe(self._redis)
@@ -344,21 +348,28 @@ class Registrar(RunsInBackground):
                 self.stats.loop_restarts += 1
 
         try:
-            await connection.consume(
+            await _intake.consume(
                 self._redis,
-                name="registrar",
                 patterns=(self.keys.events_pattern,),
+                decode=self._decode_batch,
+                apply=self._apply_intake,
+                hold=self.heartbeat_hold,
+                batch=self.batch_size,
                 on_connect=on_connect,
-                on_batch=self._process,
-                timing=connection.REGISTRAR_TIMING,
                 on_error=on_error,
-                limit=self.batch_size,
-                crash_only=True,
+                timing=connection.REGISTRAR_TIMING,
             )
         finally:
             self.subscribed = False
 
     async def _process(self, batch: list[Any]) -> None:
+        """Decode and apply one batch of intake replies at once (no holding)."""
+        events = self._decode_batch(batch)
+        if events:
+            await self._apply_intake(events)
+
+    def _decode_batch(self, batch: list[Any]) -> list[model.AnyEvent]:
+        """The valid events of a batch of intake replies, within the rate limits."""
         events: list[model.AnyEvent] = []
         for reply in batch:
             if not isinstance(reply, list) or len(reply) != 4 or reply[0] != b"pmessage":
@@ -371,18 +382,20 @@ class Registrar(RunsInBackground):
             event = self.validate(channel, data)
             if event is not None and self._within_rate(event):
                 events.append(event)
-        if events:
-            try:
-                await self._apply_raw(events)
-            except ResponseError as exc:
-                # Redis refused the writes (OOM, READONLY): these events are lost,
-                # the agents' next heartbeats carry the same records again.
-                self.stats.rejected["redis_refused"] += len(events)
-                self._redis_refusals.warning(
-                    "Redis refused %d events (%s); the next heartbeats retry them",
-                    len(events),
-                    exc,
-                )
+        return events
+
+    async def _apply_intake(self, events: list[Any]) -> None:
+        try:
+            await self._apply_raw(events)
+        except ResponseError as exc:
+            # Redis refused the writes (OOM, READONLY): these events are lost,
+            # the agents' next heartbeats carry the same records again.
+            self.stats.rejected["redis_refused"] += len(events)
+            self._redis_refusals.warning(
+                "Redis refused %d events (%s); the next heartbeats retry them",
+                len(events),
+                exc,
+            )
 
     async def _reap_loop(self) -> None:
         backoff = Backoff()
