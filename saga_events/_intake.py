@@ -107,7 +107,12 @@ class _Intake(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[attr-defined,no-any-return]
+        # Redis closed (CLIENT KILL, the pub/sub output-buffer limit): end the session
+        # now. The stream's protocol would keep the transport half-open, and the
+        # closing would be noticed only by a PING's failed write, seconds later.
+        self._inner.eof_received()  # type: ignore[attr-defined]
+        self._fail(_wire.closed())
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(_wire.closed())
