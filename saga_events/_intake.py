@@ -182,7 +182,9 @@ def _take_over(
     raw = _wire.raw_parts(conn) if conn is not None else None
     writer = getattr(conn, "_writer", None)
     transport = getattr(writer, "transport", None)
-    if raw is None or not isinstance(transport, asyncio.Transport):
+    # Duck-typed: uvloop's transports are not asyncio.Transport instances.
+    needs = ("get_protocol", "set_protocol", "pause_reading", "resume_reading")
+    if raw is None or transport is None or not all(hasattr(transport, n) for n in needs):
         return None
     reader, stream = raw
     buffered = getattr(stream, "_buffer", None)
