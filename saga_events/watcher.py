@@ -6,8 +6,8 @@ protocol", "Change feed" and "Revision and anti-entropy" sections:
 
 * Subscribe first: the change feed ``saga:{ns}:feed`` (every record change,
   published with its revision by the registrar script that made it, record
-  included: :mod:`saga_events.feed`), the records' keyspace notifications,
-  the canary and the epoch. Then snapshot: GET rev and SMEMBERS index in one
+  included: :mod:`saga_events.feed`), the ``expired``/``evicted`` key-event
+  channels, the canary and the epoch. Then snapshot: GET rev and SMEMBERS index in one
   round trip, MGET the records in chunks (one pipelined round trip, decoded
   as one msgspec list), then read the subscription up to a PING sent after
   the MGETs: every feed message of a change the snapshot may have seen is
@@ -19,12 +19,16 @@ protocol", "Change feed" and "Revision and anti-entropy" sections:
   update per change, no round trip. Gaps are exact: a message whose first
   revision is not the last applied + 1 resyncs at once (at most one such
   resync per second, so forged messages cannot make a mirror snapshot in a
-  loop). The keyspace notifications are kept for what the feed cannot carry:
-  Redis's own ``expired``/``evicted`` removals (the backstop TTL) → remove,
-  and ``set``/``del`` from a writer other than the registrar's scripts (a
-  registrar without the feed, an operator): a record notification that no
-  feed message matches by the time the next feed message (or a PING past it)
-  is read is an orphan, read by GET.
+  loop). Besides the feed, the watcher hears only what no script does:
+  Redis's own ``expired``/``evicted`` removals (the backstop TTL,
+  ``maxmemory``), on the database's key-event channels (one message per
+  removal, any key of the database; the registry's records are picked by
+  their prefix) → remove. So a change is one message, and a heartbeat's
+  backstop ``PEXPIRE`` wakes no mirror. A writer that publishes no feed
+  message is never applied from a notification: a registrar without the feed
+  bumps rev (the rev check resyncs), an operator's hand edit shows at the next
+  resync (``resync_interval``), and a Cluster slot migration's ``del`` on the
+  source node removes nothing.
 * Stale, never empty: on a disconnect, a silent subscription, a lost canary
   or a new epoch, ``stale`` is set and the view is left as it was until a
   resync replaces it; while the epoch says ``rebuilding`` nothing is listed.
@@ -214,8 +218,8 @@ class Watcher:
         k = self.keys
         async with subscribe(
             self.client,
-            patterns=(k.inst_notifications, k.registrar_notifications),
-            channels=(k.epoch_notifications, k.feed),
+            patterns=(k.registrar_notifications,),
+            channels=(k.feed, k.expired_events, k.evicted_events, k.epoch_notifications),
             timing=self.timing,
         ) as sub:
             self._sub = sub
@@ -327,16 +331,6 @@ class Watcher:
         changes: list[Change] = []
         scan = Scan()
         self._in.scan(batch, scan, None, changes)
-        if scan.unmatched and scan.gap is None and self._sub is not None:
-            # A record notification whose feed message is not read yet (a batch
-            # cut between them), or none comes (another writer): read up to a
-            # PING; whatever is still unmatched then is an orphan.
-            self._in.scan(await self._sub.barrier(), scan, None, changes)
-        scan.orphaned()
-        if scan.orphans and scan.gap is None:
-            self.stats.orphans += scan.orphan_notes
-            self._in.applied += scan.orphan_notes
-            await self._read_orphans(scan.orphans, changes)
         self._apply(changes)
         if scan.gap is not None:
             self.stats.feed_gaps += 1
@@ -357,6 +351,7 @@ class Watcher:
         if not keys:
             return
         self.stats.gets += len(keys)
+        self.stats.orphans += len(keys)
         pack = _wire.pack_command
         values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
         _raise_errors(values)
@@ -396,10 +391,11 @@ class Watcher:
                 break
         self.stats.snapshot_records += len(fresh)
         self.rev.forget()
-        scan.orphaned()
         orphans = scan.orphans
-        if rev is not None and not orphans and scan.gap is None:
-            self.rev.pin(rev)  # rev - applied, exactly: every change after rev is applied
+        if rev is not None and scan.gap is None:
+            # rev - applied, exactly: every change after rev is applied (Redis's own
+            # removals, the only orphans, take no revision).
+            self.rev.pin(rev)
         # Take the new offset at the next turn of the loop, not rev_interval later.
         self._last_rev_check = -math.inf
         changes = self.view.replace(fresh, changes=self._wants_changes())
