@@ -143,6 +143,8 @@ class Watcher:
         self._was_up = False
         self.rev = RevCheck()
         self._sub: Subscription | None = None
+        #: what the subscription's handler (:meth:`_fast`) left for the task
+        self._deferred: Scan | None = None
         self._last_gap_resync = -math.inf
         self._on_change = on_change
         self._on_state = on_state
@@ -223,6 +225,7 @@ class Watcher:
             timing=self.timing,
         ) as sub:
             self._sub = sub
+            self._deferred = None
             self.connected = True
             self.canary.restart(self.clock.monotonic())
             if self.synced:
@@ -234,8 +237,22 @@ class Watcher:
             await self._resync("connect")
             on_synced()
             last_resync = self.clock.monotonic()
+            fast = self._fast
             while True:
-                batch = await sub.read(self.timing.ping_interval, 1024)
+                # Messages that arrive while this task waits are applied by _fast, in
+                # the socket's callback (no task wakeup per change); it wakes the task
+                # for what needs I/O or a decision (a gap, the canary back, an epoch).
+                sub.set_handler(fast)
+                try:
+                    batch = await sub.read(self.timing.ping_interval, 1024)
+                finally:
+                    sub.set_handler(None)
+                deferred, self._deferred = self._deferred, None
+                if deferred is not None and await self._after_or_resync(deferred):
+                    # The resync read past the messages in ``batch`` (older than its
+                    # snapshot), as it does past the rest of a batch cut by a gap.
+                    last_resync = self.clock.monotonic()
+                    batch = []
                 if batch and await self._handle_or_resync(batch):
                     last_resync = self.clock.monotonic()
                 now = self.clock.monotonic()
@@ -256,6 +273,27 @@ class Watcher:
         except _Resync as exc:
             await self._resync_after(exc.reason)
             return True
+
+    async def _after_or_resync(self, scan: Scan) -> bool:
+        try:
+            await self._after(scan)
+            return False
+        except _Resync as exc:
+            await self._resync_after(exc.reason)
+            return True
+
+    def _fast(self, batch: list[Any]) -> bool:
+        """Apply replies as they arrive (the subscription's handler while the loop
+        waits); True when the task must act (see :meth:`_after`), with the scan kept
+        for it."""
+        changes: list[Change] = []
+        scan = Scan()
+        self._in.scan([r for r in batch if isinstance(r, list)], scan, None, changes)
+        self._apply(changes)
+        if scan.gap is not None or scan.canary_back or scan.epoch_changed:
+            self._deferred = scan
+            return True
+        return False
 
     async def _resync_after(self, reason: str) -> None:
         self.set_stale(True)
@@ -332,6 +370,11 @@ class Watcher:
         scan = Scan()
         self._in.scan(batch, scan, None, changes)
         self._apply(changes)
+        await self._after(scan)
+
+    async def _after(self, scan: Scan) -> None:
+        """What a scan found that needs I/O: a gap or the canary back (resync), an
+        epoch notification (read the epoch; resync when it changed)."""
         if scan.gap is not None:
             self.stats.feed_gaps += 1
             log.warning("%s: resyncing", scan.gap)
