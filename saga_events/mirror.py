@@ -22,9 +22,12 @@ Consistency contract (after client-go's SharedInformer):
 * ``changes()`` yields ``Added``/``Updated``/``Removed`` in the order they are
   applied to the view; a resync yields the differences only.
 * A lost feed message is found at the next one (its revision skips) and
-  repaired by a resync at once; a lost last message, or a record written
-  outside the registrar's scripts whose notification was lost, by the
-  registry revision check within about ``rev_interval`` s.
+  repaired by a resync at once; a lost last message, or a change by a
+  registrar without the feed (it bumps the revision), by the registry
+  revision check within about ``rev_interval`` s. A record written by hand
+  (no feed message, no revision) shows at the next resync
+  (``resync_interval``); Redis's own removals (expiry, eviction) are heard
+  on the key-event channels.
 * Redis refusals (NOPERM, READONLY, MOVED, ...) never raise into the host:
   the mirror logs them, stays ``stale`` with the reason in ``last_error``,
   keeps serving what it has and retries with backoff. ``async with`` then
