@@ -184,6 +184,12 @@ def _install_tap(conn: Any) -> _Tap | None:
         buffered.clear()
     _take_parsed(reader, tap.replies, 1 << 62)
     transport.set_protocol(tap)
+    if getattr(stream, "_paused", False):
+        # The stream had paused the socket (its buffer was full); it is empty now,
+        # and only the tap reads from here on.
+        stream._paused = False  # type: ignore[attr-defined]
+    if not transport.is_reading() and not tap.paused:
+        transport.resume_reading()
     return tap
 
 

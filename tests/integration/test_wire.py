@@ -158,3 +158,34 @@ async def test_a_handler_gets_messages_as_they_arrive_and_may_wake_the_reader(
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+async def test_a_flood_buffered_before_the_first_read_is_read_in_full(redis_url: str) -> None:
+    """Messages that arrive before the tap is on fill redis-py's stream, which pauses the
+    socket; the tap takes them over and resumes it. Before, the socket stayed paused
+    and the rest was never read (the registrar's intake stopped after ~1,500 events of
+    a flood: test_a_flood_from_one_publisher_is_rate_limited)."""
+    from saga_events.testing import eventually
+
+    client = connect(redis_url)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe("ch")
+        conn = pubsub.connection
+        assert conn is not None
+        stream = conn._reader
+        body = b"x" * 200
+        pipe = client.pipeline(transaction=False)
+        for _ in range(2000):
+            pipe.publish("ch", body)
+        await pipe.execute()
+        await eventually(lambda: not stream._transport.is_reading(), 10, what="socket paused")
+        sub = _wire.Subscription(pubsub)
+        got = 0
+        with anyio.fail_after(10):
+            while got < 2000:
+                got += sum(1 for r in await sub.read(1.0, 1024) if r[0] == b"message")
+        assert got == 2000
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
