@@ -176,6 +176,8 @@ def _install_tap(conn: Any) -> _Tap | None:
     inner = transport.get_protocol()
     if isinstance(inner, _Tap):
         return inner
+    if not isinstance(inner, asyncio.StreamReaderProtocol):
+        return None  # someone else reads this socket (the registrar's intake): leave it
     if stream.at_eof() or stream.exception() is not None:
         return None
     tap = _Tap(inner, reader, transport, asyncio.get_running_loop())
