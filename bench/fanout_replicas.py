@@ -36,7 +36,7 @@ from saga_events._wait import eventually
 from saga_events.embedded_topology import SentinelGroup, client, info
 
 OUT = Path(__file__).resolve().parent / "results"
-FLAGS = "Kg$xe"
+FLAGS = "KEg$xe"
 
 
 def set_flags(group: SentinelGroup) -> None:

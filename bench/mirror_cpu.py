@@ -12,6 +12,7 @@ compare two trees (``PYTHONPATH=<other tree>``) or the loops::
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import sys
 import time
 from typing import Any
@@ -42,6 +43,7 @@ def mirror(url: str, ready: Any, uv: bool) -> None:
                     pass
 
             tg.start_soon(consume)
+            print(f"mirror pid {os.getpid()}", file=sys.stderr, flush=True)  # noqa: T201
             ready.set()
             await anyio.sleep(3600)
 

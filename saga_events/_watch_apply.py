@@ -4,7 +4,12 @@ One job: turn what the subscription and the snapshot read into view updates,
 with the rules of :mod:`saga_events.watcher` (which owns the protocol and the
 network): feed changes in revision order, gaps reported, notifications that no
 feed change matches collected as orphans, records decoded in bulk and checked
-against their keys. It does no I/O.
+against their keys. Record notifications are only Redis's own removals
+(``expired``/``evicted`` on the database's key-event channels, filtered by the
+registry's key prefix here); no ``set``/``del`` notification is read, so a
+writer that publishes no feed message (an operator's hand edit, a registrar
+without the feed, a Cluster slot migration's ``del``) never changes the view
+directly: the watcher's rev check or periodic resync covers it. It does no I/O.
 """
 
 from __future__ import annotations
@@ -24,40 +29,20 @@ from .view import Change, View
 
 log = logging.getLogger("saga_events.mirror")
 
-_CHANGED: Final = frozenset({b"set", b"del"})
-_GONE: Final = frozenset({b"expired", b"evicted"})
 _records_decoder: Final = msgspec.json.Decoder(list[Instance])
 
 
 class Scan:
     """What one pass over a batch of replies found, besides the changes it applied."""
 
-    __slots__ = ("canary_back", "epoch_changed", "gap", "orphan_notes", "orphans", "unmatched")
+    __slots__ = ("canary_back", "epoch_changed", "gap", "orphans")
 
     def __init__(self) -> None:
-        #: record set/del notifications not yet matched by a feed change, per key
-        self.unmatched: dict[str, int] = {}
-        #: keys to read by GET (set/del with no feed change, Redis's own removals)
+        #: records Redis removed on its own while a snapshot was taken: read by GET
         self.orphans: dict[str, None] = {}
-        #: set/del notifications with no feed change: each may have taken a revision
-        self.orphan_notes = 0
         self.epoch_changed = False
         self.canary_back = False
         self.gap: str | None = None
-
-    def matched(self, key: str) -> None:
-        """A feed change for ``key``: one of its notifications is accounted for."""
-        n = self.unmatched.pop(key, 0)
-        if n > 1:  # more notifications than changes: the rest were another writer's
-            self.orphans[key] = None
-            self.orphan_notes += n - 1
-
-    def orphaned(self) -> None:
-        """Every notification still unmatched is an orphan."""
-        for key, n in self.unmatched.items():
-            self.orphans[key] = None
-            self.orphan_notes += n
-        self.unmatched.clear()
 
 
 class Applier:
@@ -71,14 +56,13 @@ class Applier:
         self.canary = canary
         self.clock = clock
         self.revs = feed.Revisions()
-        #: feed changes and orphan set/del notifications applied since the snapshot
+        #: feed changes applied since the snapshot
         self.applied = 0
-        prefix = keys.keyspace_prefix.encode()
-        self.ks_len = len(prefix)
-        self.inst_channels = prefix + keys.inst_prefix.encode()
         self.inst_prefix = keys.inst_prefix
+        self.inst_prefix_b = keys.inst_prefix.encode()
         self.feed_channel = keys.feed.encode()
         self.epoch_channel = keys.epoch_notifications.encode()
+        self.gone_channels = frozenset({keys.expired_events.encode(), keys.evicted_events.encode()})
 
     def scan(
         self,
@@ -90,45 +74,38 @@ class Applier:
         """One pass over raw replies, in order: feed changes go to ``fresh`` (a
         snapshot being built) or, with ``fresh`` None, to the view (``changes``
         gets what changed). Stops at a gap."""
-        stats = self.stats
-        unmatched = scan.unmatched
-        inst_channels = self.inst_channels
-        ks_len = self.ks_len
+        feed_channel = self.feed_channel
         for reply in batch:
             kind = reply[0]
             if kind == b"message":
                 channel = reply[1]
-                if channel == self.feed_channel:
+                if channel == feed_channel:
                     self.scan_feed(reply[2], scan, fresh, changes)
                     if scan.gap is not None:
                         return
-                elif channel == self.epoch_channel:
-                    stats.epoch_notifications += 1
-                    scan.epoch_changed = True
-            elif kind == b"pmessage":
-                channel, data = reply[2], reply[3]
-                if channel.startswith(inst_channels):
-                    stats.record_notifications += 1
-                    if data in _CHANGED:
-                        key = channel[ks_len:].decode("utf-8", "replace")
-                        unmatched[key] = unmatched.get(key, 0) + 1
-                    elif data in _GONE:
-                        # Redis's own removal (the backstop TTL, maxmemory): no script,
-                        # no feed message, no rev.
-                        key = channel[ks_len:].decode("utf-8", "replace")
+                elif channel in self.gone_channels:
+                    # Redis's own removal (the backstop TTL, maxmemory) of any key of
+                    # the database: no script, no feed message, no rev.
+                    data = reply[2]
+                    if data.startswith(self.inst_prefix_b):
+                        self.stats.record_notifications += 1
+                        key = data.decode("utf-8", "replace")
                         if fresh is None:
                             change = self.view.remove(key)
                             if change is not None:
                                 changes.append(change)
                         else:
+                            # The MGET may have read it before or after: ask again.
                             scan.orphans[key] = None
-                    # 'expire' on a record is a backstop refresh: nothing to do.
-                else:
-                    stats.canary_notifications += 1
-                    # Back during a snapshot: that snapshot is the resync (see
-                    # Watcher._resync); while watching, resync now.
-                    if self.canary.beat(self.clock.monotonic()) and fresh is None:
-                        scan.canary_back = True
+                elif channel == self.epoch_channel:
+                    self.stats.epoch_notifications += 1
+                    scan.epoch_changed = True
+            elif kind == b"pmessage":
+                self.stats.canary_notifications += 1
+                # Back during a snapshot: that snapshot is the resync (see
+                # Watcher._resync); while watching, resync now.
+                if self.canary.beat(self.clock.monotonic()) and fresh is None:
+                    scan.canary_back = True
 
     def scan_feed(
         self,
@@ -147,37 +124,28 @@ class Applier:
             stats.feed_rejected += 1
             log.warning("ignoring an unreadable feed message: %s", exc)
             return
-        unmatched = scan.unmatched
         before = self.revs.last
         verdict = self.revs.check(msg)
         if verdict is feed.Verdict.GAP:
             scan.gap = f"feed gap: revisions {msg.first}..{msg.rev} after {before}"
             return
         if verdict is feed.Verdict.SEEN:
-            for c in msg.ch:
-                scan.matched(c.key)
-        else:
-            stats.feed_changes += len(msg.ch)
-            self.applied += len(msg.ch)
-            view = self.view
-            for c in msg.ch:
-                key = c.key
-                if unmatched:
-                    scan.matched(key)
-                inst = self.checked(key, c.record) if type(c) is feed.Set else None
-                if fresh is not None:
-                    if inst is None:
-                        fresh.pop(key, None)
-                    else:
-                        fresh[key] = inst
+            return
+        stats.feed_changes += len(msg.ch)
+        self.applied += len(msg.ch)
+        view = self.view
+        for c in msg.ch:
+            key = c.key
+            inst = self.checked(key, c.record) if type(c) is feed.Set else None
+            if fresh is not None:
+                if inst is None:
+                    fresh.pop(key, None)
                 else:
-                    change = view.remove(key) if inst is None else view.put(key, inst)
-                    if change is not None:
-                        changes.append(change)
-        if unmatched:
-            # Notifications before this script's with no change in the feed: an
-            # orphan (a writer other than the registrar's scripts).
-            scan.orphaned()
+                    fresh[key] = inst
+            else:
+                change = view.remove(key) if inst is None else view.put(key, inst)
+                if change is not None:
+                    changes.append(change)
 
     def decode_into(
         self, fresh: dict[str, Instance], keys: list[str], values: list[bytes | None]

@@ -40,6 +40,7 @@ class AnyioClock:
 class MirrorStats:
     """Counters of what the mirror received and sent; for metrics and tests."""
 
+    #: ``expired``/``evicted`` key events naming a record (Redis's own removals)
     record_notifications: int = 0
     canary_notifications: int = 0
     epoch_notifications: int = 0
@@ -57,8 +58,7 @@ class MirrorStats:
     feed_changes: int = 0
     feed_rejected: int = 0
     feed_gaps: int = 0
-    #: record set/del notifications with no feed message (a writer other than the
-    #: registrar's scripts, or a registrar without the feed): read by GET
+    #: records Redis removed on its own while a snapshot was taken: read by GET
     orphans: int = 0
 
 
@@ -67,9 +67,9 @@ class RevCheck:
 
     The registrar increments ``rev`` in the same script as each record change
     it makes, and publishes the change on the feed. ``applied`` counts the
-    feed's changes applied plus the record ``set``/``del`` notifications that
-    came without a feed message (another writer); Redis's own
-    ``expired``/``evicted`` removals change no rev. So, with nothing lost,
+    feed's changes applied; Redis's own ``expired``/``evicted`` removals change
+    no rev, and a writer that bumps rev without the feed (a registrar from
+    before it) shows as a loss: a resync reads what it wrote. So, with nothing lost,
     ``rev - applied`` is a constant: the offset. After a snapshot that read
     rev the watcher sets :attr:`bounds` to that exact offset (:meth:`pin`).
 

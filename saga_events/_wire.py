@@ -67,31 +67,213 @@ def _closed() -> RedisConnectionError:
     return RedisConnectionError("Redis closed the connection")
 
 
+#: parsed replies a tap holds before it pauses the socket (the task is behind)
+_TAP_HIGH: Final = 1 << 16
+
+
+class _Tap(asyncio.Protocol):
+    """Stands between a subscribed connection's transport and redis-py's protocol:
+    feeds the connection's hiredis reader as data arrives, and hands the parsed
+    replies to a synchronous ``handler`` when one is set and nothing older waits
+    (the watcher applies feed messages there: no task wakeup per change), else
+    keeps them and wakes the reading task. The end of the connection goes to
+    redis-py's protocol as before."""
+
+    def __init__(
+        self,
+        inner: asyncio.BaseProtocol,
+        reader: hiredis.Reader,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.inner = inner
+        self.reader = reader
+        self.transport = transport
+        self.loop = loop
+        self.replies: list[Any] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.handler: Callable[[list[Any]], bool] | None = None
+        self.closed = False
+        self.error: BaseException | None = None
+        self.paused = False
+        self.last_rx = loop.time()
+
+    def wake(self) -> None:
+        self.handler = None  # the task decides before the next message is handled
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        self.reader.feed(data)
+        replies = self.replies
+        backlog = bool(replies)
+        try:
+            _take_parsed(self.reader, replies, 1 << 62)
+        except Exception as exc:  # a protocol error: the task raises it
+            self.error = exc
+            self.wake()
+            return
+        if not replies:
+            return
+        handler = self.handler
+        if handler is not None and not backlog:
+            batch = replies[:]
+            replies.clear()
+            try:
+                if not handler(batch):
+                    return
+            except Exception as exc:  # a bug in the handler: the task raises it
+                self.error = exc
+        elif len(replies) >= _TAP_HIGH and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self.wake()
+
+    def take(self, limit: int) -> list[Any]:
+        replies = self.replies
+        if len(replies) <= limit:
+            out, self.replies = replies, []
+        else:
+            out, self.replies = replies[:limit], replies[limit:]
+        if self.paused and len(self.replies) < _TAP_HIGH // 2:
+            self.paused = False
+            self.transport.resume_reading()
+        return out
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        self.wake()
+        return cast(asyncio.Protocol, self.inner).eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.wake()
+        self.inner.connection_lost(exc)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def _install_tap(conn: Any) -> _Tap | None:
+    """Put a :class:`_Tap` on the connection's transport, moving over what its stream
+    has buffered; None where the connection is not the expected kind."""
+    raw = _raw(conn)
+    if raw is None:
+        return None
+    reader, stream = raw
+    transport = getattr(stream, "_transport", None)
+    buffered = getattr(stream, "_buffer", None)
+    if transport is None or not isinstance(buffered, bytearray) or transport.is_closing():
+        return None
+    inner = transport.get_protocol()
+    if isinstance(inner, _Tap):
+        return inner
+    if not isinstance(inner, asyncio.StreamReaderProtocol):
+        return None  # someone else reads this socket (the registrar's intake): leave it
+    if stream.at_eof() or stream.exception() is not None:
+        return None
+    tap = _Tap(inner, reader, transport, asyncio.get_running_loop())
+    if buffered:
+        reader.feed(bytes(buffered))
+        buffered.clear()
+    _take_parsed(reader, tap.replies, 1 << 62)
+    transport.set_protocol(tap)
+    if getattr(stream, "_paused", False):
+        # The stream had paused the socket (its buffer was full); it is empty now,
+        # and only the tap reads from here on.
+        stream._paused = False  # type: ignore[attr-defined]
+    if not transport.is_reading() and not tap.paused:
+        transport.resume_reading()
+    return tap
+
+
+def _timed_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Subscription:
-    """Bulk reader of a subscribed redis-py ``PubSub``'s replies."""
+    """Bulk reader of a subscribed redis-py ``PubSub``'s replies.
+
+    On a hiredis/asyncio connection the first read puts a :class:`_Tap` on the
+    socket: replies are parsed as they arrive, and :attr:`handler` (when set by
+    the reading task, while it waits in :meth:`read`) gets them synchronously;
+    it returns True to wake the task (which then decides, the handler unset).
+    Once tapped, the connection is read through this object only.
+    """
 
     def __init__(self, pubsub: aioredis.client.PubSub) -> None:
         self._pubsub = pubsub
+        self._tap: _Tap | None = None
+        self._tried = False
+        #: the event loop's time of the last data received (tapped connections)
+        self.last_rx = 0.0
+
+    def set_handler(self, handler: Callable[[list[Any]], bool] | None) -> None:
+        """Set (or with None, unset) the synchronous handler; a no-op untapped."""
+        if self._tap is not None:
+            self._tap.handler = handler
 
     async def read(self, wait: float, limit: int) -> list[Any]:
         """Wait up to ``wait`` s for a reply; return it with every further
-        reply already received (at most ``limit``), or ``[]`` on timeout."""
+        reply already received (at most ``limit``), or ``[]`` on timeout (or
+        when a handler asked for the task)."""
+        tap = self._tap
+        if tap is None:
+            if not self._tried:
+                self._tried = True
+                conn = self._pubsub.connection
+                tap = self._tap = _install_tap(conn) if conn is not None else None
+            if tap is None:
+                self.set_handler(None)
+                return await self._read_untapped(wait, limit)
+        try:
+            if not tap.replies and tap.error is None and not tap.closed:
+                waiter = tap.loop.create_future()
+                tap.waiter = waiter
+                timer = tap.loop.call_later(wait, _timed_out, waiter)
+                try:
+                    await waiter
+                finally:
+                    tap.waiter = None
+                    timer.cancel()
+            if tap.error is not None:
+                raise tap.error
+            if tap.replies:
+                return tap.take(limit)
+            if tap.closed:
+                raise _closed()
+            return []
+        finally:
+            self.last_rx = tap.last_rx
+
+    async def _read_untapped(self, wait: float, limit: int) -> list[Any]:
         conn = self._pubsub.connection
         raw = _raw(conn) if conn is not None else None
         if raw is None:
-            return await self._read_generic(wait, limit)
-        reader, stream = raw
-        out: list[Any] = []
-        if _take_parsed(reader, out, limit):
-            return out
-        with anyio.move_on_after(wait):
-            while True:
-                data = await stream.read(READ_SIZE)
-                if not data:
-                    raise _closed()
-                reader.feed(data)
-                if _take_parsed(reader, out, limit):
-                    return out
+            out = await self._read_generic(wait, limit)
+        else:
+            reader, stream = raw
+            out = []
+            if not _take_parsed(reader, out, limit):
+                with anyio.move_on_after(wait):
+                    while True:
+                        data = await stream.read(READ_SIZE)
+                        if not data:
+                            raise _closed()
+                        reader.feed(data)
+                        if _take_parsed(reader, out, limit):
+                            break
+        if out:
+            self.last_rx = asyncio.get_running_loop().time()
         return out
 
     async def _read_generic(self, wait: float, limit: int) -> list[Any]:

@@ -10,10 +10,14 @@ User names are ``saga-<role>`` in the default namespace and
   The registrar rejects an event whose ``service_name`` differs from its
   channel's, so a stolen publisher password speaks for one service only.
 * **reader** (``saga-ro``, mirrors and ``saga-events ls``): GET, MGET and
-  SMEMBERS on the namespace's keys, and (P)SUBSCRIBE to exactly the three
-  keyspace-notification channels the mirror uses and the change feed
-  (``saga:{ns}:feed``, which the registrar's scripts PUBLISH to). ACL matches a
-  PSUBSCRIBE pattern literally, so the grants are the mirror's own patterns.
+  SMEMBERS on the namespace's keys, and (P)SUBSCRIBE to exactly the
+  notification channels the mirror uses (the canary pattern, the epoch channel,
+  the database's ``expired``/``evicted`` key-event channels, and the records'
+  keyspace pattern older mirrors used) and the change feed (``saga:{ns}:feed``,
+  which the registrar's scripts PUBLISH to). ACL matches a PSUBSCRIBE pattern
+  literally, so the grants are the mirror's own patterns. The key-event channels
+  carry the names of every expiring key of the database: on a Redis shared with
+  other applications, give the registry a database of its own (``--db``).
 * **registrar** (``saga-registrar``): writes the namespace's keys, only through
   the commands its Lua scripts, housekeeping and HTTP gateway use. No role
   has CONFIG or any other administration: the notification flags and the
@@ -157,6 +161,8 @@ def reader_role(namespace: str = "default", db: int = 0) -> Role:
             f"~{keys.prefix}*",
             "resetchannels",
             f"&{keys.inst_notifications}",
+            f"&{keys.expired_events}",
+            f"&{keys.evicted_events}",
             f"&{keys.registrar_notifications}",
             f"&{keys.epoch_notifications}",
             f"&{keys.feed}",
@@ -178,6 +184,8 @@ def registrar_role(namespace: str = "default", db: int = 0) -> Role:
             f"&{keys.events_pattern}",
             f"&{keys.control}",
             f"&{keys.inst_notifications}",
+            f"&{keys.expired_events}",
+            f"&{keys.evicted_events}",
             f"&{keys.registrar_notifications}",
             f"&{keys.epoch_notifications}",
             f"&{keys.feed}",

@@ -124,13 +124,21 @@ class Subscription:
         if self.pending:
             batch, self.pending = self.pending[:limit], self.pending[limit:]
             return batch
-        batch = await self._reader.read(self.timing.ping_interval if wait is None else wait, limit)
+        reader = self._reader
+        batch = await reader.read(self.timing.ping_interval if wait is None else wait, limit)
         now = anyio.current_time()
+        if reader.last_rx > self.last_rx:
+            self.last_rx = reader.last_rx
         if batch:
-            self.last_rx = now
             batch = [r for r in batch if isinstance(r, list)]  # drop PONGs
         await self.check_health(now)
         return batch
+
+    def set_handler(self, handler: Callable[[list[Any]], bool] | None) -> None:
+        """While the owning task waits in :meth:`read`, hand replies that arrive to
+        ``handler`` synchronously (see :class:`saga_events._wire.Subscription`);
+        None unsets it. A handler returning True wakes the task (``read`` returns)."""
+        self._reader.set_handler(handler)
 
     async def barrier(self, limit: int = 100_000) -> list[Any]:
         """PING with a token and return every message Redis sent before its PONG.
@@ -145,8 +153,8 @@ class Subscription:
         with anyio.fail_after(self.timing.ping_timeout):
             while True:
                 batch = await self._reader.read(self.timing.ping_interval, 1024)
-                if batch:
-                    self.last_rx = anyio.current_time()
+                if self._reader.last_rx > self.last_rx:
+                    self.last_rx = self._reader.last_rx
                 for i, reply in enumerate(batch):
                     # RESP2 answers ["pong", token] on a subscribed connection; RESP3 the token.
                     if reply == token or (isinstance(reply, list) and reply[-1:] == [token]):

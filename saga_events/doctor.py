@@ -126,7 +126,7 @@ async def _probed_flags(client: aioredis.Redis, keys: Keys, refused: Exception) 
         return Finding(
             "notification flags",
             "ok",
-            "probe: a write's keyspace notifications arrive (K$gx; 'e' is not probed)",
+            "probe: a write's keyspace notifications arrive (KE$gx; 'e' is not probed)",
         )
     return Finding(
         "notification flags",

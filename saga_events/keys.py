@@ -91,15 +91,28 @@ class Keys:
     def events_pattern(self) -> str:
         return f"{self.prefix}events:*"
 
-    # Keyspace-notification channels the mirror subscribes to: exactly these three.
+    # Notification channels the mirror subscribes to: the canary pattern, the epoch
+    # channel and the database's expired/evicted key-event channels.
     @property
     def keyspace_prefix(self) -> str:
         return f"__keyspace@{self.db}__:"
 
     @property
     def inst_notifications(self) -> str:
-        """Pattern for the records' notifications."""
+        """Pattern for the records' keyspace notifications (mirrors before the
+        key-event channels subscribed to it; the roles still grant it)."""
         return f"{self.keyspace_prefix}{self.inst_prefix}*"
+
+    @property
+    def expired_events(self) -> str:
+        """Key-event channel of the database's expirations (flags ``Ex``): the message
+        is the key's name, for every key of the database, not only the registry's."""
+        return f"__keyevent@{self.db}__:expired"
+
+    @property
+    def evicted_events(self) -> str:
+        """Key-event channel of the database's evictions (flags ``Ee``)."""
+        return f"__keyevent@{self.db}__:evicted"
 
     @property
     def registrar_notifications(self) -> str:

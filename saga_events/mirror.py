@@ -22,9 +22,12 @@ Consistency contract (after client-go's SharedInformer):
 * ``changes()`` yields ``Added``/``Updated``/``Removed`` in the order they are
   applied to the view; a resync yields the differences only.
 * A lost feed message is found at the next one (its revision skips) and
-  repaired by a resync at once; a lost last message, or a record written
-  outside the registrar's scripts whose notification was lost, by the
-  registry revision check within about ``rev_interval`` s.
+  repaired by a resync at once; a lost last message, or a change by a
+  registrar without the feed (it bumps the revision), by the registry
+  revision check within about ``rev_interval`` s. A record written by hand
+  (no feed message, no revision) shows at the next resync
+  (``resync_interval``); Redis's own removals (expiry, eviction) are heard
+  on the key-event channels.
 * Redis refusals (NOPERM, READONLY, MOVED, ...) never raise into the host:
   the mirror logs them, stays ``stale`` with the reason in ``last_error``,
   keeps serving what it has and retries with backoff. ``async with`` then
@@ -38,12 +41,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._changes import CHANGE_BUFFER, ChangesOverflow, ChangeStream
 from ._lifecycle import RunsInBackground
 from ._redis import RedisLike, connect, db_of
 from ._topology_url import ReadFrom, with_read_from
@@ -69,48 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("saga_events.mirror")
-
-CHANGE_BUFFER: Final = 10_000
-
-
-class ChangesOverflow(Exception):
-    """Raised in a ``changes()`` consumer that fell more than the buffer behind."""
-
-
-class ChangeStream:
-    """The async iterator returned by :meth:`Mirror.changes`; close it with ``aclose()``
-    or use it as an async context manager."""
-
-    def __init__(
-        self,
-        mirror: Mirror,
-        send: MemoryObjectSendStream[Change],
-        receive: MemoryObjectReceiveStream[Change],
-    ) -> None:
-        self._mirror = mirror
-        self._send = send
-        self._receive = receive
-
-    def __aiter__(self) -> ChangeStream:
-        return self
-
-    async def __anext__(self) -> Change:
-        try:
-            return await self._receive.receive()
-        except anyio.EndOfStream:
-            if self._send in self._mirror._overflowed:
-                raise ChangesOverflow(f"consumer fell {CHANGE_BUFFER} changes behind") from None
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        self._mirror._forget(self._send)
-        self._receive.close()
-
-    async def __aenter__(self) -> ChangeStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 def _fallback_instance(name: str, url: str) -> Instance:
@@ -165,8 +126,7 @@ class Mirror(RunsInBackground):
         self.view = View(picker, strategy)
         self._by_service = self.view.by_service
         self._round_robin = self.view.strategy == "round_robin"
-        self._subscribers: list[MemoryObjectSendStream[Change]] = []
-        self._overflowed: set[MemoryObjectSendStream[Change]] = set()
+        self._subscribers: list[ChangeStream] = []
         self._changed = anyio.Event()
         self._waiting = 0  # tasks in wait_for / wait_until
         self._watcher = Watcher(
@@ -322,9 +282,9 @@ class Mirror(RunsInBackground):
         A consumer that falls :data:`CHANGE_BUFFER` changes behind gets
         :class:`ChangesOverflow`; the stream ends when the mirror closes.
         """
-        send, receive = anyio.create_memory_object_stream[Change](CHANGE_BUFFER)
-        self._subscribers.append(send)
-        return ChangeStream(self, send, receive)
+        stream = ChangeStream(self._forget)
+        self._subscribers.append(stream)
+        return stream
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -332,8 +292,8 @@ class Mirror(RunsInBackground):
         return self.sync_timeout  # ``async with`` waits this long for the first snapshot
 
     async def aclose(self) -> None:
-        for send in self._subscribers:
-            send.close()
+        for stream in self._subscribers:
+            stream.end()
         self._subscribers.clear()
         await self._watcher.release()
         if self._owns_client:
@@ -364,28 +324,17 @@ class Mirror(RunsInBackground):
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
-    def _forget(self, send: MemoryObjectSendStream[Change]) -> None:
-        if send in self._subscribers:
-            self._subscribers.remove(send)
-        self._overflowed.discard(send)
-        send.close()
+    def _forget(self, stream: ChangeStream) -> None:
+        if stream in self._subscribers:
+            self._subscribers.remove(stream)
 
     def _emit_all(self, changes: list[Change]) -> None:
-        for change in changes:
-            self._emit(change)
+        if changes:
+            ended = [s for s in self._subscribers if not s.push(changes)]
+            for stream in ended:
+                # The consumer is too slow: its stream ended; it sees ChangesOverflow.
+                self._subscribers.remove(stream)
         self._wake_waiters()
-
-    def _emit(self, change: Change) -> None:
-        for send in list(self._subscribers):
-            try:
-                send.send_nowait(change)
-            except anyio.WouldBlock:
-                # The consumer is too slow: end its stream; it sees ChangesOverflow.
-                send.close()
-                self._subscribers.remove(send)
-                self._overflowed.add(send)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._subscribers.remove(send)
 
 
 class SyncMirror:

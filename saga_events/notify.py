@@ -1,7 +1,9 @@
 """The keyspace-notification flags the mirrors depend on: set them, or check them.
 
-Mirrors learn of every change from keyspace notifications, so Redis's
-``notify-keyspace-events`` must hold :data:`REQUIRED_FLAGS`. Setting it is
+Mirrors learn of record changes from the change feed, and from notifications
+of what no script does (Redis's own ``expired``/``evicted`` removals, on the
+key-event channels) and of the registrars' liveness and the epoch (keyspace
+channels), so Redis's ``notify-keyspace-events`` must hold :data:`REQUIRED_FLAGS`. Setting it is
 administration (``CONFIG SET``), which the least-privilege registrar role
 does not have: an administrator sets it once with ``saga-events setup`` (or
 redis.conf), and :func:`apply_setup` is that bootstrap.
@@ -15,7 +17,8 @@ redis.conf), and :func:`apply_setup` is that bootstrap.
   1 ms expiry, reads it back once expired, and listens on that key's keyspace
   channel (which only the registrar role may subscribe to, so mirrors never
   hear it) for ``set`` (flags ``K`` and ``$``), ``expire`` (``g``) and
-  ``expired`` (``x``). A PING on the same subscription marks the end: every
+  ``expired`` (``x``), and on the ``expired`` key-event channel for the probe
+  key's name (``E``). A PING on the same subscription marks the end: every
   notification those commands caused is queued before its PONG, so the
   verdict needs no timeout guess. ``e`` (evicted) cannot be probed without
   evicting something; ``doctor`` run as an administrator checks it.
@@ -44,9 +47,11 @@ from .keys import Keys
 
 log = logging.getLogger("saga_events.notify")
 
-#: Flags the mirrors need: keyspace channel (K), generic (g: del, expire),
-#: string (``$``: set), expired (x) and evicted (e) events.
-REQUIRED_FLAGS: Final = "Kg$xe"
+#: Flags the mirrors need: keyspace channel (K: the canary and the epoch),
+#: key-event channel (E: ``expired``/``evicted`` of records), generic (g: del,
+#: expire), string (``$``: set), expired (x) and evicted (e) events. Before
+#: issue 13's key-event channels it was "KEg$xe"; merging keeps every other flag.
+REQUIRED_FLAGS: Final = "KEg$xe"
 _ALL_CLASSES: Final = "g$lshzxet"  # what "A" stands for in notify-keyspace-events
 NOTIFY_SETTING: Final = "notify-keyspace-events"
 #: The flags a probe can see, and the notification that proves each.
@@ -167,17 +172,19 @@ async def probe(redis: aioredis.Redis, keys: Keys, rid: str, within: float = 5.0
     keys = Keys(keys.ns, db_of(redis))  # the channel names the connection's database
     key = probe_key(keys, rid)
     channel = keys.keyspace_prefix + key
+    events = keys.expired_events
     token = "probe-" + secrets.token_hex(4)
     seen: set[str] = set()
     pubsub = redis.pubsub()
     try:
         with anyio.fail_after(within):
-            await pubsub.subscribe(channel)
+            await pubsub.subscribe(channel, events)
             # Confirmed before the write: the write goes out on another connection.
-            while True:
+            confirmed = 0
+            while confirmed < 2:
                 message = await pubsub.get_message(timeout=within)
                 if message is not None and message.get("type") == "subscribe":
-                    break
+                    confirmed += 1
             await redis.set(key, b"1", px=1)
             # Read it back once expired: the lookup fires `expired` (if active
             # expiry has not already). A few tries cover a coarse server clock.
@@ -198,13 +205,19 @@ async def probe(redis: aioredis.Redis, keys: Keys, rid: str, within: float = 5.0
                     flag = _PROBED.get(_text(message.get("data")))
                     if flag:
                         seen.add(flag)
+                elif kind == "message" and _text(message.get("channel")) == events:
+                    if _text(message.get("data")) == key:
+                        seen.update("Ex")
                 elif kind == "pong" and _text(message.get("data")) == token:
                     break
     finally:
         await close_quietly(pubsub)
-    if "K" not in seen:
-        return "K" + "".join(_PROBED.values())
-    return "".join(f for f in ("K", *_PROBED.values()) if f not in seen)
+    probed = ("K", "E", *_PROBED.values())
+    if "K" not in seen and "E" not in seen:
+        return "".join(probed)
+    if "K" in seen and "x" not in seen:
+        seen.add("E")  # no expired event at all: E cannot be told; x is what lacks
+    return "".join(f for f in probed if f not in seen)
 
 
 @dataclass

@@ -6,8 +6,8 @@ protocol", "Change feed" and "Revision and anti-entropy" sections:
 
 * Subscribe first: the change feed ``saga:{ns}:feed`` (every record change,
   published with its revision by the registrar script that made it, record
-  included: :mod:`saga_events.feed`), the records' keyspace notifications,
-  the canary and the epoch. Then snapshot: GET rev and SMEMBERS index in one
+  included: :mod:`saga_events.feed`), the ``expired``/``evicted`` key-event
+  channels, the canary and the epoch. Then snapshot: GET rev and SMEMBERS index in one
   round trip, MGET the records in chunks (one pipelined round trip, decoded
   as one msgspec list), then read the subscription up to a PING sent after
   the MGETs: every feed message of a change the snapshot may have seen is
@@ -19,12 +19,16 @@ protocol", "Change feed" and "Revision and anti-entropy" sections:
   update per change, no round trip. Gaps are exact: a message whose first
   revision is not the last applied + 1 resyncs at once (at most one such
   resync per second, so forged messages cannot make a mirror snapshot in a
-  loop). The keyspace notifications are kept for what the feed cannot carry:
-  Redis's own ``expired``/``evicted`` removals (the backstop TTL) → remove,
-  and ``set``/``del`` from a writer other than the registrar's scripts (a
-  registrar without the feed, an operator): a record notification that no
-  feed message matches by the time the next feed message (or a PING past it)
-  is read is an orphan, read by GET.
+  loop). Besides the feed, the watcher hears only what no script does:
+  Redis's own ``expired``/``evicted`` removals (the backstop TTL,
+  ``maxmemory``), on the database's key-event channels (one message per
+  removal, any key of the database; the registry's records are picked by
+  their prefix) → remove. So a change is one message, and a heartbeat's
+  backstop ``PEXPIRE`` wakes no mirror. A writer that publishes no feed
+  message is never applied from a notification: a registrar without the feed
+  bumps rev (the rev check resyncs), an operator's hand edit shows at the next
+  resync (``resync_interval``), and a Cluster slot migration's ``del`` on the
+  source node removes nothing.
 * Stale, never empty: on a disconnect, a silent subscription, a lost canary
   or a new epoch, ``stale`` is set and the view is left as it was until a
   resync replaces it; while the epoch says ``rebuilding`` nothing is listed.
@@ -139,6 +143,8 @@ class Watcher:
         self._was_up = False
         self.rev = RevCheck()
         self._sub: Subscription | None = None
+        #: what the subscription's handler (:meth:`_fast`) left for the task
+        self._deferred: Scan | None = None
         self._last_gap_resync = -math.inf
         self._on_change = on_change
         self._on_state = on_state
@@ -214,11 +220,12 @@ class Watcher:
         k = self.keys
         async with subscribe(
             self.client,
-            patterns=(k.inst_notifications, k.registrar_notifications),
-            channels=(k.epoch_notifications, k.feed),
+            patterns=(k.registrar_notifications,),
+            channels=(k.feed, k.expired_events, k.evicted_events, k.epoch_notifications),
             timing=self.timing,
         ) as sub:
             self._sub = sub
+            self._deferred = None
             self.connected = True
             self.canary.restart(self.clock.monotonic())
             if self.synced:
@@ -230,8 +237,22 @@ class Watcher:
             await self._resync("connect")
             on_synced()
             last_resync = self.clock.monotonic()
+            fast = self._fast
             while True:
-                batch = await sub.read(self.timing.ping_interval, 1024)
+                # Messages that arrive while this task waits are applied by _fast, in
+                # the socket's callback (no task wakeup per change); it wakes the task
+                # for what needs I/O or a decision (a gap, the canary back, an epoch).
+                sub.set_handler(fast)
+                try:
+                    batch = await sub.read(self.timing.ping_interval, 1024)
+                finally:
+                    sub.set_handler(None)
+                deferred, self._deferred = self._deferred, None
+                if deferred is not None and await self._after_or_resync(deferred):
+                    # The resync read past the messages in ``batch`` (older than its
+                    # snapshot), as it does past the rest of a batch cut by a gap.
+                    last_resync = self.clock.monotonic()
+                    batch = []
                 if batch and await self._handle_or_resync(batch):
                     last_resync = self.clock.monotonic()
                 now = self.clock.monotonic()
@@ -252,6 +273,27 @@ class Watcher:
         except _Resync as exc:
             await self._resync_after(exc.reason)
             return True
+
+    async def _after_or_resync(self, scan: Scan) -> bool:
+        try:
+            await self._after(scan)
+            return False
+        except _Resync as exc:
+            await self._resync_after(exc.reason)
+            return True
+
+    def _fast(self, batch: list[Any]) -> bool:
+        """Apply replies as they arrive (the subscription's handler while the loop
+        waits); True when the task must act (see :meth:`_after`), with the scan kept
+        for it."""
+        changes: list[Change] = []
+        scan = Scan()
+        self._in.scan([r for r in batch if isinstance(r, list)], scan, None, changes)
+        self._apply(changes)
+        if scan.gap is not None or scan.canary_back or scan.epoch_changed:
+            self._deferred = scan
+            return True
+        return False
 
     async def _resync_after(self, reason: str) -> None:
         self.set_stale(True)
@@ -327,17 +369,12 @@ class Watcher:
         changes: list[Change] = []
         scan = Scan()
         self._in.scan(batch, scan, None, changes)
-        if scan.unmatched and scan.gap is None and self._sub is not None:
-            # A record notification whose feed message is not read yet (a batch
-            # cut between them), or none comes (another writer): read up to a
-            # PING; whatever is still unmatched then is an orphan.
-            self._in.scan(await self._sub.barrier(), scan, None, changes)
-        scan.orphaned()
-        if scan.orphans and scan.gap is None:
-            self.stats.orphans += scan.orphan_notes
-            self._in.applied += scan.orphan_notes
-            await self._read_orphans(scan.orphans, changes)
         self._apply(changes)
+        await self._after(scan)
+
+    async def _after(self, scan: Scan) -> None:
+        """What a scan found that needs I/O: a gap or the canary back (resync), an
+        epoch notification (read the epoch; resync when it changed)."""
         if scan.gap is not None:
             self.stats.feed_gaps += 1
             log.warning("%s: resyncing", scan.gap)
@@ -357,6 +394,7 @@ class Watcher:
         if not keys:
             return
         self.stats.gets += len(keys)
+        self.stats.orphans += len(keys)
         pack = _wire.pack_command
         values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
         _raise_errors(values)
@@ -396,10 +434,11 @@ class Watcher:
                 break
         self.stats.snapshot_records += len(fresh)
         self.rev.forget()
-        scan.orphaned()
         orphans = scan.orphans
-        if rev is not None and not orphans and scan.gap is None:
-            self.rev.pin(rev)  # rev - applied, exactly: every change after rev is applied
+        if rev is not None and scan.gap is None:
+            # rev - applied, exactly: every change after rev is applied (Redis's own
+            # removals, the only orphans, take no revision).
+            self.rev.pin(rev)
         # Take the new offset at the next turn of the loop, not rev_interval later.
         self._last_rev_check = -math.inf
         changes = self.view.replace(fresh, changes=self._wants_changes())

@@ -26,7 +26,7 @@ def cluster() -> Iterator[EmbeddedCluster]:
     with EmbeddedCluster(primaries=3, replicas=1) as c:
         for node in c.nodes:
             with client(node) as conn:
-                conn.config_set("notify-keyspace-events", "Kg$xe")
+                conn.config_set("notify-keyspace-events", "KEg$xe")
         yield c
 
 

@@ -71,7 +71,7 @@ async def test_reset_flags_are_found_with_the_fix(redis_url: str) -> None:
     checks = by_check(findings)
     assert not healthy(findings)
     assert checks["notification flags"].status == "fail"
-    assert "CONFIG SET notify-keyspace-events Kg$xe" in checks["notification flags"].fix
+    assert "CONFIG SET notify-keyspace-events KEg$xe" in checks["notification flags"].fix
     assert checks["registrar"].status == "fail"
     assert "notifications are off" in checks["registrar"].detail
 

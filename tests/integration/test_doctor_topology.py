@@ -21,7 +21,7 @@ async def test_doctor_checks_every_sentinel_and_data_node() -> None:
     with SentinelGroup(replicas=2, sentinels=3, down_after_ms=1000) as group:
         master = group.master()
         with client(master) as c:
-            c.config_set("notify-keyspace-events", "Kg$xe")
+            c.config_set("notify-keyspace-events", "KEg$xe")
         findings = await diagnose(group.url, canary_wait=0.2)
         sentinels = nodes(findings, "sentinel ")
         assert len(sentinels) == 3 and all(f.status == "ok" for f in sentinels.values())
@@ -33,7 +33,7 @@ async def test_doctor_checks_every_sentinel_and_data_node() -> None:
         assert all("CONFIG SET notify-keyspace-events" in f.fix for f in replicas)
         for node in group.nodes[1:]:
             with client(node) as c:
-                c.config_set("notify-keyspace-events", "Kg$xe")
+                c.config_set("notify-keyspace-events", "KEg$xe")
         data = nodes(await diagnose(group.url, canary_wait=0.2), "node ")
         assert [f.status for f in data.values()] == ["ok"] * 3, data
 
@@ -43,7 +43,7 @@ async def test_doctor_names_a_dead_node_and_fails() -> None:
     with SentinelGroup(replicas=2, sentinels=3, down_after_ms=1000) as group:
         for node in group.nodes:
             with client(node) as c:
-                c.config_set("notify-keyspace-events", "Kg$xe")
+                c.config_set("notify-keyspace-events", "KEg$xe")
         victim = group.nodes[2] if group.master() is not group.nodes[2] else group.nodes[1]
         victim.kill()
         findings = await diagnose(group.url, canary_wait=0.2)
@@ -59,7 +59,7 @@ async def test_doctor_checks_the_registry_slot_owner_and_its_replica() -> None:
         owner = cluster.owner(slot_of("default"))
         for node in [owner, *cluster.replicas_of(owner)]:
             with client(node) as c:
-                c.config_set("notify-keyspace-events", "Kg$xe")
+                c.config_set("notify-keyspace-events", "KEg$xe")
         findings = await diagnose(cluster.url, canary_wait=0.2)
         data = nodes(findings, "node ")
         assert data[f"node {owner.host}:{owner.port} (master)"].status == "ok", findings

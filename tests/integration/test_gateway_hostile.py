@@ -268,6 +268,12 @@ async def _delete_as_reaper(redis_url: str, registrar: Registrar, sid: str, tomb
             if tomb and order is not None:
                 pipe.set(keys.tomb("pay", sid), order, px=600_000)
             await pipe.execute()
+        # reap.lua's feed message for it (mirrors hear record changes on the feed only)
+        await admin.eval(
+            "local rev = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', KEYS[2], "
+            "'{\"rev\":' .. rev .. ',\"ch\":[[\"del\",' .. cjson.encode(ARGV[1]) .. ']]}')",
+            2, keys.rev, keys.feed, key,
+        )  # fmt: skip
     finally:
         await admin.aclose()
 

@@ -19,6 +19,7 @@ from saga_events.embedded import RedisServer
 from saga_events.embedded_topology import client, info, wait_for
 from saga_events.keys import Keys
 from saga_events.model import Instance
+from saga_events.notify import REQUIRED_FLAGS
 from saga_events.testing import eventually, wait_mirror_matches
 from saga_events.view import Added, Change, Removed, Updated
 
@@ -193,7 +194,7 @@ def pair() -> Iterator[tuple[RedisServer, RedisServer]]:
     with RedisServer() as master, RedisServer() as replica:
         with client(replica) as c:
             c.replicaof(master.host, master.port)
-            c.config_set("notify-keyspace-events", "Kgx$e")  # CONFIG is not replicated
+            c.config_set("notify-keyspace-events", REQUIRED_FLAGS)  # CONFIG is not replicated
         wait_for(lambda: info(replica, "replication")["master_link_status"] == "up", 20,
                  "replica linked")  # fmt: skip
         yield master, replica
@@ -224,7 +225,7 @@ async def test_a_canary_back_during_the_canary_lost_resync_ends_the_staleness(
     no later one comes: the mirror must not stay stale for good (it did, once the feed
     read the buffer inside the snapshot; test_chaos found it after a Redis pause)."""
     url = redis_server.url
-    await admin.config_set("notify-keyspace-events", "Kg$xe")  # what a registrar sets
+    await admin.config_set("notify-keyspace-events", REQUIRED_FLAGS)  # what a registrar sets
     mirror = Mirror(url, canary_timeout=0.5, rev_interval=3600)
     watcher = mirror._watcher
     original = watcher._pipe.execute
@@ -241,3 +242,45 @@ async def test_a_canary_back_during_the_canary_lost_resync_ends_the_staleness(
         await eventually(lambda: beats, 10, what="the canary-lost resync")
         await mirror.wait_until(lambda m: not m.stale, 10)
         assert mirror.stats.canary_notifications >= 1
+
+
+async def test_a_del_outside_the_scripts_does_not_remove_a_live_instance(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """Issue 11: a Cluster slot migration's MIGRATE deletes the keys on the source node,
+    which the mirror heard as a record ``del`` with no feed message, read by GET on the
+    source's replica (nil): a live instance dropped. A ``del`` from outside the scripts
+    now changes nothing by itself; the feed and the resyncs decide."""
+    url = redis_server.url
+    async with Registrar(url, rebuild_wait=0.1):
+        await ready_registrar_epoch(admin)
+        async with Mirror(url, rev_interval=3600, canary_timeout=60) as mirror:
+            gone = await feed_put(admin, "pay", "moved")
+            await mirror.wait_until(lambda m: gone in m.snapshot(), 5)
+            await admin.delete(gone)  # what MIGRATE does on the source node
+            marker = await feed_put(admin, "pay", "after")  # read after the del
+            await mirror.wait_until(lambda m: marker in m.snapshot(), 5)
+            assert gone in mirror.snapshot()
+            assert mirror.stats.gets == 0, mirror.stats
+
+
+async def test_a_backstop_refresh_wakes_no_mirror(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """The registrar refreshes a record's backstop TTL (PEXPIRE) on heartbeats: an
+    ``expire`` that changes nothing. The mirror hears no record notification for it
+    (one message per change: the feed's), and Redis's own expiry still removes."""
+    url = redis_server.url
+    async with Registrar(url, rebuild_wait=0.1):
+        await ready_registrar_epoch(admin)
+        async with Mirror(url, rev_interval=3600, canary_timeout=60) as mirror:
+            key = await feed_put(admin, "pay", "p-1")
+            await mirror.wait_until(lambda m: key in m.snapshot(), 5)
+            for _ in range(20):
+                await admin.pexpire(key, 60_000)
+            marker = await feed_put(admin, "pay", "marker")
+            await mirror.wait_until(lambda m: marker in m.snapshot(), 5)
+            assert mirror.stats.record_notifications == 0, mirror.stats
+            await admin.pexpire(key, 1)  # Redis's own removal: the backstop fired
+            await mirror.wait_until(lambda m: key not in m.snapshot(), 5)
+            assert mirror.stats.record_notifications == 1, mirror.stats

@@ -16,16 +16,33 @@ from saga_events.testing import eventually, wait_mirror_matches
 pytestmark = pytest.mark.anyio
 K = Keys("default")
 
-# What the registrar's scripts do for a record change, in one script: write, index, rev.
+# What the registrar's scripts do for a record change, in one script: write, index, rev
+# and (ARGV feed = '1') the feed message; without it, what a registrar before the feed did.
 PUT = """
-redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
 redis.call('SADD', KEYS[2], KEYS[1])
-if ARGV[2] == '1' then redis.call('INCR', KEYS[3]) end
+if ARGV[2] == '1' then
+  local rev = redis.call('INCR', KEYS[3])
+  if ARGV[3] == '1' then
+    redis.call('PUBLISH', KEYS[4], '{"rev":' .. rev .. ',"ch":[["set",'
+      .. cjson.encode(KEYS[1]) .. ',' .. ARGV[1] .. ']]}')
+  end
+end
 """
 DELETE = """
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], KEYS[1])
-if ARGV[1] == '1' then redis.call('INCR', KEYS[3]) end
+if ARGV[1] == '1' then
+  local rev = redis.call('INCR', KEYS[3])
+  if ARGV[2] == '1' then
+    redis.call('PUBLISH', KEYS[4], '{"rev":' .. rev .. ',"ch":[["del",'
+      .. cjson.encode(KEYS[1]) .. ']]}')
+  end
+end
 """
 
 
@@ -38,14 +55,26 @@ def record(name: str, sid: str, seq: int = 1) -> bytes:
     )  # fmt: skip
 
 
-async def put(admin: aioredis.Redis, name: str, sid: str, seq: int = 1, rev: bool = True) -> str:
+async def put(
+    admin: aioredis.Redis,
+    name: str,
+    sid: str,
+    seq: int = 1,
+    rev: bool = True,
+    feed: bool = False,
+    px: int | None = None,
+) -> str:
     key = K.inst(name, sid)
-    await admin.eval(PUT, 3, key, K.index, K.rev, record(name, sid, seq), "1" if rev else "0")
+    await admin.eval(
+        PUT, 4, key, K.index, K.rev, K.feed, record(name, sid, seq), "1" if rev else "0",
+        "1" if feed else "0", "" if px is None else str(px),
+    )  # fmt: skip
     return key
 
 
-async def delete(admin: aioredis.Redis, key: str, rev: bool = True) -> None:
-    await admin.eval(DELETE, 3, key, K.index, K.rev, "1" if rev else "0")
+async def delete(admin: aioredis.Redis, key: str, rev: bool = True, feed: bool = False) -> None:
+    await admin.eval(DELETE, 4, key, K.index, K.rev, K.feed, "1" if rev else "0",
+                     "1" if feed else "0")  # fmt: skip
 
 
 @pytest.fixture
@@ -85,8 +114,9 @@ async def test_mirror_converges_after_a_short_notification_gap(
 async def test_churn_with_rev_and_redis_expiries_causes_no_false_resync(
     redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:
-    """Every change counted, in flight or not, and records that Redis expires by itself
-    (a notification with no rev increment): the check never resyncs without cause."""
+    """Every feed change counted, in flight or not, and records that Redis expires by
+    itself (an ``expired`` key event with no rev increment): the check never resyncs
+    without cause."""
     url = redis_server.url
     async with (
         Registrar(url, rebuild_wait=0.1) as _,
@@ -96,13 +126,12 @@ async def test_churn_with_rev_and_redis_expiries_causes_no_false_resync(
         resyncs = mirror.stats.resyncs
         keys = []
         for i in range(300):
-            keys.append(await put(admin, f"s{i % 7}", f"i-{i}"))
+            keys.append(await put(admin, f"s{i % 7}", f"i-{i}", feed=True))
             if i % 3 == 0:
-                await put(admin, f"s{i % 7}", f"i-{i}", seq=2)
+                await put(admin, f"s{i % 7}", f"i-{i}", seq=2, feed=True)
             if i % 5 == 0:
-                await delete(admin, keys.pop(0))
-        await admin.set(K.inst("short", "x"), record("short", "x"), px=50)
-        await admin.sadd(K.index, K.inst("short", "x"))
+                await delete(admin, keys.pop(0), feed=True)
+        await put(admin, "short", "x", feed=True, px=50)
         await mirror.wait_until(lambda m: K.inst("short", "x") in m.snapshot(), 5)
         await mirror.wait_until(lambda m: K.inst("short", "x") not in m.snapshot(), 5)
         await admin.srem(K.index, K.inst("short", "x"))
@@ -116,9 +145,13 @@ async def test_churn_with_rev_and_redis_expiries_causes_no_false_resync(
 async def test_without_a_rev_key_the_check_is_skipped(
     redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:
-    """An older registrar keeps no rev: the mirror checks, finds none and never resyncs."""
+    """An older registrar keeps no rev: the mirror checks, finds none and never resyncs
+    for it (its writes, with no feed message, show at the periodic resync)."""
     url = redis_server.url
-    async with Registrar(url, rebuild_wait=0.1) as _, Mirror(url, rev_interval=0.05) as mirror:
+    async with (
+        Registrar(url, rebuild_wait=0.1) as _,
+        Mirror(url, rev_interval=0.05, resync_interval=0.5) as mirror,
+    ):
         for i in range(50):
             await put(admin, "old", f"o-{i}", rev=False)
         await admin.delete(K.rev)

@@ -20,8 +20,16 @@ from saga_events.testing import wait_mirror_matches
 
 pytestmark = pytest.mark.anyio
 K = Keys("default")
-PUT = "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SADD', KEYS[2], KEYS[1])"
-DEL = "redis.call('DEL', KEYS[1]); redis.call('SREM', KEYS[2], KEYS[1])"
+# Record changes the way the registrar's scripts make them: write, index, rev, feed.
+PUT = """redis.call('SET', KEYS[1], ARGV[1]); redis.call('SADD', KEYS[2], KEYS[1])
+local rev = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', KEYS[4], '{"rev":' .. rev .. ',"ch":[["set",' .. cjson.encode(KEYS[1])
+  .. ',' .. ARGV[1] .. ']]}')"""
+DEL = """redis.call('DEL', KEYS[1]); redis.call('SREM', KEYS[2], KEYS[1])
+local rev = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', KEYS[4], '{"rev":' .. rev .. ',"ch":[["del",' .. cjson.encode(KEYS[1])
+  .. ']]}')"""
+FEED = (K.rev, K.feed)
 
 
 def record(name: str, sid: str, *, draining: bool = False, seq: int = 1) -> bytes:
@@ -81,7 +89,8 @@ async def test_picks_from_threads_during_thousands_of_changes_never_fail(
 
     try:
         async with Registrar(url, rebuild_wait=0.1), Mirror(url) as mirror:
-            await admin.eval(PUT, 2, K.inst("stable", "s-0"), K.index, record("stable", "s-0"))
+            stable = record("stable", "s-0")
+            await admin.eval(PUT, 4, K.inst("stable", "s-0"), K.index, *FEED, stable)
             await mirror.wait_for("stable", 5)
             threads = [threading.Thread(target=reader, daemon=True) for _ in range(4)]
             for t in threads:
@@ -90,14 +99,14 @@ async def test_picks_from_threads_during_thousands_of_changes_never_fail(
                 for n in range(600):
                     pipe = admin.pipeline(transaction=False)
                     fresh = f"fresh-{n}"
-                    pipe.eval(PUT, 2, K.inst(fresh, "f"), K.index, record(fresh, "f"))
+                    pipe.eval(PUT, 4, K.inst(fresh, "f"), K.index, *FEED, record(fresh, "f"))
                     sid = f"c-{n % 40}"
-                    pipe.eval(PUT, 2, K.inst("churn", sid), K.index,
+                    pipe.eval(PUT, 4, K.inst("churn", sid), K.index, *FEED,
                               record("churn", sid, draining=n % 3 == 0, seq=n))  # fmt: skip
                     if n % 4 == 0:
-                        pipe.eval(DEL, 2, K.inst("churn", f"c-{(n + 20) % 40}"), K.index)
+                        pipe.eval(DEL, 4, K.inst("churn", f"c-{(n + 20) % 40}"), K.index, *FEED)
                     if n >= 2:
-                        pipe.eval(DEL, 2, K.inst(f"fresh-{n - 2}", "f"), K.index)
+                        pipe.eval(DEL, 4, K.inst(f"fresh-{n - 2}", "f"), K.index, *FEED)
                     await pipe.execute()
                     newest[0] = n
                     if n % 50 == 0:
@@ -109,6 +118,6 @@ async def test_picks_from_threads_during_thousands_of_changes_never_fail(
                     await anyio.to_thread.run_sync(t.join, 10)
             assert not failures, failures[0]
             assert picks[0] > 0
-            assert mirror.stats.record_notifications > 1500
+            assert mirror.stats.feed_changes > 1500
     finally:
         await admin.aclose()

@@ -83,17 +83,23 @@ async def test_no_manage_config_never_sets_the_flags(redis_url: str) -> None:
         await admin.aclose()
 
 
-@pytest.mark.parametrize("flags", ["", "g$xe", "K$xe", "Kgxe", "Kg$e", "Kg$x", "KEA"])
+@pytest.mark.parametrize(
+    "flags", ["", "g$xe", "KE$xe", "KEgxe", "KEg$e", "KEg$x", "KEg$xe", "KEA", "Eg$xe"]
+)
 async def test_probe_names_exactly_the_missing_flags(redis_url: str, flags: str) -> None:
-    """The probe sees K, $, g and x (e cannot be probed without evicting something)."""
+    """The probe sees K, E, $, g and x (e cannot be probed without evicting something;
+    E shows only with x: without x, x is named)."""
     admin = aioredis.Redis.from_url(redis_url)
     try:
         await admin.config_set("notify-keyspace-events", flags)
         missing = await probe(admin, Keys("default"), "test-rid")
-        if "K" not in flags:
-            assert missing == "K$gx"
+        if "K" not in flags and "E" not in flags:
+            assert missing == "KE$gx"
+        elif "K" not in flags:  # the key-event channel alone: $ and g cannot be seen
+            assert missing == "K$g"
         else:
-            expected = "".join(f for f in "K$gx" if f not in parse_flags(flags))
+            have = parse_flags(flags) | ({"E"} if "x" not in flags else set())
+            expected = "".join(f for f in "KE$gx" if f not in have)
             assert missing == expected
         assert await admin.exists("saga:{default}:probe:test-rid") == 0
     finally:

@@ -50,7 +50,7 @@ def test_setup_can_leave_proto_max_bulk_len_and_print_redis_conf(redis_url: str)
     assert settings(redis_url)["proto-max-bulk-len"] == before
     conf = CliRunner().invoke(main, ["setup", "--print-conf"])
     assert conf.output.splitlines() == [
-        "notify-keyspace-events Kg$xe",
+        "notify-keyspace-events KEg$xe",
         f"proto-max-bulk-len {PROTO_MAX_BULK_LEN}",
         "client-output-buffer-limit pubsub 33554432 8388608 60",
     ]

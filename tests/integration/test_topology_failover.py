@@ -26,7 +26,7 @@ from saga_events.testing import eventually
 
 pytestmark = pytest.mark.anyio
 
-FLAGS = "Kg$xe"
+FLAGS = "KEg$xe"
 TTLS = (1.5, 2.0, 2.5, 2.5, 3.0, 3.0, 3.5, 3.5, 4.0, 4.0, 5.0, 6.0)
 
 

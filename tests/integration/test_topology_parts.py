@@ -44,7 +44,7 @@ async def test_mirror_reads_from_a_replica(group: SentinelGroup) -> None:
     does not set them there yet)."""
     for replica in group.nodes[1:]:
         with client(replica) as c:
-            c.config_set("notify-keyspace-events", "Kg$xe")
+            c.config_set("notify-keyspace-events", "KEg$xe")
     url = group.url
     async with (
         Registrar(url, rebuild_wait=0.2),

@@ -113,3 +113,79 @@ async def test_pipe_drops_its_connection_when_the_node_became_a_replica(path: st
             await client.execute_command("REPLICAOF", "NO", "ONE")
             await pipe.release()
             await client.aclose()
+
+
+async def test_a_handler_gets_messages_as_they_arrive_and_may_wake_the_reader(
+    redis_url: str,
+) -> None:
+    """The tap: while the task waits in read() with a handler set, messages go to the
+    handler in order (read() does not return for them); a handler returning True wakes
+    read(), and later messages wait for the task (the handler is unset)."""
+    client = connect(redis_url)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe("ch")
+        sub = _wire.Subscription(pubsub)
+        assert (await sub.read(5.0, 10))[0][0] == b"subscribe"
+        handled: list[bytes] = []
+
+        def handler(batch: list[object]) -> bool:
+            for reply in batch:
+                assert isinstance(reply, list)
+                handled.append(reply[2])
+            return b"stop" in handled
+
+        async def publish() -> None:
+            await anyio.wait_all_tasks_blocked()
+            for i in range(200):
+                await client.publish("ch", f"m{i}")
+            await client.publish("ch", "stop")
+            await client.publish("ch", "after")
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(publish)
+                sub.set_handler(handler)
+                assert await sub.read(30.0, 10) == []  # woken by the handler, not a timeout
+        assert handled == [f"m{i}".encode() for i in range(200)] + [b"stop"]
+        with anyio.fail_after(10):
+            later = await sub.read(5.0, 10)
+        assert [r[2] for r in later] == [b"after"]  # no handler now: the task reads it
+        await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        with anyio.fail_after(10), pytest.raises(Exception, match="closed"):
+            while True:
+                await sub.read(5.0, 10)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def test_a_flood_buffered_before_the_first_read_is_read_in_full(redis_url: str) -> None:
+    """Messages that arrive before the tap is on fill redis-py's stream, which pauses the
+    socket; the tap takes them over and resumes it. Before, the socket stayed paused
+    and the rest was never read (the registrar's intake stopped after ~1,500 events of
+    a flood: test_a_flood_from_one_publisher_is_rate_limited)."""
+    from saga_events.testing import eventually
+
+    client = connect(redis_url)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe("ch")
+        conn = pubsub.connection
+        assert conn is not None
+        stream = conn._reader
+        body = b"x" * 200
+        pipe = client.pipeline(transaction=False)
+        for _ in range(2000):
+            pipe.publish("ch", body)
+        await pipe.execute()
+        await eventually(lambda: not stream._transport.is_reading(), 10, what="socket paused")
+        sub = _wire.Subscription(pubsub)
+        got = 0
+        with anyio.fail_after(10):
+            while got < 2000:
+                got += sum(1 for r in await sub.read(1.0, 1024) if r[0] == b"message")
+        assert got == 2000
+    finally:
+        await pubsub.aclose()
+        await client.aclose()

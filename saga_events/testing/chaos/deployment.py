@@ -166,7 +166,7 @@ class Deployment:
         for node in nodes:
             if node is not master and node.process is not None:
                 with client(node) as c:
-                    c.config_set("notify-keyspace-events", "Kg$xe")
+                    c.config_set("notify-keyspace-events", "KEg$xe")
 
     # -- lifecycle
 
@@ -379,10 +379,14 @@ class Deployment:
         return bool(data["stale"]), dict(data["view"])
 
     async def subscriptions(self, name: str) -> list[dict[str, Any]]:
-        """The subscription connections (2 patterns, 1 channel) of the mirror named ``name``."""
+        """The subscription connections (1 pattern, 4 channels) of the mirror named ``name``."""
         assert self.admin is not None
         clients = await self.admin.client_list()
-        return [c for c in clients if c.get("name") == name and str(c.get("psub")) == "2"]
+        return [
+            c
+            for c in clients
+            if c.get("name") == name and str(c.get("psub")) == "1" and str(c.get("sub")) == "4"
+        ]
 
 
 def _text(value: Any) -> str:
