@@ -38,6 +38,10 @@
 -- ARGV[12] unknown_leave_ms: life of an unknown leave's marker (0: none)
 -- Reply {status, registered_at_ms, now_ms, incarnation, seq}; status is one of
 --   created | updated | refreshed | removed | absent | stale | capped
+--   With ARGV[8] '1' (the HTTP gateway), a change (created, updated, removed)
+--   adds its rev and, for created and updated, the record as stored:
+--   {status, registered_at_ms, now_ms, incarnation, seq, rev[, record]}, so
+--   the writer shows its own change at once (read-your-writes).
 --
 -- Ordering: the newest (incarnation, seq) applied to an instance lives in the
 -- order hash, or, once the record is gone (leave, reap), in the tombstone: an
@@ -155,6 +159,9 @@ if ARGV[1] == 'leave' then
     local rev = redis.call('INCR', KEYS[6])
     redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":'
       .. string.format('%.0f', rev) .. ',"ch":[["del",' .. cjson.encode(KEYS[1]) .. ']]}')
+    if ARGV[8] == '1' then
+      return {status, creg or '0', nows, incs, seqs, rev}
+    end
   end
   return {status, creg or '0', nows, incs, seqs}
 end
@@ -207,10 +214,11 @@ redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
 local rev = redis.call('INCR', KEYS[6])
 redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
   .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. record .. ']]}')
-if cur then
-  return {'updated', reg, nows, incs, seqs}
+local status = cur and 'updated' or 'created'
+if ARGV[8] == '1' then
+  return {status, reg, nows, incs, seqs, rev, record}
 end
-return {'created', reg, nows, incs, seqs}
+return {status, reg, nows, incs, seqs}
 end
 local shared, out = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, {}
 local least_tomb, least_backstop = tonumber(ARGV[1]), tonumber(ARGV[6])

@@ -380,7 +380,6 @@ class Gateway:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.writer.follow_view)
                 tg.start_soon(self._watch_staleness)
                 await tg.start(self.watch_hub.run)
                 tg.start_soon(serve)
