@@ -33,12 +33,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-import anyio
 import msgspec
-from redis.exceptions import RedisError
 
 from .. import model
-from .._redis import TRANSIENT
 from ..writer import Writer
 from .schema import ServiceInfo
 
@@ -105,22 +102,7 @@ class Heartbeats:
         return out
 
     async def _read(self, insts: list[model.Instance]) -> tuple[list[int | None], bool]:
-        """One ZSCORE pipeline; (registration times stand in, False) if Redis does not
-        answer within 0.5 s or refuses (a read must not fail for it)."""
-        keys = self.writer.registrar.keys
-        with anyio.move_on_after(0.5):
-            try:
-                pipe = self.writer.redis.pipeline(transaction=False)
-                for inst in insts:
-                    pipe.zscore(keys.deadlines, keys.inst(inst.service_name, inst.service_id))
-                scores = await pipe.execute()
-                return [
-                    None if s is None else int(s) - inst.ttl_ms
-                    for s, inst in zip(scores, insts, strict=True)
-                ], True
-            except (*TRANSIENT, RedisError):  # down, or a role without ZSCORE
-                pass
-        return [None] * len(insts), False
+        return await self.writer.read_heartbeats(insts)
 
 
 class Encoded:

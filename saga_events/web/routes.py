@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
@@ -19,6 +20,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, ValidationException
+from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, Parameter
@@ -182,14 +184,32 @@ def handlers(ctx: Context) -> list[Any]:
             )
 
     write_security: list[dict[str, list[str]]] | None = [{"bearer": []}] if ctx.token else None
+
+    def write(
+        route: Callable[..., HTTPRouteHandler],
+        path: str,
+        codes: tuple[int, ...],
+        *,
+        summary: str,
+        description: str,
+    ) -> HTTPRouteHandler:
+        """A write route: 200, the token guard, its error answers and security scheme."""
+        return route(
+            path,
+            status_code=200,
+            guards=[require_token],
+            responses=_errors(*codes),
+            security=write_security,
+            summary=summary,
+            description=description,
+        )
+
     writer = ctx.writer
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/register",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 409, 415, 422, 503),
-        security=write_security,
+        (400, 401, 409, 415, 422, 503),
         summary="Register (or re-register) an instance",
         description=(
             "Without service_id the id is derived from (service_name, service_url), so "
@@ -213,12 +233,10 @@ def handlers(ctx: Context) -> list[Any]:
         ctx.heartbeats.forget(data.service_name)
         return ServiceInfo.of(inst, now_ms)
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/{name:str}/heartbeat",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 415, 503),
-        security=write_security,
+        (400, 401, 404, 415, 503),
         summary="Keep every live instance of a service alive",
         description=(
             "Moves the deadline of every instance of the service (or only ?service_id=). "
@@ -252,12 +270,10 @@ def handlers(ctx: Context) -> list[Any]:
             service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
         )
 
-    @delete(
+    @write(
+        delete,
         "/api/v1/services/{name:str}",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 409, 415, 503),
-        security=write_security,
+        (400, 401, 404, 409, 415, 503),
         summary="Deregister every instance of a service",
         description="Removes every instance of the service, or only ?service_id=.",
     )
@@ -268,12 +284,10 @@ def handlers(ctx: Context) -> list[Any]:
             ctx.heartbeats.forget(name)
         return DeregisterResult(service_name=name, removed=removed)
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/{name:str}/drain",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 409, 415, 422, 503),
-        security=write_security,
+        (400, 401, 404, 409, 415, 422, 503),
         summary="Take instances out of rotation (an operator's override)",
         description=(
             "Every instance of the service, or only ?service_id=, is stored draining "
@@ -303,12 +317,10 @@ def handlers(ctx: Context) -> list[Any]:
         ctx.heartbeats.forget(name)
         return DrainResult(service_name=name, instances=await ctx.describe(insts))
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/{name:str}/undrain",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 409, 415, 503),
-        security=write_security,
+        (400, 401, 404, 409, 415, 503),
         summary="End an operator's drain",
         description="Every instance of the service, or only ?service_id=.",
     )
