@@ -237,7 +237,9 @@ class Writer:
         """One write at a time per instance: concurrent registers of one instance
         would otherwise keep losing races to each other."""
         key = (name, service_id)
-        lock, users = self._locks.get(key, (anyio.Lock(), 0))
+        found = self._locks.get(key)
+        # fast_acquire: an uncontended acquire does not yield to the loop (a turn per write)
+        lock, users = found if found is not None else (anyio.Lock(fast_acquire=True), 0)
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:

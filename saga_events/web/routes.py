@@ -51,6 +51,7 @@ from .schema import (
     RegistrarHealth,
     ServiceInfo,
     ServiceList,
+    iso_utc,
 )
 
 TOKEN_ENV: Final = "SAGA_API_TOKEN"
@@ -184,6 +185,9 @@ def handlers(ctx: Context) -> list[Any]:
             )
 
     write_security: list[dict[str, list[str]]] | None = [{"bearer": []}] if ctx.token else None
+    # Without a token the guard passes everything: not run (Litestar copies the route
+    # handler for each guard call).
+    write_guards: list[Any] = [require_token] if ctx.token is not None else []
 
     def write(
         route: Callable[..., HTTPRouteHandler],
@@ -197,7 +201,7 @@ def handlers(ctx: Context) -> list[Any]:
         return route(
             path,
             status_code=200,
-            guards=[require_token],
+            guards=write_guards,
             responses=_errors(*codes),
             security=write_security,
             summary=summary,
@@ -266,9 +270,7 @@ def handlers(ctx: Context) -> list[Any]:
             )
         finally:
             ctx.heartbeats.forget(name)
-        return HeartbeatResult(
-            service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
-        )
+        return HeartbeatResult(service_name=name, service_ids=ids, last_heartbeat=iso_utc(now_ms))
 
     @write(
         delete,
