@@ -32,8 +32,8 @@ from .._redis import TRANSIENT
 from ..drain import drain as operator_drain
 from ..drain import undrain as operator_undrain
 from ..errors import SagaError
-from ..writer import Registration, Writer, WriteRejected, not_found
-from .fast import Heartbeats
+from ..writer import Writer, WriteRejected, not_found
+from .fast import Heartbeats, registration
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .schema import (
     NAME_DOC_PATTERN,
@@ -87,6 +87,8 @@ class Context:
     token: str | None
     #: last heartbeat times, kept briefly (see :mod:`saga_events.web.fast`)
     heartbeats: Heartbeats = field(init=False)
+    #: how failures are answered (``web.app.Failures``, set by ``build_app``)
+    failures: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.heartbeats = Heartbeats(self.writer)
@@ -224,16 +226,7 @@ def handlers(ctx: Context) -> list[Any]:
     async def register(
         data: Annotated[RegisterRequest, Body(description="The instance to register.")],
     ) -> ServiceInfo:
-        inst, now_ms = await writer.register(
-            Registration(
-                service_name=data.service_name,
-                service_url=data.service_url,
-                capabilities=tuple(data.capabilities),
-                service_id=data.service_id,
-                metadata=dict(data.metadata),
-                ttl_ms=round(data.ttl_seconds * 1000),
-            )
-        )
+        inst, now_ms = await writer.register(registration(data))
         ctx.heartbeats.forget(data.service_name)
         return ServiceInfo.of(inst, now_ms)
 

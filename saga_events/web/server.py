@@ -314,7 +314,7 @@ class Gateway:
     def asgi(self) -> Front:
         """The ASGI entry point that uvicorn serves (the app behind its checks)."""
         if self._front is None:
-            self._front = Front(self.app, self.context)
+            self._front = Front(self.app, self.context, max_body_bytes=self.max_body_bytes)
         return self._front
 
     def authorized(self, header: str | None) -> bool:
