@@ -226,3 +226,27 @@ async def test_a_refused_register_is_the_apps_refusal_without_the_app(
         assert a.content == b.content
         assert a.headers["content-type"] == b.headers["content-type"]
     assert (fast.status_code, bad_url[0].status_code) == (409, 422)
+
+
+async def test_register_with_a_token_is_fast_only_when_authorized(
+    registrar: Registrar, mirror: Mirror, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a token set, an authorized register takes the fast path; one without the
+    token (or with two Authorization headers) gets the app's 401 and changes nothing."""
+    body = {"service_name": "orders", "service_url": "http://10.0.0.1:80"}
+    async with serve_gateway(registrar, mirror, redis_url, token="s3cret") as served:
+        calls = _count_fast_registers(served, monkeypatch)
+        denied = await served.client.post(REGISTER, json=body)
+        assert denied.status_code == 401 and denied.json()["error"] == "unauthorized"
+        twice = await served.client.post(
+            REGISTER,
+            json=body,
+            headers=[("authorization", "Bearer s3cret"), ("authorization", "Bearer x")],
+        )
+        assert twice.status_code in (200, 401)  # the app's answer, whichever it reads
+        assert calls == []
+        ok = await served.client.post(
+            REGISTER, json=body, headers={"authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200, ok.text
+        assert len(calls) == 1
