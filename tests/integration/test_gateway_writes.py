@@ -117,6 +117,7 @@ async def test_register_is_answered_from_the_scripts_reply_before_the_feed(
     seen = mirror.stats.feed_changes
     first, _ = await writer.register(Registration("pay", "http://10.0.0.1:80"))
     await _until(lambda: mirror.stats.feed_changes > seen)  # the view is up to date
+    await mirror.wait_until(lambda m: not m.stale)  # a stale view waits for the feed
     held = HeldFeed(mirror)
     async with mirror.changes() as stream:
         with anyio.fail_after(10):
@@ -141,6 +142,7 @@ async def test_deregister_is_shown_from_the_scripts_reply_before_the_feed(
     seen = mirror.stats.feed_changes
     inst, _ = await writer.register(Registration("pay", "http://10.0.0.1:80"))
     await _until(lambda: mirror.stats.feed_changes > seen)
+    await mirror.wait_until(lambda m: not m.stale)
     held = HeldFeed(mirror)
     with anyio.fail_after(10):
         assert await writer.deregister("pay", None) == [inst.service_id]
