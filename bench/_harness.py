@@ -214,6 +214,15 @@ class Report:
         return path
 
 
+def finish(report: Report, args: argparse.Namespace, plot: Callable[[Report, Any], None]) -> int:
+    """The end of a scenario's ``main``: the ``--quick`` note, then the JSON, the table
+    and the plot in ``args.out``; the exit status (0)."""
+    if args.quick:
+        report.note("--quick: tiny sizes, the figures mean nothing")
+    report.finish(args.out, plot)
+    return 0
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
@@ -239,21 +248,14 @@ def code_version() -> str:
     """The git commit of the checkout, with ``+dirty`` when it has uncommitted changes."""
     import subprocess
 
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=BENCH_DIR,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=BENCH_DIR,
-            capture_output=True,
-            text=True,
-            timeout=5,
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=5
         ).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}+dirty" if dirty.strip() else head or "unknown"

@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     get = report.row("GET /api/v1/services/{name}").stats["median"]
     report.target("register answered (read-your-writes) p50 <= 1 ms", f"{reg:.3f} ms", reg <= 1.0)
     report.target("GET /api/v1/services/{name} p50 <= 0.3 ms", f"{get:.3f} ms", get <= 0.3)
-    if q:
-        report.note("--quick: tiny sizes, the figures mean nothing")
-    report.finish(args.out, _plot)
-    return 0
+    return h.finish(report, args, _plot)
 
 
 def _plot(report: h.Report, fig: Any) -> None:

@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             import _profile
 
             report.note(_profile.format_summary(res["profile"], "one registrar at full load"))
-    if q:
-        report.note("--quick: tiny sizes, the figures mean nothing")
-    report.finish(args.out, _plot)
-    return 0
+    return h.finish(report, args, _plot)
 
 
 def _plot(report: h.Report, fig: Any) -> None:

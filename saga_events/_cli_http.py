@@ -7,11 +7,22 @@ errors for a gateway that is unreachable, refuses, or answers something else.
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
-from ._cli_base import click
+from ._cli_base import click, main
 
-__all__ = ["_api_failed", "_call_api", "_not_the_answer", "saga_url_option", "token_option"]
+__all__ = [
+    "_api_call",
+    "_api_failed",
+    "_call_api",
+    "_not_the_answer",
+    "api_options",
+    "instance_command",
+    "json_option",
+    "saga_url_option",
+    "token_option",
+]
 
 saga_url_option = click.option(
     "--saga-url", envvar="SAGA_SERVICE_URL", default="http://localhost:8030", show_default=True,
@@ -21,6 +32,37 @@ token_option = click.option(
     "--token", envvar="SAGA_API_TOKEN", default=None,
     help="Bearer token for writes, if the API requires one (env SAGA_API_TOKEN).",
 )  # fmt: skip
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def api_options(f: F) -> F:
+    """``--saga-url``, ``--token`` and ``--json``: the options of every command that calls
+    the HTTP API (put it last, under the command's own options)."""
+    return saga_url_option(token_option(json_option(f)))
+
+
+def instance_command(name: str) -> Callable[[Callable[..., None]], click.Command]:
+    """``saga-events <name> NAME [SERVICE_ID]``: a command on a service's instances
+    (deregister, drain, undrain); its options follow, then :func:`api_options`."""
+
+    def command(f: Callable[..., None]) -> click.Command:
+        f = click.argument("name")(click.argument("service_id", required=False)(f))
+        return main.command(name=name)(f)
+
+    return command
+
+
+def _api_call(
+    what: str, method: str, base: str, path: str, token: str | None, as_json: bool, body: Any = None
+) -> Any:
+    """:func:`_call_api`; on an answer other than 200, :func:`_api_failed`. The payload."""
+    status, payload = _call_api(method, base, path, token, body)
+    if status != 200:
+        _api_failed(what, status, payload, as_json)
+    return payload
 
 
 def _call_api(

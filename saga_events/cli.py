@@ -32,7 +32,7 @@ from ._cli_base import (
 from ._cli_base import (
     setup_logging as _setup_logging,
 )
-from ._cli_http import _api_failed, _call_api, _not_the_answer, saga_url_option, token_option
+from ._cli_http import _api_call, _not_the_answer, api_options, instance_command
 from ._text import escape_text, mask_url
 from .embedded import RedisServer, port_is_free
 from .errors import NotificationConfigError, SagaError
@@ -368,9 +368,7 @@ def watch(redis_url: str | None, namespace: str, as_json: bool) -> None:
     "--id", "service_id", default=None, help="Instance id (default: derived from NAME, URL)."
 )
 @click.option("--meta", "-m", "meta", multiple=True, help="Metadata KEY=VALUE (repeat).")
-@saga_url_option
-@token_option
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@api_options
 def register_command(
     name: str,
     url: str,
@@ -402,9 +400,9 @@ def register_command(
         body["metadata"] = metadata
     if service_id:
         body["service_id"] = service_id
-    status, payload = _call_api("POST", saga_url, "/api/v1/services/register", token, body)
-    if status != 200:
-        _api_failed("register", status, payload, as_json)
+    payload = _api_call(
+        "register", "POST", saga_url, "/api/v1/services/register", token, as_json, body
+    )
     if as_json:
         click.echo(json.dumps(payload))
         return
@@ -427,12 +425,8 @@ def register_command(
     )
 
 
-@main.command(name="deregister")
-@click.argument("name")
-@click.argument("service_id", required=False)
-@saga_url_option
-@token_option
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@instance_command("deregister")
+@api_options
 def deregister_command(
     name: str, service_id: str | None, saga_url: str, token: str | None, as_json: bool
 ) -> None:
@@ -445,9 +439,7 @@ def deregister_command(
     path = f"/api/v1/services/{urllib.parse.quote(name, safe='')}"
     if service_id:
         path += "?service_id=" + urllib.parse.quote(service_id, safe="")
-    status, payload = _call_api("DELETE", saga_url, path, token)
-    if status != 200:
-        _api_failed("deregister", status, payload, as_json)
+    payload = _api_call("deregister", "DELETE", saga_url, path, token, as_json)
     if not isinstance(payload, dict) or not isinstance(payload.get("removed", []), list):
         _not_the_answer("deregister", saga_url, payload)
     if as_json:

@@ -14,8 +14,7 @@ from typing import Any
 
 import click
 
-from ._cli_base import main
-from ._cli_http import _api_failed, _call_api, _not_the_answer, saga_url_option, token_option
+from ._cli_http import _api_call, _not_the_answer, api_options, instance_command
 
 
 def _path(name: str, action: str, query: dict[str, str]) -> str:
@@ -34,9 +33,7 @@ def _report(action: str, name: str, payload: Any, saga_url: str, as_json: bool) 
     click.echo(f"{action}ed {name}: {len(ids)} {noun} ({', '.join(ids)})")
 
 
-@main.command(name="drain")
-@click.argument("name")
-@click.argument("service_id", required=False)
+@instance_command("drain")
 @click.option(
     "--for",
     "duration",
@@ -46,9 +43,7 @@ def _report(action: str, name: str, payload: Any, saga_url: str, as_json: bool) 
 )
 @click.option("--reason", default="", help="Why (shown in ls, the API and the dashboard).")
 @click.option("--by", default=None, help="Who (default: the local user name).")
-@saga_url_option
-@token_option
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@api_options
 def drain_command(
     name: str, service_id: str | None, duration: float | None, reason: str, by: str | None,
     saga_url: str, token: str | None, as_json: bool,
@@ -61,24 +56,18 @@ def drain_command(
     if duration is not None:
         query["duration"] = repr(duration)
     body = {"by": by or getpass.getuser(), "reason": reason}
-    status, payload = _call_api("POST", saga_url, _path(name, "drain", query), token, body)
-    if status != 200:
-        _api_failed("drain", status, payload, as_json)
+    payload = _api_call(
+        "drain", "POST", saga_url, _path(name, "drain", query), token, as_json, body
+    )
     _report("drain", name, payload, saga_url, as_json)
 
 
-@main.command(name="undrain")
-@click.argument("name")
-@click.argument("service_id", required=False)
-@saga_url_option
-@token_option
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@instance_command("undrain")
+@api_options
 def undrain_command(
     name: str, service_id: str | None, saga_url: str, token: str | None, as_json: bool
 ) -> None:
     """End an operator's drain of service NAME (or only instance SERVICE_ID)."""
     query = {"service_id": service_id} if service_id else {}
-    status, payload = _call_api("POST", saga_url, _path(name, "undrain", query), token)
-    if status != 200:
-        _api_failed("undrain", status, payload, as_json)
+    payload = _api_call("undrain", "POST", saga_url, _path(name, "undrain", query), token, as_json)
     _report("undrain", name, payload, saga_url, as_json)

@@ -276,6 +276,12 @@ class Mirror(RunsInBackground):
             while not predicate(self):
                 await self._wait_change()
 
+    def apply_own(self, key: str, inst: Instance | None, rev: int) -> bool:
+        """Show a change this process's own registrar script just made at revision
+        ``rev`` without waiting for its feed message, where the feed's order allows
+        (see :meth:`Watcher.apply_own`); True when the view now shows it."""
+        return self._watcher.apply_own(key, inst, rev)
+
     def changes(self) -> ChangeStream:
         """Every change applied to the view from this call on, as an async iterator.
 

@@ -103,7 +103,9 @@ class ApplyResult:
     that is not stored), ``stale`` (not newer than what is stored) or
     ``capped`` (a creation refused by the instance caps).
     ``incarnation`` and ``seq`` are the ordering it was applied with (see
-    ``Registrar.apply``'s ``after_newest``).
+    ``Registrar.apply``'s ``after_newest``). With ``after_newest``, a change
+    (created, updated, removed) also says its feed revision ``rev`` and, but
+    for a removal, the ``record`` as stored (0 and None otherwise).
     """
 
     status: str
@@ -111,6 +113,8 @@ class ApplyResult:
     now_ms: int
     incarnation: int = 0
     seq: int = 0
+    rev: int = 0
+    record: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +193,12 @@ def _text(value: Any) -> str:
 
 
 def parse_apply(reply: Any) -> ApplyResult:
-    """One event's reply ``{status, registered_at_ms, now_ms, incarnation, seq}``."""
-    status, reg, now, inc, seq = reply
-    return ApplyResult(_text(status), int(reg), int(now), int(inc), int(seq))
+    """One event's reply ``{status, registered_at_ms, now_ms, incarnation, seq[, rev[,
+    record]]}`` (the last two only with ``after_newest``)."""
+    status, reg, now, inc, seq = reply[:5]
+    rev = int(reply[5]) if len(reply) > 5 else 0
+    record = reply[6] if len(reply) > 6 else None
+    return ApplyResult(_text(status), int(reg), int(now), int(inc), int(seq), rev, record)
 
 
 def parse_batch(reply: Any) -> list[ApplyResult]:

@@ -155,6 +155,9 @@ class Watcher:
         self._in = Applier(keys, view, self.stats, self.canary, self.clock)
         self._epoch_channel = keys.epoch_notifications.encode()
         self._last_rev_check = 0.0
+        #: inside _handle or _resync: changes may be applied but not yet reported,
+        #: or the view is about to be replaced (apply_own then waits for the feed)
+        self._busy = False
 
     async def release(self) -> None:
         await self._pipe.release()
@@ -366,6 +369,13 @@ class Watcher:
 
     async def _handle(self, batch: Iterable[Any]) -> None:
         """Apply one batch of replies to the view (watching)."""
+        self._busy = True
+        try:
+            await self._handle_batch(batch)
+        finally:
+            self._busy = False
+
+    async def _handle_batch(self, batch: Iterable[Any]) -> None:
         changes: list[Change] = []
         scan = Scan()
         self._in.scan(batch, scan, None, changes)
@@ -410,8 +420,31 @@ class Watcher:
         if self.view.publish() or changes:
             self._on_change(changes)
 
+    def apply_own(self, key: str, inst: Instance | None, rev: int) -> bool:
+        """Apply a change this process's own script call made at revision ``rev``
+        (``inst`` None: removed) before its feed message arrives, when ``rev`` is the
+        very next revision the view expects: no other change can then still arrive
+        before it, and its feed message is a no-op. False, doing nothing, otherwise
+        (stale, listing, behind, or already past ``rev``): the feed will show it."""
+        if self.stale or self._busy or self._in.revs.last != rev - 1:
+            return False
+        if inst is not None:
+            inst = self._in.checked(key, inst)
+            if inst is None:
+                return False
+        change = self.view.remove(key) if inst is None else self.view.put(key, inst)
+        self._apply([change] if change is not None else [])
+        return True
+
     async def _resync(self, reason: str, *, keep_stale: bool = False) -> None:
         """List the registry and make the view equal to it, emitting differences."""
+        self._busy = True
+        try:
+            await self._resync_listing(reason, keep_stale=keep_stale)
+        finally:
+            self._busy = False
+
+    async def _resync_listing(self, reason: str, *, keep_stale: bool = False) -> None:
         sub = self._sub
         assert sub is not None
         self.stats.snapshots += 1

@@ -14,13 +14,15 @@ Contract:
   the same id, so re-registering refreshes instead of adding a twin).
 * **Ordering** (HTTP writes have no agent incarnation):
 
-  - A registration of an instance Redis does not hold starts a new
-    incarnation from a :class:`HybridClock` (``max(last + 1, now_ms * 1000)``:
-    never goes back), above the instance's tombstone if a DELETE left one.
-  - A re-register or a DELETE of an instance Redis holds is applied with
-    ``after_newest``: the script gives it the newest applied incarnation and
-    the next ``seq``. An unchanged record is then a refresh (only the
-    deadline moves, mirrors see nothing), a changed one an update.
+  - A registration is sent without reading first, with ``after_newest`` and
+    a new incarnation from a :class:`HybridClock` (``max(last + 1, now_ms *
+    1000)``: never goes back). When Redis holds the instance, the script
+    gives it the newest applied incarnation and the next ``seq``: an
+    unchanged record is then a refresh (only the deadline moves, mirrors see
+    nothing), a changed one an update. Only a tombstone newer than the clock
+    makes that first attempt ``stale``; the writer then reads the record and
+    tombstone and starts above the tombstone.
+  - A DELETE of an instance Redis holds is applied with ``after_newest`` too.
   - A heartbeat carries exactly the newest applied ``(incarnation, seq)``
     (the registrar's order hash), so it only moves the deadline and never
     outranks the owner's own next event.
@@ -37,13 +39,17 @@ Contract:
   heartbeat.
 * **Read-your-writes** holds for reads through the *same* writer's view (the
   gateway's mirror): a register or DELETE returns only once that view shows
-  it, or after ``write_timeout`` (counted in ``view_timeouts``). Another
-  gateway's view or a remote mirror catches up on its own schedule.
+  it, or after ``write_timeout`` (counted in ``view_timeouts``). The script's
+  reply carries the change's feed revision and the record as stored; when
+  that revision is the very next one the view expects, the view shows it at
+  once (:meth:`Mirror.apply_own`; its feed message is then a no-op), else
+  the writer waits for the feed. Another gateway's view or a remote mirror
+  catches up on its own schedule.
 
 Redis commands it sends itself (besides the registrar's EVALSHA): ``MGET``
-(record and tombstone), ``HMGET`` (order hash), ``ZSCORE`` (deadlines),
-``EXISTS`` (record, after a lost heartbeat race). One writer lives on one
-event loop and is not thread-safe.
+(record and tombstone, only after a stale attempt), ``HMGET`` (order hash),
+``ZSCORE`` (deadlines), ``EXISTS`` (record, after a lost heartbeat race). One
+writer lives on one event loop and is not thread-safe.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from ._redis import TRANSIENT
 from .errors import InvalidEvent, SagaError
 from .health import HEALTH_KEY, safe_reason
 from .identity import stable_service_id
-from .mirror import ChangesOverflow, Mirror
+from .mirror import Mirror
 from .registrar import ApplyResult, Registrar
 
 log = logging.getLogger("saga_events.writer")
@@ -173,9 +179,8 @@ def _with_status(
 class Writer:
     """The one write path of the REST API for one registrar and one view.
 
-    Run :meth:`follow_view` in a task beside it (it wakes writers waiting for
-    their write to show); ``view`` must be a synced :class:`Mirror` of the same
-    namespace on the same event loop.
+    ``view`` must be a synced :class:`Mirror` of the same namespace on the same
+    event loop (:meth:`follow_view` is no longer needed beside it).
     """
 
     def __init__(
@@ -187,33 +192,39 @@ class Writer:
         self.write_timeout = write_timeout
         self.clock = HybridClock()
         self.view_timeouts = 0
-        self._view_changed = anyio.Event()
         self._locks: dict[tuple[str, str], tuple[anyio.Lock, int]] = {}
 
     # -- the view -------------------------------------------------------------------
 
     async def follow_view(self) -> None:
-        """Wake writers waiting for the view, on every change it reports; until cancelled."""
-        while True:
-            try:
-                async with self.view.changes() as changes:
-                    async for _change in changes:
-                        self._wake()
-                return  # the view closed
-            except ChangesOverflow:
-                self._wake()  # fell behind: waiters re-check the view, then follow anew
-
-    def _wake(self) -> None:
-        event, self._view_changed = self._view_changed, anyio.Event()
-        event.set()
+        """Kept for callers that run it beside the writer: the writer now waits on the
+        view's own waiters (one wake-up less per write), so this only sleeps until
+        cancelled."""
+        await anyio.sleep_forever()
 
     async def _wait_view(self, done: Callable[[], bool]) -> bool:
-        with anyio.move_on_after(self.write_timeout):
-            while not done():
-                await self._view_changed.wait()
+        if done():
             return True
-        self.view_timeouts += 1
-        return False
+        try:
+            await self.view.wait_until(lambda _view: done(), timeout=self.write_timeout)
+            return True
+        except TimeoutError:
+            self.view_timeouts += 1
+            return False
+
+    def _show_own(self, name: str, service_id: str, result: ApplyResult) -> None:
+        """Read-your-writes from the script's own reply: show the change in the view
+        now, where the feed's order allows (see :meth:`Mirror.apply_own`); else the
+        caller waits for the feed message as before."""
+        if not result.rev:
+            return
+        inst: model.Instance | None = None
+        if result.record is not None:
+            try:
+                inst = model.decode_instance(result.record)
+            except msgspec.DecodeError:
+                return
+        self.view.apply_own(self.registrar.keys.inst(name, service_id), inst, result.rev)
 
     def viewed(self, name: str, service_id: str) -> model.Instance | None:
         for inst in self.view.instances(name):
@@ -226,7 +237,9 @@ class Writer:
         """One write at a time per instance: concurrent registers of one instance
         would otherwise keep losing races to each other."""
         key = (name, service_id)
-        lock, users = self._locks.get(key, (anyio.Lock(), 0))
+        found = self._locks.get(key)
+        # fast_acquire: an uncontended acquire does not yield to the loop (a turn per write)
+        lock, users = found if found is not None else (anyio.Lock(fast_acquire=True), 0)
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
@@ -246,8 +259,13 @@ class Writer:
         A read must not fail because Redis is slow, down or refuses (the view
         is served as it is): then the registration time stands in.
         """
+        return (await self.read_heartbeats(insts))[0]
+
+    async def read_heartbeats(self, insts: list[model.Instance]) -> tuple[list[int | None], bool]:
+        """:meth:`last_heartbeats` in one ZSCORE pipeline, and whether Redis answered
+        (within 0.5 s, without refusing)."""
         if not insts:
-            return []
+            return [], True
         keys = self.registrar.keys
         with anyio.move_on_after(0.5):
             try:
@@ -258,10 +276,10 @@ class Writer:
                 return [
                     None if s is None else int(s) - inst.ttl_ms
                     for s, inst in zip(scores, insts, strict=True)
-                ]
+                ], True
             except (*TRANSIENT, RedisError):  # down, or a role without ZSCORE
                 pass
-        return [None] * len(insts)
+        return [None] * len(insts), False
 
     # -- writes ---------------------------------------------------------------------
 
@@ -309,14 +327,22 @@ class Writer:
         result: ApplyResult | None = None
         event: model.Announce | None = None
         async with self._serialized(name, sid):
-            for attempt in range(WRITE_RETRIES):
-                if attempt:
-                    await anyio.sleep(random.uniform(0, 0.002 * attempt))  # let the winner finish
-                stored, tomb_inc = await self._stored(name, sid)
-                if stored is not None:
-                    inc, seq = stored.incarnation, stored.seq + 1
+            for attempt in range(WRITE_RETRIES + 1):
+                if attempt == 0:
+                    # No read first: with ``after_newest`` the script takes the stored
+                    # pair when the instance is known, and a new instance starts from
+                    # the clock. Only a tombstone newer than the clock (another
+                    # writer's clock ahead, an agent's incarnation) makes it stale:
+                    # then read what Redis holds and start above it.
+                    inc, seq = self.clock.tick(), 1
                 else:
-                    inc, seq = max(self.clock.tick(), tomb_inc + 1), 1
+                    if attempt > 1:  # lost a race: let the winner finish
+                        await anyio.sleep(random.uniform(0, 0.002 * (attempt - 1)))
+                    stored, tomb_inc = await self._stored(name, sid)
+                    if stored is not None:
+                        inc, seq = stored.incarnation, stored.seq + 1
+                    else:
+                        inc, seq = max(self.clock.tick(), tomb_inc + 1), 1
                 event = msgspec.structs.replace(checked, incarnation=inc, seq=seq)
                 result = await self.registrar.apply(event, after_newest=True)
                 if result.status != "stale":
@@ -333,6 +359,7 @@ class Writer:
             )
         written = (result.incarnation, result.seq)
         refreshed = result.status == "refreshed"
+        self._show_own(name, sid, result)
 
         def shown() -> bool:
             inst = self.viewed(name, sid)
@@ -441,6 +468,7 @@ class Writer:
                 )
                 result = await self.registrar.apply(self.check(leave), after_newest=True)
                 if result.status != "stale":
+                    self._show_own(name, current.service_id, result)
                     removed.append(current.service_id)
                     break
                 current, _tomb = await self._stored(name, inst.service_id)

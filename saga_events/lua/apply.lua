@@ -38,6 +38,10 @@
 -- ARGV[12] unknown_leave_ms: life of an unknown leave's marker (0: none)
 -- Reply {status, registered_at_ms, now_ms, incarnation, seq}; status is one of
 --   created | updated | refreshed | removed | absent | stale | capped
+--   With ARGV[8] '1' (the HTTP gateway), a change (created, updated, removed)
+--   adds its rev and, for created and updated, the record as stored:
+--   {status, registered_at_ms, now_ms, incarnation, seq, rev[, record]}, so
+--   the writer shows its own change at once (read-your-writes).
 --
 -- Ordering: the newest (incarnation, seq) applied to an instance lives in the
 -- order hash, or, once the record is gone (leave, reap), in the tombstone: an
@@ -122,7 +126,11 @@ local function leave(rkey, tkey, okey, incs, seqs, service, cur, ostr, tomb, cre
   end
   redis.pcall('SET', tkey, incs .. ':' .. seqs, 'PX', sformat('%.0f', life))
   if cur then
-    publish(call('INCR', REV), '["del",' .. cjson.encode(rkey) .. ']')
+    local rev = call('INCR', REV)
+    publish(rev, '["del",' .. cjson.encode(rkey) .. ']')
+    if after_newest then
+      return {status, creg or '0', nows, incs, seqs, rev}
+    end
   end
   return {status, creg or '0', nows, incs, seqs}
 end
@@ -151,11 +159,13 @@ local function write(rkey, incs, seqs, inc, ci, creg, body, ttl, backstop, servi
     call('HINCRBY', CNT, service, 1)
   end
   call('ZADD', DL, now + ttl, rkey)
-  publish(call('INCR', REV), '["set",' .. cjson.encode(rkey) .. ',' .. record .. ']')
-  if cur then
-    return {'updated', reg, nows, incs, seqs}
+  local rev = call('INCR', REV)
+  publish(rev, '["set",' .. cjson.encode(rkey) .. ',' .. record .. ']')
+  local status = cur and 'updated' or 'created'
+  if after_newest then
+    return {status, reg, nows, incs, seqs, rev, record}
   end
-  return {'created', reg, nows, incs, seqs}
+  return {status, reg, nows, incs, seqs}
 end
 
 local function apply_one(rkey, tkey, okey, kind, incs, seqs, body, ttl, service)
@@ -230,8 +240,31 @@ local function apply_one(rkey, tkey, okey, kind, incs, seqs, body, ttl, service)
   end
   return write(rkey, incs, seqs, inc, ci, creg, body, ttl, backstop, service, cur)
 end
+<<<<<<< HEAD
 
 local out = {}
+=======
+local record = '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
+  .. ',' .. body
+redis.call('SET', KEYS[1], record, 'PX', ARGV[6])
+redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
+if not member then
+  redis.call('SADD', KEYS[3], KEYS[1])
+  redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
+end
+redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
+local rev = redis.call('INCR', KEYS[6])
+redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
+  .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. record .. ']]}')
+local status = cur and 'updated' or 'created'
+if ARGV[8] == '1' then
+  return {status, reg, nows, incs, seqs, rev, record}
+end
+return {status, reg, nows, incs, seqs}
+end
+local shared, out = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, {}
+local least_tomb, least_backstop = tonumber(ARGV[1]), tonumber(ARGV[6])
+>>>>>>> h-gateway
 for i = 0, (#ARGV - 6) / 6 - 1 do
   local k, a = 6 + 3 * i, 6 + 6 * i
   out[i + 1] = apply_one(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2],

@@ -41,10 +41,10 @@ from redis.exceptions import (
     RedisError,
 )
 
-from .. import __version__
+from .. import __version__, model
 from .._redis import TRANSIENT, RateLimitedLog
 from ..writer import WriteRejected
-from .fast import JSON_HEADERS, FastReads
+from .fast import JSON_HEADERS, FastReads, FastRegister
 from .metrics import route_of
 from .routes import TOKEN_ENV, Context, handlers
 from .schema import NAME_RULE, ErrorBody
@@ -75,6 +75,7 @@ _FORM_TYPES: Final = frozenset(
     {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
 )
 LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "[::1]")
+_REGISTER: Final = "/api/v1/services/register"
 
 
 def _reason_of_validation(key: str | None, message: str) -> str:
@@ -113,16 +114,61 @@ def _error(status: int, reason: str, detail: str) -> Response[ErrorBody]:
     return Response(ErrorBody(status_code=status, error=reason, detail=detail), status_code=status)
 
 
+class Failures:
+    """How the failures of a handler are answered and counted: ``(status, reason,
+    detail)`` for a refused write, Redis down or refusing, an unreadable body, or a
+    bug. Shared by the app's exception handlers and the front's fast register."""
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+        self.refusals = RateLimitedLog(log, burst=5, window=60.0)
+        self.bugs = RateLimitedLog(log, burst=5, window=60.0)
+
+    def bad_json(self, detail: str) -> tuple[int, str, str]:
+        self.stats.rejected["bad_json"] += 1
+        return 400, "bad_json", detail
+
+    def rejected(self, exc: WriteRejected) -> tuple[int, str, str]:
+        if exc.kind != "not_found":
+            self.stats.rejected[exc.reason] += 1
+        return _STATUS_OF[exc.kind], exc.reason, exc.detail
+
+    def unavailable(self, method: str, path: str, exc: Exception) -> tuple[int, str, str]:
+        self.stats.unavailable += 1
+        if isinstance(exc, RedisError) and not isinstance(exc, TRANSIENT):
+            # READONLY during a failover, OOM, NOPERM under a narrow role...: the
+            # Redis words (key names, ACL rules) are for the log only.
+            match = _REDIS_CODE.search(str(exc))
+            code = _code_of(exc) or (match.group(1).lower() if match else "refused")
+            self.refusals.warning("Redis refused %s %s: %s", method, path, str(exc)[:300])
+            return 503, "redis_error", f"registry unavailable ({code}); nothing was changed"
+        return 503, "redis_unavailable", "registry unavailable (unreachable); nothing was changed"
+
+    def other(self, method: str, path: str, exc: Exception) -> tuple[int, str, str]:
+        if isinstance(exc, WriteRejected):
+            return self.rejected(exc)
+        if isinstance(exc, (*TRANSIENT, RedisError)):
+            return self.unavailable(method, path, exc)
+        if isinstance(exc, (RecursionError, msgspec.DecodeError)):
+            # A JSON bomb (nesting deeper than the decoder's stack) or a body no
+            # decoder could read: bad input, logged without a traceback.
+            self.refusals.warning("unreadable body on %s %s: %s", method, path, type(exc).__name__)
+            return self.bad_json("request body is not valid JSON (too deeply nested or malformed)")
+        self.bugs.warning(
+            "HTTP gateway bug on %s %s: %s: %s", method, path, type(exc).__name__, str(exc)[:300]
+        )
+        log.debug("HTTP gateway bug", exc_info=exc)
+        return 500, "internal", "internal error"
+
+
 def build_app(ctx: Context, *, max_body_bytes: int, extra_routes: Sequence[Any] = ()) -> Litestar:
     """The Litestar application serving ``ctx``'s routes (and ``extra_routes``: the
-    watch stream, the dashboard, service discovery)."""
+    watch stream, the dashboard, service discovery). Sets ``ctx.failures``."""
     stats = ctx.metrics.stats
-    refusals = RateLimitedLog(log, burst=5, window=60.0)
-    bugs = RateLimitedLog(log, burst=5, window=60.0)
+    failures = ctx.failures = Failures(stats)
 
     def bad_json(detail: str) -> Response[ErrorBody]:
-        stats.rejected["bad_json"] += 1
-        return _error(400, "bad_json", detail)
+        return _error(*failures.bad_json(detail))
 
     def on_validation(
         request: Request[Any, Any, Any], exc: ValidationException
@@ -170,44 +216,10 @@ def build_app(ctx: Context, *, max_body_bytes: int, extra_routes: Sequence[Any] 
         return response
 
     def on_rejected(request: Request[Any, Any, Any], exc: WriteRejected) -> Response[ErrorBody]:
-        if exc.kind != "not_found":
-            stats.rejected[exc.reason] += 1
-        return _error(_STATUS_OF[exc.kind], exc.reason, exc.detail)
-
-    def unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
-        stats.unavailable += 1
-        if isinstance(exc, RedisError) and not isinstance(exc, TRANSIENT):
-            # READONLY during a failover, OOM, NOPERM under a narrow role...: the
-            # Redis words (key names, ACL rules) are for the log only.
-            match = _REDIS_CODE.search(str(exc))
-            code = _code_of(exc) or (match.group(1).lower() if match else "refused")
-            refusals.warning(
-                "Redis refused %s %s: %s", request.method, request.url.path, str(exc)[:300]
-            )
-            return _error(503, "redis_error", f"registry unavailable ({code}); nothing was changed")
-        return _error(
-            503, "redis_unavailable", "registry unavailable (unreachable); nothing was changed"
-        )
+        return _error(*failures.rejected(exc))
 
     def on_other(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
-        if isinstance(exc, (*TRANSIENT, RedisError)):
-            return unavailable(request, exc)
-        if isinstance(exc, (RecursionError, msgspec.DecodeError)):
-            # A JSON bomb (nesting deeper than the decoder's stack) or a body no
-            # decoder could read: bad input, logged without a traceback.
-            refusals.warning(
-                "unreadable body on %s %s: %s", request.method, request.url.path, type(exc).__name__
-            )
-            return bad_json("request body is not valid JSON (too deeply nested or malformed)")
-        bugs.warning(
-            "HTTP gateway bug on %s %s: %s: %s",
-            request.method,
-            request.url.path,
-            type(exc).__name__,
-            str(exc)[:300],
-        )
-        log.debug("HTTP gateway bug", exc_info=exc)
-        return _error(500, "internal", "internal error")
+        return _error(*failures.other(request.method, request.url.path, exc))
 
     return Litestar(
         route_handlers=[*handlers(ctx), *extra_routes],
@@ -248,16 +260,33 @@ def _error_bytes(status: int, reason: str, detail: str) -> bytes:
     return msgspec.json.encode(ErrorBody(status_code=status, error=reason, detail=detail))
 
 
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    """An answer with the headers Litestar sends for JSON: type and length."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class Front:
     """The ASGI entry point uvicorn serves: Host and Content-Type checks, counting and
     timing, then the app. ``allowed_hosts`` (lower-case ``host:port`` values) is None
     when any Host is accepted (a non-loopback bind)."""
 
-    def __init__(self, app: ASGIApp, ctx: Context) -> None:
+    def __init__(
+        self, app: ASGIApp, ctx: Context, *, max_body_bytes: int = model.MAX_EVENT_BYTES
+    ) -> None:
         self.app = app
         self.ctx = ctx
         self.allowed_hosts: frozenset[str] | None = None
         self.fast = FastReads(ctx.writer, ctx.heartbeats, ctx.choose)
+        self.fast_register = FastRegister(
+            ctx.writer, ctx.heartbeats, ctx.authorized, max_body_bytes
+        )
         self._timers: dict[tuple[str, str], Any] = {}  # the histogram's children, bound once
 
     def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
@@ -281,6 +310,45 @@ class Front:
                 )
         return None
 
+    async def _register(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Answer a register without the app where :class:`FastRegister` can (None);
+        else the ``receive`` to give the app (what was read of the body, replayed)."""
+        read: list[Message] = []
+        chunks: list[bytes] = []
+        size, limit = 0, self.fast_register.max_body_bytes
+        while True:
+            message = await receive()
+            read.append(message)
+            if message["type"] != "http.request":
+                break
+            chunk = bytes(message.get("body", b""))
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit or not message.get("more_body", False):
+                break
+        data = None
+        whole = read[-1]["type"] == "http.request" and not read[-1].get("more_body", False)
+        auth = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
+        if whole and len(auth) <= 1:
+            header = bytes(auth[0]).decode("latin-1") if auth else None
+            data = self.fast_register.request(b"".join(chunks), header)
+        if data is None:
+
+            async def replay() -> Message:
+                return read.pop(0) if read else await receive()
+
+            return replay
+        try:
+            status, body = 200, await self.fast_register.answer(data)
+        except Exception as exc:  # answered as the app's handlers answer it
+            failures = self.ctx.failures
+            if failures is None:
+                raise
+            status, reason, detail = failures.other(str(scope["method"]), _REGISTER, exc)
+            body = _error_bytes(status, reason, detail)
+        await _send_json(send, status, body)
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -300,38 +368,22 @@ class Front:
         try:
             refusal = self._refusal(scope)
             if refusal is None:
+                if method == "POST" and path == _REGISTER and not scope.get("query_string"):
+                    app_receive = await self._register(scope, receive, counting_send)
+                    if app_receive is None:
+                        return
+                    receive = app_receive
                 if method == "GET" and not scope.get("query_string"):
                     answer = self.fast.route(path)
                     body = await answer() if answer is not None else None
                     if body is not None:
-                        await counting_send(
-                            {
-                                "type": "http.response.start",
-                                "status": 200,
-                                "headers": [
-                                    JSON_HEADERS,
-                                    (b"content-length", str(len(body)).encode()),
-                                ],
-                            }
-                        )
-                        await counting_send({"type": "http.response.body", "body": body})
+                        await _send_json(counting_send, 200, body)
                         return
                 await self.app(scope, receive, counting_send)
                 return
             status, reason, detail = refusal
             stats.rejected[reason] += 1
-            body = _error_bytes(status, reason, detail)
-            await counting_send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await counting_send({"type": "http.response.body", "body": body})
+            await _send_json(counting_send, status, _error_bytes(status, reason, detail))
         finally:
             label = method if method in _KNOWN_METHODS else "other"
             route = route_of(method, path)

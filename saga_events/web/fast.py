@@ -1,9 +1,11 @@
-"""The read path of the REST API without the framework: cached answers for the hot GETs.
+"""The hot paths of the REST API without the framework: the GETs and the register.
 
 One job: answer ``GET /api/v1/services/{name}`` and ``GET /api/v1/services``
-(no query string) straight from the gateway's view, with the bytes Litestar
-would send, and let everything else (filters, bad names, 404s) go through
-the app unchanged.
+(no query string) straight from the gateway's view, and a well-formed
+``POST /api/v1/services/register`` straight through the writer, with the
+bytes Litestar would send, and let everything else (filters, bad names,
+404s, bodies the route would refuse, a missing token) go through the app
+unchanged.
 
 Contract:
 
@@ -17,6 +19,12 @@ Contract:
 * **Encoded once.** An instance's JSON is encoded once per (record, last
   heartbeat): the view's records are immutable, so a cached entry is valid
   while the view holds the same record object.
+* **Register.** A body that decodes strictly into
+  :class:`~saga_events.web.schema.RegisterRequest` (Litestar's looser
+  decoding gives the same request for it), within the body limit, with the
+  token when one is set, is registered as the route does
+  (:func:`registration`); anything else goes to the app. A failure of the
+  write is answered by the app's own rules (``web.app.Failures``).
 * **Last heartbeats** (``deadline - ttl``, from the registrar's deadlines
   set) are read from Redis in one pipeline and kept for ``max_age`` seconds
   (0.5 by default); a write through this gateway (register, heartbeat,
@@ -33,20 +41,18 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-import anyio
 import msgspec
-from redis.exceptions import RedisError
 
 from .. import model
-from .._redis import TRANSIENT
-from ..writer import Writer
-from .schema import ServiceInfo
+from ..writer import Registration, Writer
+from .schema import RegisterRequest, ServiceInfo
 
 JSON_HEADERS: Final = (b"content-type", b"application/json")
 DEFAULT_MAX_AGE: Final = 0.5
 _PREFIX: Final = "/api/v1/services/"
 _NAME: Final = re.compile(model.NAME_PATTERN)
 _encode: Final = msgspec.json.Encoder().encode
+_register_decoder: Final = msgspec.json.Decoder(RegisterRequest)
 
 Key = tuple[str, str]
 
@@ -105,22 +111,7 @@ class Heartbeats:
         return out
 
     async def _read(self, insts: list[model.Instance]) -> tuple[list[int | None], bool]:
-        """One ZSCORE pipeline; (registration times stand in, False) if Redis does not
-        answer within 0.5 s or refuses (a read must not fail for it)."""
-        keys = self.writer.registrar.keys
-        with anyio.move_on_after(0.5):
-            try:
-                pipe = self.writer.redis.pipeline(transaction=False)
-                for inst in insts:
-                    pipe.zscore(keys.deadlines, keys.inst(inst.service_name, inst.service_id))
-                scores = await pipe.execute()
-                return [
-                    None if s is None else int(s) - inst.ttl_ms
-                    for s, inst in zip(scores, insts, strict=True)
-                ], True
-            except (*TRANSIENT, RedisError):  # down, or a role without ZSCORE
-                pass
-        return [None] * len(insts), False
+        return await self.writer.read_heartbeats(insts)
 
 
 class Encoded:
@@ -196,3 +187,46 @@ class FastReads:
             + stale
             + b"}"
         )
+
+
+def registration(data: RegisterRequest) -> Registration:
+    """What a register request asks the writer for (the route's and the fast path's)."""
+    return Registration(
+        service_name=data.service_name,
+        service_url=data.service_url,
+        capabilities=tuple(data.capabilities),
+        service_id=data.service_id,
+        metadata=dict(data.metadata),
+        ttl_ms=round(data.ttl_seconds * 1000),
+    )
+
+
+class FastRegister:
+    """``POST /api/v1/services/register`` without the framework (see the module docstring)."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        heartbeats: Heartbeats,
+        authorized: Callable[[str | None], bool],
+        max_body_bytes: int,
+    ) -> None:
+        self.writer = writer
+        self.heartbeats = heartbeats
+        self.authorized = authorized
+        self.max_body_bytes = max_body_bytes
+
+    def request(self, body: bytes, authorization: str | None) -> RegisterRequest | None:
+        """The request the route would read from ``body``, or None (the app answers)."""
+        if len(body) > self.max_body_bytes or not self.authorized(authorization):
+            return None
+        try:
+            return _register_decoder.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+
+    async def answer(self, data: RegisterRequest) -> bytes:
+        """The 200 answer's body; raises what the writer raises (the route would too)."""
+        inst, now_ms = await self.writer.register(registration(data))
+        self.heartbeats.forget(data.service_name)
+        return _encode(ServiceInfo.of(inst, now_ms))

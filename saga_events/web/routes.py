@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
@@ -19,6 +20,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, ValidationException
+from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, Parameter
@@ -30,8 +32,8 @@ from .._redis import TRANSIENT
 from ..drain import drain as operator_drain
 from ..drain import undrain as operator_undrain
 from ..errors import SagaError
-from ..writer import Registration, Writer, WriteRejected, not_found
-from .fast import Heartbeats
+from ..writer import Writer, WriteRejected, not_found
+from .fast import Heartbeats, registration
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .schema import (
     NAME_DOC_PATTERN,
@@ -49,6 +51,7 @@ from .schema import (
     RegistrarHealth,
     ServiceInfo,
     ServiceList,
+    iso_utc,
 )
 
 TOKEN_ENV: Final = "SAGA_API_TOKEN"
@@ -84,6 +87,8 @@ class Context:
     token: str | None
     #: last heartbeat times, kept briefly (see :mod:`saga_events.web.fast`)
     heartbeats: Heartbeats = field(init=False)
+    #: how failures are answered (``web.app.Failures``, set by ``build_app``)
+    failures: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.heartbeats = Heartbeats(self.writer)
@@ -182,14 +187,35 @@ def handlers(ctx: Context) -> list[Any]:
             )
 
     write_security: list[dict[str, list[str]]] | None = [{"bearer": []}] if ctx.token else None
+    # Without a token the guard passes everything: not run (Litestar copies the route
+    # handler for each guard call).
+    write_guards: list[Any] = [require_token] if ctx.token is not None else []
+
+    def write(
+        route: Callable[..., HTTPRouteHandler],
+        path: str,
+        codes: tuple[int, ...],
+        *,
+        summary: str,
+        description: str,
+    ) -> HTTPRouteHandler:
+        """A write route: 200, the token guard, its error answers and security scheme."""
+        return route(
+            path,
+            status_code=200,
+            guards=write_guards,
+            responses=_errors(*codes),
+            security=write_security,
+            summary=summary,
+            description=description,
+        )
+
     writer = ctx.writer
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/register",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 409, 415, 422, 503),
-        security=write_security,
+        (400, 401, 409, 415, 422, 503),
         summary="Register (or re-register) an instance",
         description=(
             "Without service_id the id is derived from (service_name, service_url), so "
@@ -200,25 +226,14 @@ def handlers(ctx: Context) -> list[Any]:
     async def register(
         data: Annotated[RegisterRequest, Body(description="The instance to register.")],
     ) -> ServiceInfo:
-        inst, now_ms = await writer.register(
-            Registration(
-                service_name=data.service_name,
-                service_url=data.service_url,
-                capabilities=tuple(data.capabilities),
-                service_id=data.service_id,
-                metadata=dict(data.metadata),
-                ttl_ms=round(data.ttl_seconds * 1000),
-            )
-        )
+        inst, now_ms = await writer.register(registration(data))
         ctx.heartbeats.forget(data.service_name)
         return ServiceInfo.of(inst, now_ms)
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/{name:str}/heartbeat",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 415, 503),
-        security=write_security,
+        (400, 401, 404, 415, 503),
         summary="Keep every live instance of a service alive",
         description=(
             "Moves the deadline of every instance of the service (or only ?service_id=). "
@@ -248,16 +263,12 @@ def handlers(ctx: Context) -> list[Any]:
             )
         finally:
             ctx.heartbeats.forget(name)
-        return HeartbeatResult(
-            service_name=name, service_ids=ids, last_heartbeat=model.iso_utc(now_ms)
-        )
+        return HeartbeatResult(service_name=name, service_ids=ids, last_heartbeat=iso_utc(now_ms))
 
-    @delete(
+    @write(
+        delete,
         "/api/v1/services/{name:str}",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 409, 415, 503),
-        security=write_security,
+        (400, 401, 404, 409, 415, 503),
         summary="Deregister every instance of a service",
         description="Removes every instance of the service, or only ?service_id=.",
     )
@@ -268,12 +279,10 @@ def handlers(ctx: Context) -> list[Any]:
             ctx.heartbeats.forget(name)
         return DeregisterResult(service_name=name, removed=removed)
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/{name:str}/drain",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 409, 415, 422, 503),
-        security=write_security,
+        (400, 401, 404, 409, 415, 422, 503),
         summary="Take instances out of rotation (an operator's override)",
         description=(
             "Every instance of the service, or only ?service_id=, is stored draining "
@@ -303,12 +312,10 @@ def handlers(ctx: Context) -> list[Any]:
         ctx.heartbeats.forget(name)
         return DrainResult(service_name=name, instances=await ctx.describe(insts))
 
-    @post(
+    @write(
+        post,
         "/api/v1/services/{name:str}/undrain",
-        status_code=200,
-        guards=[require_token],
-        responses=_errors(400, 401, 404, 409, 415, 503),
-        security=write_security,
+        (400, 401, 404, 409, 415, 503),
         summary="End an operator's drain",
         description="Every instance of the service, or only ?service_id=.",
     )

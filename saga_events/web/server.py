@@ -314,7 +314,7 @@ class Gateway:
     def asgi(self) -> Front:
         """The ASGI entry point that uvicorn serves (the app behind its checks)."""
         if self._front is None:
-            self._front = Front(self.app, self.context)
+            self._front = Front(self.app, self.context, max_body_bytes=self.max_body_bytes)
         return self._front
 
     def authorized(self, header: str | None) -> bool:
@@ -380,7 +380,6 @@ class Gateway:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.writer.follow_view)
                 tg.start_soon(self._watch_staleness)
                 await tg.start(self.watch_hub.run)
                 tg.start_soon(serve)

@@ -14,9 +14,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from saga_events import AsyncSagaServiceDiscovery, Mirror, Registrar, ServiceNotFound
 from saga_events._client_rest import _RestBackend
+from saga_events._wait import eventually
+from saga_events.identity import parse_epoch
 from saga_events.web import run_gateway, server, surface
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +39,19 @@ async def discover_gets(url: str) -> int:
 
 
 async def _serve(registrar: Registrar, redis_url: str) -> AsyncIterator[str]:
+    # The registrar's first rebuild (an empty Redis) over first: its epoch change makes
+    # the gateway's mirror resync once (stale for a moment), which a test's register
+    # answered before it would meet as a watch stream gone stale.
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+
+        async def epoch_ready() -> bool:
+            epoch = parse_epoch(await client.get(registrar.keys.epoch))
+            return epoch is not None and not epoch.rebuilding
+
+        await eventually(epoch_ready, 10, what="the registrar's first rebuild")
+    finally:
+        await client.aclose()
     async with anyio.create_task_group() as tg:
         host, port = await tg.start(run_gateway, registrar, redis_url, "127.0.0.1", 0, None)
         yield f"http://{host}:{port}"

@@ -147,3 +147,106 @@ async def test_heartbeats_cache_keeps_nothing_read_across_a_forget(
     hb._read = real  # type: ignore[method-assign]
     await hb.of([inst])
     assert {n: list(ids) for n, ids in hb._known.items()} == {"orders": [inst.service_id]}
+
+
+# -- the register without the framework ----------------------------------------------------
+
+
+def _count_fast_registers(served: Served, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    fast = served.gateway.asgi.fast_register
+    real = fast.answer
+    calls: list[object] = []
+
+    async def counted(data: object) -> bytes:
+        calls.append(data)
+        return await real(data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fast, "answer", counted)
+    return calls
+
+
+async def test_register_is_the_apps_answer_without_the_app(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A well-formed register is answered by the fast path with what the app answers (a
+    query string sends it through Litestar): the same status, headers and body but the
+    time of the heartbeat; bad bodies still get the app's refusals."""
+    calls = _count_fast_registers(served, monkeypatch)
+    body = {
+        "service_name": "orders",
+        "service_url": "http://10.0.0.1:80",
+        "capabilities": ["rest"],
+        "metadata": {"zone": "z1"},
+        "ttl_seconds": 30,
+    }
+    fast = await served.client.post(REGISTER, json=body)
+    assert len(calls) == 1
+    slow = await served.client.post(REGISTER, json=body, params={"via": "app"})
+    assert len(calls) == 1
+    assert fast.status_code == slow.status_code == 200, (fast.text, slow.text)
+    for header in ("content-type", "content-length"):
+        assert fast.headers[header] == slow.headers[header]
+    f, s = fast.json(), slow.json()
+    assert f.pop("last_heartbeat") <= s.pop("last_heartbeat")
+    assert f == s
+    for bad in (b'{"service_name": "orders"}', b"[1,", b'{"service_name": 1}'):
+        r = await served.client.post(
+            REGISTER, content=bad, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] != "internal"
+    assert len(calls) == 1
+
+
+async def test_a_refused_register_is_the_apps_refusal_without_the_app(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the writer refuses (a conflict, a rule of the registrar) is answered by the
+    fast path with the app's bytes."""
+    from saga_events import model
+    from saga_events.registrar import ApplyResult
+
+    calls = _count_fast_registers(served, monkeypatch)
+    registrar = served.gateway.registrar
+
+    async def always_stale(event: model.AnyEvent, *, after_newest: bool = False) -> ApplyResult:
+        return ApplyResult(status="stale", registered_at_ms=0, now_ms=0)
+
+    body = {"service_name": "orders", "service_url": "http://10.0.0.1:80"}
+    with monkeypatch.context() as m:
+        m.setattr(registrar, "apply", always_stale)
+        fast = await served.client.post(REGISTER, json=body)
+        slow = await served.client.post(REGISTER, json=body, params={"via": "app"})
+    refused = {**body, "service_url": "http://10.0.0.1:99999"}  # the registrar's rule: a port
+    bad_url = [await served.client.post(REGISTER, json=refused, params=p) for p in ({}, {"v": 1})]
+    assert len(calls) == 2
+    for a, b in ((fast, slow), tuple(bad_url)):
+        assert a.status_code == b.status_code, (a.text, b.text)
+        assert a.status_code in (400, 409, 422), a.text
+        assert a.content == b.content
+        assert a.headers["content-type"] == b.headers["content-type"]
+    assert (fast.status_code, bad_url[0].status_code) == (409, 422)
+
+
+async def test_register_with_a_token_is_fast_only_when_authorized(
+    registrar: Registrar, mirror: Mirror, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a token set, an authorized register takes the fast path; one without the
+    token (or with two Authorization headers) gets the app's 401 and changes nothing."""
+    body = {"service_name": "orders", "service_url": "http://10.0.0.1:80"}
+    async with serve_gateway(registrar, mirror, redis_url, token="s3cret") as served:
+        calls = _count_fast_registers(served, monkeypatch)
+        denied = await served.client.post(REGISTER, json=body)
+        assert denied.status_code == 401 and denied.json()["error"] == "unauthorized"
+        twice = await served.client.post(
+            REGISTER,
+            json=body,
+            headers=[("authorization", "Bearer s3cret"), ("authorization", "Bearer x")],
+        )
+        assert twice.status_code in (200, 401)  # the app's answer, whichever it reads
+        assert calls == []
+        ok = await served.client.post(
+            REGISTER, json=body, headers={"authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200, ok.text
+        assert len(calls) == 1

@@ -111,3 +111,19 @@ async def test_metrics_pass_promtool_check() -> None:
     said = (run.stdout + run.stderr).decode()
     assert run.returncode == 0, said
     assert not said.strip(), said  # not even a lint warning
+
+
+def test_the_answers_time_text_is_the_models() -> None:
+    """web.schema.iso_utc (the date part kept per second) writes model.iso_utc's text."""
+    import random
+
+    from saga_events.web.schema import _SECONDS, iso_utc
+
+    rng = random.Random(13)
+    values = [0, 999, 1000, 1_732_960_000_123, 1_732_960_000_999, 253_402_300_799_999]
+    values += [rng.randrange(0, 4_102_444_800_000) for _ in range(5000)]
+    values += [1_732_960_000_000 + k for k in range(0, 3000, 7)]  # one second's cache, reused
+    values += [2**32 * 1000 + k for k in range(-2000, 2000, 3)]  # where it hands over
+    for ms in values:
+        assert iso_utc(ms) == model.iso_utc(ms), ms
+    assert len(_SECONDS) <= 4096
