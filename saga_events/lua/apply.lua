@@ -240,31 +240,8 @@ local function apply_one(rkey, tkey, okey, kind, incs, seqs, body, ttl, service)
   end
   return write(rkey, incs, seqs, inc, ci, creg, body, ttl, backstop, service, cur)
 end
-<<<<<<< HEAD
 
 local out = {}
-=======
-local record = '{"incarnation":' .. incs .. ',"seq":' .. seqs .. ',"registered_at_ms":' .. reg
-  .. ',' .. body
-redis.call('SET', KEYS[1], record, 'PX', ARGV[6])
-redis.call('HSET', KEYS[5], KEYS[1], incs .. ':' .. seqs)
-if not member then
-  redis.call('SADD', KEYS[3], KEYS[1])
-  redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
-end
-redis.call('ZADD', KEYS[4], now + ttl, KEYS[1])
-local rev = redis.call('INCR', KEYS[6])
-redis.call('PUBLISH', string.sub(KEYS[6], 1, -4) .. 'feed', '{"rev":' .. string.format('%.0f', rev)
-  .. ',"ch":[["set",' .. cjson.encode(KEYS[1]) .. ',' .. record .. ']]}')
-local status = cur and 'updated' or 'created'
-if ARGV[8] == '1' then
-  return {status, reg, nows, incs, seqs, rev, record}
-end
-return {status, reg, nows, incs, seqs}
-end
-local shared, out = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, {}
-local least_tomb, least_backstop = tonumber(ARGV[1]), tonumber(ARGV[6])
->>>>>>> h-gateway
 for i = 0, (#ARGV - 6) / 6 - 1 do
   local k, a = 6 + 3 * i, 6 + 6 * i
   out[i + 1] = apply_one(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2],
