@@ -32,7 +32,8 @@ async def writer(registrar: Registrar, mirror: Mirror, redis_url: str) -> AsyncI
 
 class HeldFeed:
     """Holds the mirror's watcher before it handles the next batch it reads (the feed
-    message of a write), until ``release``; ``held`` is set once a batch waits."""
+    message of a write), until ``release``; ``held`` is set once a batch waits. The
+    watcher must be watching (its subscription up)."""
 
     def __init__(self, mirror: Mirror) -> None:
         watcher: Any = mirror._watcher
@@ -48,6 +49,13 @@ class HeldFeed:
             await self.real(batch)
 
         watcher._handle = handle
+        # Feed messages are applied in the subscription's socket callback while the
+        # watcher waits (its handler): turn that off, so every batch reaches the task
+        # and the hook above.
+        sub = watcher._sub
+        real_set = sub.set_handler
+        real_set(None)
+        sub.set_handler = lambda handler: real_set(None)
 
     def release(self) -> None:
         self.on = False
@@ -96,12 +104,9 @@ async def test_register_above_a_tombstone_ahead_of_the_clock(
 
 def _drain(stream: ChangeStream) -> list[Change]:
     """The changes the stream holds now (the mirror emits them synchronously)."""
-    out: list[Change] = []
-    while True:
-        try:
-            out.append(stream._receive.receive_nowait())
-        except anyio.WouldBlock:
-            return out
+    out: list[Change] = list(stream._buffer)
+    stream._buffer.clear()
+    return out
 
 
 async def _until(ok: Callable[[], bool]) -> None:
