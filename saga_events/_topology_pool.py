@@ -196,6 +196,31 @@ class _Resolving:
             raise
 
 
+async def check_slot(client: aioredis.Redis) -> None:
+    """Raise ConnectionError unless what ``client`` just read of its registry slot is
+    whole (:meth:`Topology.settled`). Only a Cluster client that reads from replicas asks
+    (one ``CLUSTER NODES`` to the owner): on the owner itself a moved key answers ASK or
+    TRYAGAIN, never nil. For a snapshot, and before a removal no change-feed message
+    explains (MIGRATE deletes each key on the source, and its replica replays the DEL)."""
+    topology = topology_of(client)
+    if topology is None or topology.url.kind != "cluster" or topology.url.read_from != "replica":
+        return
+    target = client.connection_pool.connection_kwargs.get("saga_target")
+    slot = target.slot if isinstance(target, Target) else None
+    if slot is None:
+        return
+    try:
+        settled = await topology.settled(slot, "replica")
+    except TRANSIENT:
+        topology.refresh()
+        raise
+    if not settled:
+        raise RedisConnectionError(
+            f"the registry's slot {slot} is migrating or moved; keeping the last view "
+            "and reading again from its owner"
+        )
+
+
 async def check_node(connection: object) -> None:
     """:meth:`_Resolving.check_node` for a connection that resolves; nothing for others."""
     if isinstance(connection, _Resolving):

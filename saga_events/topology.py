@@ -110,6 +110,9 @@ class _ClusterView:
     myself: Address | None = None
     replicas: list[Address] = field(default_factory=list)
     nodes: list[Address] = field(default_factory=list)
+    #: the asked node is moving ``slot`` out (MIGRATING) or in (IMPORTING): its keys are
+    #: on two nodes until the migration ends, and a replica of either knows nothing of it
+    moving: bool = False
 
 
 def _parse_cluster_nodes(raw: str, slot: int, asked: Address) -> _ClusterView:
@@ -124,6 +127,7 @@ def _parse_cluster_nodes(raw: str, slot: int, asked: Address) -> _ClusterView:
         if "myself" in flags:
             address = asked  # a node may not know its own announced address
             view.myself = address
+            view.moving = _moving(fields[8:], slot)
         links[node_id] = (address, flags, fields[3], fields[7])
         if "noaddr" not in flags and "handshake" not in flags:
             view.nodes.append(address)
@@ -134,6 +138,11 @@ def _parse_cluster_nodes(raw: str, slot: int, asked: Address) -> _ClusterView:
         if master_id == view.owner_id and healthy and link == "connected" and "slave" in flags:
             view.replicas.append(address)
     return view
+
+
+def _moving(ranges: Iterable[str], slot: int) -> bool:
+    """A migration marker for ``slot`` (``[slot->-id]`` out, ``[slot-<-id]`` in)."""
+    return any(item.startswith((f"[{slot}->-", f"[{slot}-<-")) for item in ranges)
 
 
 def _owns(ranges: Iterable[str], slot: int) -> bool:
@@ -203,6 +212,28 @@ class Topology:
             self.refresh()
         self._views[slot] = fresh
         return cached is None
+
+    async def settled(self, slot: int, role: ReadFrom = "replica") -> bool:
+        """Cluster: whether what was just read for ``slot`` through the node this Topology
+        resolved (``role``) is whole: the owner, asked now (one ``CLUSTER NODES``), still
+        owns it, is not migrating it, and the node is it or one of its replicas. A replica
+        of a migrating owner knows nothing of the migration: a key MIGRATE moved answers
+        nil there (ASK on the owner). False also when the Topology was refreshed since
+        that node was resolved (what was read may come from an older one); False
+        :meth:`refresh`-es."""
+        address = self._cache.get((f"slot:{slot}", role))
+        cached = self._views.get(slot)
+        if address is None or cached is None:
+            return False  # refreshed since the read: cannot vouch for it
+        fresh = await self._cluster_view(slot)
+        whole = (
+            not fresh.moving
+            and fresh.owner == cached.owner
+            and (address == fresh.owner or address in fresh.replicas)
+        )
+        if not whole:
+            self.refresh()
+        return whole
 
     async def master(self) -> aioredis.Redis:
         """A client on the current master (one-node URL: that node). Not for a Cluster."""
@@ -393,6 +424,12 @@ class Topology:
         assert view.owner is not None
         if role == "master":
             return view.owner
+        if view.moving:
+            # The owner's replicas know nothing of the migration: a moved key reads nil
+            # there. Readers wait (retrying) rather than list half a registry.
+            host, port = view.owner
+            why = f"slot {slot} is migrating from {host}:{port}: its replicas miss moved keys"
+            raise TopologyUnavailable(self.url.text, "host list", why)
         return await self._pick_replica(list(view.replicas), view.owner)
 
     async def _cluster_view(self, slot: int) -> _ClusterView:
