@@ -389,7 +389,7 @@ def _command(node: RedisServer, *args: Any) -> Callable[[], Any]:
     return run
 
 
-def _migrate_keys(source: redis.Redis, slot: int, target: RedisServer) -> None:
+def _migrate_keys(source: Any, slot: int, target: RedisServer) -> None:
     while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
         source.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
 

@@ -57,6 +57,16 @@ async def test_registry_stays_right_through_cluster_faults(
     await check(cluster_config(25, ("cluster_primary_kill",)), capsys)
 
 
+@pytest.mark.timeout(150)
+async def test_registry_stays_right_through_slot_migrations(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A short run (in CI): the registry's slot migrates (MIGRATE deletes each key on the
+    source, and the source's replica replays those DELs) while mirrors read from the owner
+    and from a replica: no mirror drops a live instance, 0 violations after convergence."""
+    await check(cluster_config(20, ("slot_migration",)), capsys)
+
+
 @pytest.mark.failover_soak
 @pytest.mark.timeout(600)
 async def test_registry_stays_right_through_many_cluster_faults(
