@@ -72,7 +72,6 @@ async def test_registry_stays_right_through_slot_migrations(
 async def test_registry_stays_right_through_many_cluster_faults(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The soak (``pytest -m failover_soak``), with slot migrations: not in the default run
-    while mirrors drop live instances during a migration (MIGRATE deletes each key on the
-    source, which notifies ``del`` to the mirrors still subscribed there; docs/SCALING.md)."""
+    """The soak (``pytest -m failover_soak``): primary kills and slot migrations mixed, for
+    three minutes."""
     await check(cluster_config(180, ("cluster_primary_kill", "slot_migration")), capsys)
