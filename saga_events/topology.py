@@ -25,7 +25,11 @@ Contract of :class:`Topology`:
   keyspace notifications and classic pub/sub subscriptions belong there.
 - ``replica()`` / ``registry_node(ns, role="replica")`` is a replica linked to
   that master or owner, chosen at random so that readers spread; when no
-  replica is healthy the master is returned (readers keep working).
+  replica is healthy the master is returned (readers keep working). On a
+  Cluster, while the owner migrates the slot (MIGRATING), the replica role is
+  :class:`TopologyUnavailable`: a replica knows nothing of the migration and
+  answers nil for moved keys; :meth:`Topology.settled` tells a reader whether
+  what it read from a replica was whole.
 - ``replica_addresses()`` (Sentinel) lists every replica the Sentinels see up,
   for settings each node needs (CONFIG is not replicated); ``node_client()``
   is a new client on one of them that the caller closes.
