@@ -310,6 +310,9 @@ class Watcher:
         epoch_channel = self._epoch_channel
         while True:
             epoch = await self._get_epoch()
+            if epoch is None:
+                # A Cluster replica of a migrating owner answers nil for the moved epoch.
+                await _topology_pool.check_slot(self.client)
             parsed = identity.parse_epoch(epoch)
             if epoch is not None and parsed is not None and not parsed.rebuilding:
                 self.epoch = epoch
