@@ -84,6 +84,9 @@ async def test_mirrors_keep_their_view_through_a_half_done_migration(
         mirrors = (on_owner, on_replica)
         for m in mirrors:
             await m.wait_until(lambda v: all(v.instances(s) for s in SERVICES), timeout=30)
+            # Current, not waiting for a registrar's rebuild (a mirror waiting for the epoch
+            # reads nothing else, so it would not retry during the migration).
+            await eventually(lambda m=m: not m.stale, 30, what="mirror current")
             tg.start_soon(watch, m)
         before = [tries(m) for m in mirrors]
         target = other_primary(cluster)
@@ -120,6 +123,7 @@ async def test_a_mirror_started_during_a_migration_lists_nothing_partial(
     url = cluster.url
     async with Mirror(url) as first:
         await first.wait_until(lambda v: all(v.instances(s) for s in SERVICES), timeout=30)
+        await eventually(lambda: not first.stale, 30, what="registry current")
     target = other_primary(cluster)
     await anyio.to_thread.run_sync(cluster.begin_migration, SLOT, target)
     mirror = Mirror(url, read_from="replica")
