@@ -17,11 +17,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from ._cluster_nodes import _parse_cluster_nodes
 from ._redis import TRANSIENT
 from ._topology_url import Address, TopologyURL, parse_url
 from .doctor import MIN_VERSION, Finding
 from .notify import NOTIFY_SETTING, REQUIRED_FLAGS, flags_cover
-from .topology import _parse_cluster_nodes, slot_of
+from .topology import slot_of
 
 _FIX_FLAGS = (f"CONFIG SET {NOTIFY_SETTING} {REQUIRED_FLAGS} on this node, or in its "
               "redis.conf (CONFIG is not replicated; a registrar with CONFIG rights sets it "

@@ -7,20 +7,32 @@ when it is next checked out. A reply that says the node is no longer the right o
 connection refreshes the Topology, drops the connection and surfaces as a
 ConnectionError: the caller's reconnect loop then lands on the new node.
 
-A subscribed connection sends no commands that could be answered MOVED, so
-:func:`check_node` (called by a subscription's health check) asks the
-Topology whether its node still serves the target: at once when the Topology
-was refreshed since the connection was made (a MOVED or a broken connection
-elsewhere in the process, an unconfirmed PUBLISH), and every
-``VERIFY_INTERVAL`` s otherwise (one ``CLUSTER NODES`` on a short-lived
-connection). A node that no longer serves it (a primary demoted after a
-failover, a slot migrated away) ends the connection: the session subscribes
-again on the right node and resyncs. Cluster only; a Sentinel master's demotion
-is seen by its ROLE.
+A subscribed connection sends no commands that could be answered MOVED or
+READONLY, so :func:`check_node` (called by a subscription's health check)
+makes sure its node is still the right one, cheaply:
+
+- every ``PROBE_INTERVAL`` s (jittered), one command on a connection the client
+  already holds to the same node (its pool's command connection: no new
+  connection, no extra round trip to a third node): ``ROLE`` on a Sentinel
+  master-role subscription (a demoted master that kept its subscribers is left
+  within that bound), ``EXISTS`` of a key in the registry's slot on a Cluster
+  (answered MOVED by a node that no longer serves the slot, which refreshes
+  the Topology);
+- at once when the Topology was refreshed since the connection was made (a
+  MOVED or a broken connection elsewhere in the process, an unconfirmed
+  PUBLISH): one fresh ``CLUSTER NODES``;
+- every ``VERIFY_INTERVAL`` s a fresh ``CLUSTER NODES`` on a short-lived
+  connection, only for a Cluster subscription without a namespace (no probe
+  key).
+
+A node that no longer serves the target (a primary demoted after a failover,
+a slot migrated away) ends the connection: the session subscribes again on
+the right node and resyncs.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -43,9 +55,12 @@ if TYPE_CHECKING:
 
 _MOVED = (ReadOnlyError, MovedError, AskError, TryAgainError, ClusterDownError)
 
-#: Seconds between two checks, with the cache ignored, that a subscribed node still
-#: serves its slot (a migration elsewhere may go unnoticed by a part that only listens).
-VERIFY_INTERVAL: Final = 10.0
+#: Seconds (jittered by +-20 %) between two probes of a subscription's node on a command
+#: connection the client already has (ROLE on Sentinel, EXISTS on a Cluster).
+PROBE_INTERVAL: Final = 5.0
+#: Seconds between two fresh CLUSTER NODES for a Cluster subscription that has no probe
+#: key (a client made without a namespace).
+VERIFY_INTERVAL: Final = 30.0
 
 
 @dataclass(slots=True)
@@ -54,6 +69,14 @@ class Target:
 
     slot: int | None
     follow_moved: bool  # no namespace given: the slot of the last MOVED wins
+    #: a key in ``slot`` (Cluster, a namespace given): what a probe asks EXISTS of
+    probe_key: str | None = None
+    #: the client's pool: a probe borrows a command connection from it
+    pool: ConnectionPool | None = None
+
+
+def _jittered(interval: float) -> float:
+    return interval * random.uniform(0.8, 1.2)
 
 
 class _Resolving:
@@ -67,8 +90,10 @@ class _Resolving:
         self._target = saga_target
         self._role: Any = saga_topology.url.read_from
         self._generation = -1
+        self._resolved = False
         self._confirmed = -1
         self._verified = time.monotonic()
+        self._next_probe = self._verified + _jittered(PROBE_INTERVAL)
         super().__init__(**kwargs)
 
     async def connect(self) -> None:
@@ -132,28 +157,50 @@ class _Resolving:
         topology = self._topology
         self._generation = topology.generation
         slot = self._target.slot
+        self._resolved = False
         if slot is None:
             self.host, self.port = await topology.address(role=self._role)
         else:
             self.host, self.port = await topology.slot_address(slot, role=self._role)
+        self._resolved = True
         try:
             await super()._connect()  # type: ignore[misc]
         except TRANSIENT:
             topology.refresh()
             raise
 
+    def _host_error(self) -> str:
+        # redis-py names host:port in a connection error; before resolution succeeded
+        # those are its defaults (localhost:6379), not where the part was going.
+        if self._resolved:
+            return f"{self.host}:{self.port}"
+        return f"the node of {self._topology.url.text}"
+
     async def check_node(self) -> None:
-        """Raise ConnectionError (and disconnect) if the node no longer serves the target."""
+        """Raise ConnectionError (and disconnect) if the node no longer serves the target
+        (Cluster) or is no longer the master (Sentinel, master role); see the module
+        docstring for when it asks and what."""
         topology, slot = self._topology, self._target.slot
-        if topology.url.kind != "cluster" or slot is None or not self.is_connected:  # type: ignore[attr-defined]
+        if not self.is_connected:  # type: ignore[attr-defined]
             return
-        now = time.monotonic()
+        kind = topology.url.kind
+        if kind == "sentinel":
+            if self._role == "master" and await self._probe_due():
+                await self._probe_role()
+            return
+        if kind != "cluster" or slot is None:
+            return
         if self._generation == topology.generation:
-            if now - self._verified < VERIFY_INTERVAL:
-                return
-            self._verified = now
-            if await topology.verify(slot):
-                return
+            if self._target.probe_key is not None:
+                if not await self._probe_due() or await self._probe_slot():
+                    return
+            else:
+                now = time.monotonic()
+                if now - self._verified < VERIFY_INTERVAL:
+                    return
+                self._verified = now
+                if await topology.verify(slot):
+                    return
         self._generation = topology.generation
         if await topology.serves(slot, (self.host, self.port), self._role):
             return
@@ -161,6 +208,54 @@ class _Resolving:
         raise RedisConnectionError(
             f"{self.host}:{self.port} no longer serves the registry's slot {slot}; "
             "subscribing again on its owner"
+        )
+
+    async def _probe_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_probe or self._target.pool is None:
+            return False
+        self._next_probe = now + _jittered(PROBE_INTERVAL)
+        return True
+
+    async def _probe(self, *command: str) -> Any:
+        """``command`` on a command connection of this client's pool that is on this
+        connection's node; None when the pool's connection is elsewhere now (the Topology
+        moved on: the caller's check then resolves)."""
+        pool = self._target.pool
+        assert pool is not None
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+            if (getattr(conn, "host", None), getattr(conn, "port", None)) != (self.host, self.port):
+                return None
+            await conn.send_command(*command)
+            return await conn.read_response()
+        finally:
+            await pool.release(conn)
+
+    async def _probe_slot(self) -> bool:
+        """Cluster: True when this node still answers for the slot (EXISTS of a key in
+        it, without MOVED); a MOVED or ASK refreshes the Topology (read_response)."""
+        assert self._target.probe_key is not None
+        try:
+            return await self._probe("EXISTS", self._target.probe_key) is not None
+        except RedisConnectionError:
+            return False  # MOVED, ASK...: the caller asks the refreshed Topology
+
+    async def _probe_role(self) -> None:
+        """Sentinel: raise ConnectionError (after a refresh) when this node no longer
+        answers ROLE master."""
+        role = await self._probe("ROLE")
+        kind = role[0] if role else None
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "master":
+            return
+        self._topology.refresh()
+        await self.disconnect()  # type: ignore[attr-defined]
+        raise RedisConnectionError(
+            f"{self.host}:{self.port} is a {kind or 'node the client left'} now, not the "
+            "master; resolving again"
         )
 
     async def on_connect(self) -> None:  # redis-py 5 and 6 call this on connect
@@ -196,6 +291,31 @@ class _Resolving:
             raise
 
 
+async def check_slot(client: aioredis.Redis) -> None:
+    """Raise ConnectionError unless what ``client`` just read of its registry slot is
+    whole (:meth:`Topology.settled`). Only a Cluster client that reads from replicas asks
+    (one ``CLUSTER NODES`` to the owner): on the owner itself a moved key answers ASK or
+    TRYAGAIN, never nil. For a snapshot, and before a removal no change-feed message
+    explains (MIGRATE deletes each key on the source, and its replica replays the DEL)."""
+    topology = topology_of(client)
+    if topology is None or topology.url.kind != "cluster" or topology.url.read_from != "replica":
+        return
+    target = client.connection_pool.connection_kwargs.get("saga_target")
+    slot = target.slot if isinstance(target, Target) else None
+    if slot is None:
+        return
+    try:
+        settled = await topology.settled(slot, "replica")
+    except TRANSIENT:
+        topology.refresh()
+        raise
+    if not settled:
+        raise RedisConnectionError(
+            f"the registry's slot {slot} is migrating or moved; keeping the last view "
+            "and reading again from its owner"
+        )
+
+
 async def check_node(connection: object) -> None:
     """:meth:`_Resolving.check_node` for a connection that resolves; nothing for others."""
     if isinstance(connection, _Resolving):
@@ -214,11 +334,14 @@ def open_resolving_client(
     topology: Topology, namespace: str | None, kwargs: dict[str, Any]
 ) -> aioredis.Redis:
     """A client (owning its pool) for ``namespace``'s node in ``topology``."""
+    from .keys import Keys
     from .topology import slot_of
 
     target = Target(None, follow_moved=False)
     if topology.url.kind == "cluster":
         target = Target(slot_of(namespace or "default"), follow_moved=namespace is None)
+        if namespace is not None:
+            target.probe_key = Keys(namespace).rev
     url = topology.url
     node: dict[str, Any] = dict(parse_url(url.node_url(url.hosts[0])))
     for key in ("host", "port", "connection_class"):
@@ -230,6 +353,7 @@ def open_resolving_client(
         saga_target=target,
         **node,
     )
+    target.pool = pool
     return aioredis.Redis.from_pool(pool)
 
 

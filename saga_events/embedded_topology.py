@@ -320,13 +320,29 @@ class EmbeddedCluster:
 
     def migrate_slot(self, slot: int, target: RedisServer, timeout: float = 30.0) -> None:
         """Move ``slot`` and its keys to ``target`` (IMPORTING/MIGRATING, MIGRATE, NODE)."""
+        self.begin_migration(slot, target)
+        self.finish_migration(slot, target, timeout)
+
+    def begin_migration(self, slot: int, target: RedisServer) -> RedisServer:
+        """The first half of a migration: ``slot`` IMPORTING on ``target`` and MIGRATING on
+        its owner, and every key of it MIGRATEd (deleted on the owner, which its replicas
+        replay). The owner still owns the slot (it answers ASK for moved keys) until
+        :meth:`finish_migration`. Returns the owner."""
         source = self.owner(slot)
         sid, tid = self.ids[source.port], self.ids[target.port]
         with client(target) as t, client(source) as s:
             t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
             s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", tid)
-            while keys := s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-                s.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+            _migrate_keys(s, slot, target)
+        return source
+
+    def finish_migration(self, slot: int, target: RedisServer, timeout: float = 30.0) -> None:
+        """The second half: keys still on the owner moved, then ``slot`` assigned to
+        ``target`` on every primary; returns once the Cluster agrees."""
+        source = self.owner(slot)
+        tid = self.ids[target.port]
+        with client(target) as t, client(source) as s:
+            _migrate_keys(s, slot, target)
             t.execute_command("CLUSTER", "SETSLOT", slot, "NODE", tid)
             s.execute_command("CLUSTER", "SETSLOT", slot, "NODE", tid)
             for node in self.nodes:
@@ -371,6 +387,11 @@ def _command(node: RedisServer, *args: Any) -> Callable[[], Any]:
             return c.execute_command(*args)
 
     return run
+
+
+def _migrate_keys(source: Any, slot: int, target: RedisServer) -> None:
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
 
 
 def _owns(ranges: list[str], slot: int) -> bool:

@@ -25,7 +25,11 @@ Contract of :class:`Topology`:
   keyspace notifications and classic pub/sub subscriptions belong there.
 - ``replica()`` / ``registry_node(ns, role="replica")`` is a replica linked to
   that master or owner, chosen at random so that readers spread; when no
-  replica is healthy the master is returned (readers keep working).
+  replica is healthy the master is returned (readers keep working). On a
+  Cluster, while the owner migrates the slot (MIGRATING), the replica role is
+  :class:`TopologyUnavailable`: a replica knows nothing of the migration and
+  answers nil for moved keys; :meth:`Topology.settled` tells a reader whether
+  what it read from a replica was whole.
 - ``replica_addresses()`` (Sentinel) lists every replica the Sentinels see up,
   for settings each node needs (CONFIG is not replicated); ``node_client()``
   is a new client on one of them that the caller closes.
@@ -47,7 +51,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -56,6 +59,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from ._cluster_nodes import _ClusterView, _parse_cluster_nodes
 from ._pubsub_route import (
     PublishCommand,
     SubscribeCommand,
@@ -99,51 +103,6 @@ _HOPS: Final = 4  # cluster nodes asked in turn when views disagree (after a mig
 def slot_of(namespace: str) -> int:
     """The Cluster slot of namespace's registry (every key carries the ``{ns}`` tag)."""
     return key_slot(Keys(namespace).rev.encode())
-
-
-@dataclass(slots=True)
-class _ClusterView:
-    """One node's ``CLUSTER NODES``: who serves ``slot``, and its healthy replicas."""
-
-    owner: Address | None = None
-    owner_id: str = ""
-    myself: Address | None = None
-    replicas: list[Address] = field(default_factory=list)
-    nodes: list[Address] = field(default_factory=list)
-
-
-def _parse_cluster_nodes(raw: str, slot: int, asked: Address) -> _ClusterView:
-    view = _ClusterView()
-    lines = [line.split() for line in raw.splitlines() if line.strip()]
-    links: dict[str, tuple[Address, list[str], str, str]] = {}
-    for fields in lines:
-        node_id, endpoint, flags = fields[0], fields[1], fields[2].split(",")
-        hostport = endpoint.split("@", 1)[0]
-        host, _, port = hostport.rpartition(":")
-        address = (host or asked[0], int(port)) if port.isdigit() else asked
-        if "myself" in flags:
-            address = asked  # a node may not know its own announced address
-            view.myself = address
-        links[node_id] = (address, flags, fields[3], fields[7])
-        if "noaddr" not in flags and "handshake" not in flags:
-            view.nodes.append(address)
-        if "master" in flags and "fail" not in flags and _owns(fields[8:], slot):
-            view.owner, view.owner_id = address, node_id
-    for address, flags, master_id, link in links.values():
-        healthy = not {"fail", "fail?", "noaddr", "handshake"} & set(flags)
-        if master_id == view.owner_id and healthy and link == "connected" and "slave" in flags:
-            view.replicas.append(address)
-    return view
-
-
-def _owns(ranges: Iterable[str], slot: int) -> bool:
-    for item in ranges:
-        if item.startswith("["):
-            continue  # a migration marker ([slot->-id] / [slot-<-id]) is not ownership
-        low, _, high = item.partition("-")
-        if int(low) <= slot <= int(high or low):
-            return True
-    return False
 
 
 class Topology:
@@ -203,6 +162,28 @@ class Topology:
             self.refresh()
         self._views[slot] = fresh
         return cached is None
+
+    async def settled(self, slot: int, role: ReadFrom = "replica") -> bool:
+        """Cluster: whether what was just read for ``slot`` through the node this Topology
+        resolved (``role``) is whole: the owner, asked now (one ``CLUSTER NODES``), still
+        owns it, is not migrating it, and the node is it or one of its replicas. A replica
+        of a migrating owner knows nothing of the migration: a key MIGRATE moved answers
+        nil there (ASK on the owner). False also when the Topology was refreshed since
+        that node was resolved (what was read may come from an older one); False
+        :meth:`refresh`-es."""
+        address = self._cache.get((f"slot:{slot}", role))
+        cached = self._views.get(slot)
+        if address is None or cached is None:
+            return False  # refreshed since the read: cannot vouch for it
+        fresh = await self._cluster_view(slot)
+        whole = (
+            not fresh.moving
+            and fresh.owner == cached.owner
+            and (address == fresh.owner or address in fresh.replicas)
+        )
+        if not whole:
+            self.refresh()
+        return whole
 
     async def master(self) -> aioredis.Redis:
         """A client on the current master (one-node URL: that node). Not for a Cluster."""
@@ -393,6 +374,12 @@ class Topology:
         assert view.owner is not None
         if role == "master":
             return view.owner
+        if view.moving:
+            # The owner's replicas know nothing of the migration: a moved key reads nil
+            # there. Readers wait (retrying) rather than list half a registry.
+            host, port = view.owner
+            why = f"slot {slot} is migrating from {host}:{port}: its replicas miss moved keys"
+            raise TopologyUnavailable(self.url.text, "host list", why)
         return await self._pick_replica(list(view.replicas), view.owner)
 
     async def _cluster_view(self, slot: int) -> _ClusterView:

@@ -56,7 +56,7 @@ import anyio
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 
-from . import _wire, identity
+from . import _topology_pool, _wire, identity
 from ._watch_apply import Applier, Scan
 from ._watch_rules import AnyioClock, Canary, Clock, MirrorStats, RevCheck
 from .connection import (
@@ -355,6 +355,9 @@ class Watcher:
         epoch_channel = self._epoch_channel
         while True:
             epoch = await self._get_epoch()
+            if epoch is None:
+                # A Cluster replica of a migrating owner answers nil for the moved epoch.
+                await _topology_pool.check_slot(self.client)
             parsed = identity.parse_epoch(epoch)
             if epoch is not None and parsed is not None and not parsed.rebuilding:
                 self.epoch = epoch
@@ -408,6 +411,10 @@ class Watcher:
         pack = _wire.pack_command
         values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
         _raise_errors(values)
+        if None in values:
+            # A removal no feed message explains: on a Cluster replica it may be a slot
+            # migration's (MIGRATE deletes on the source): then keep the view, resync.
+            await _topology_pool.check_slot(self.client)
         for key, raw in zip(keys, values, strict=True):
             inst = self._in.decode(key, raw)
             change = self.view.remove(key) if inst is None else self.view.put(key, inst)
@@ -510,5 +517,8 @@ class Watcher:
         scan = Scan()
         # Every feed message of a change up to the MGETs is read past this PING.
         self._in.scan(await sub.barrier(), scan, fresh, [])
+        # A Cluster replica of a migrating owner answers nil for moved keys: a partial
+        # (or empty) listing unless the slot was settled after the reads.
+        await _topology_pool.check_slot(self.client)
         self._in.revs.watching()
         return fresh, rev, scan

@@ -67,3 +67,27 @@ def _clients(node: RedisServer) -> list[dict[str, Any]]:
 def _is_subscriber(entry: dict[str, Any]) -> bool:
     # Sentinels hold a pub/sub connection on every node too; they name their clients.
     return int(entry.get("psub", 0)) > 0 and not str(entry.get("name", "")).startswith("sentinel")
+
+
+@pytest.mark.parametrize("scheme", ["redis+sentinel", "redis+cluster"])
+async def test_an_unreachable_topology_is_named_in_the_error(scheme: str) -> None:
+    """No node answers (nothing listens on the ports): the client's ConnectionError names
+    the URL given (password redacted) and what failed, never redis-py's default
+    localhost:6379 (the address a connection has before it is resolved)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from saga_events._redis import connect
+    from saga_events.embedded import free_port
+
+    ports = [free_port(), free_port()]
+    path = "/registry" if scheme == "redis+sentinel" else ""
+    url = f"{scheme}://user:secret@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}{path}"
+    redis = connect(url)
+    try:
+        with pytest.raises(RedisConnectionError) as caught:
+            await redis.ping()
+    finally:
+        await redis.aclose()
+    message = str(caught.value)
+    assert "localhost:6379" not in message and "6379" not in message, message
+    assert f"127.0.0.1:{ports[0]}" in message and "secret" not in message, message
