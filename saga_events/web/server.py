@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .. import model
 from .._redis import RedisLike, connect
 from ..errors import SagaError
+from ..identity import parse_epoch
 from ..mirror import Mirror
 from ..registrar import Registrar
 from ..writer import Writer
@@ -432,12 +433,40 @@ async def run_gateway(
     ``view``: one mirror per process); by default the gateway runs its own.
     """
     if mirror is not None:
+        await _settled(mirror, registrar.rebuild_wait + SETTLE_MARGIN)
         gateway = Gateway(registrar, mirror, redis, token=token)
         await gateway.run(host, port, task_status=task_status)
         return
     async with Mirror(redis, namespace=registrar.keys.ns) as mirror:
+        await _settled(mirror, registrar.rebuild_wait + SETTLE_MARGIN)
         gateway = Gateway(registrar, mirror, redis, token=token)
         await gateway.run(host, port, task_status=task_status)
+
+
+#: how much longer than the registrar's rebuild wait the gateway waits to serve
+SETTLE_MARGIN: Final = 5.0
+
+
+async def _settled(mirror: Mirror, bound: float) -> None:
+    """Wait, at most ``bound`` s, until the registry's epoch is ready (no rebuild
+    running: a registrar's first start on an empty Redis rebuilds) and the mirror is
+    current, so the first answers don't come from a view about to go stale for the
+    rebuild's resync. Past the bound (Redis unreachable, no registrar), serve anyway:
+    answers then say ``stale``."""
+
+    def ready(m: Mirror) -> bool:
+        epoch = parse_epoch(m.epoch)
+        return epoch is not None and not epoch.rebuilding and not m.stale
+
+    try:
+        await mirror.wait_until(ready, bound)
+    except TimeoutError:
+        log.warning(
+            "serving before the registry settled (epoch %r, stale %s after %.1f s)",
+            mirror.epoch,
+            mirror.stale,
+            bound,
+        )
 
 
 __all__ = [
