@@ -44,6 +44,7 @@ from ._redis import TRANSIENT, close_quietly, db_of
 from ._topology_pool import topology_of
 from .errors import NotificationConfigError
 from .keys import Keys
+from .topology import slot_of
 
 log = logging.getLogger("saga_events.notify")
 
@@ -139,17 +140,20 @@ async def ensure_flags(redis: aioredis.Redis) -> bool:
     return True
 
 
-async def ensure_flags_on_replicas(redis: aioredis.Redis) -> int:
-    """Sentinel URL: merge the flags into every replica the Sentinels list (mirrors
-    with ``read_from=replica`` read there, and a replica is the next master: CONFIG is
-    not replicated); return how many changed. Best effort: a replica that is down or
-    refuses is logged and skipped (``doctor`` names it). Other URLs: nothing to do."""
+async def ensure_flags_on_replicas(redis: aioredis.Redis, keys: Keys | None = None) -> int:
+    """Sentinel URL: merge the flags into every replica the Sentinels list; Cluster URL
+    (given the registry's ``keys``): into every replica of the slot's owner. Mirrors
+    with ``read_from=replica`` read there (the canary and the epoch are keyspace
+    notifications), and a replica is the next master: CONFIG is not replicated.
+    Return how many changed. Best effort: a replica that is down or refuses is logged
+    and skipped (``doctor`` names it). Other URLs: nothing to do."""
     topology = topology_of(redis)
     if topology is None:
         return 0
     changed = 0
+    slot = slot_of(keys.ns) if keys is not None else None
     try:
-        replicas = await topology.replica_addresses()
+        replicas = await topology.replica_addresses(slot)
     except (*TRANSIENT, RedisError) as exc:
         log.debug("cannot list the replicas (%s)", exc)
         return 0
@@ -259,7 +263,7 @@ class NotificationCheck:
             else:
                 self.may_config = True
                 self._set(True, "")
-                await ensure_flags_on_replicas(redis)
+                await ensure_flags_on_replicas(redis, self.keys)
                 return changed or was_ok is False
         try:
             missing = await probe(redis, self.keys, self.rid, self.probe_timeout)

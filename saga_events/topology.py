@@ -204,10 +204,16 @@ class Topology:
                                 "registry_node(namespace, role='replica')")  # fmt: skip
         return self._client(await self.address(role="replica"), readonly=False)
 
-    async def replica_addresses(self) -> list[Address]:
-        """Sentinel: every replica the Sentinels list as up (linked or still syncing), for
+    async def replica_addresses(self, slot: int | None = None) -> list[Address]:
+        """Sentinel: every replica the Sentinels list as up (linked or still syncing);
+        Cluster (given the registry's ``slot``): the healthy replicas of its owner. For
         what must be set on each node (CONFIG is not replicated); empty for other
-        topologies or when no Sentinel answers. Not cached."""
+        topologies or when no node answers. Not cached."""
+        if self.url.kind == "cluster" and slot is not None:
+            try:
+                return list((await self._cluster_view(slot)).replicas)
+            except TopologyUnavailable:
+                return []
         if self.url.kind != "sentinel":
             return []
         for sentinel in self.url.hosts:

@@ -147,3 +147,23 @@ async def test_namespaces_on_different_shards(cluster: EmbeddedCluster) -> None:
         for ns in names:
             with client(cluster.owner(slot_of(ns))) as conn:
                 assert conn.exists(Keys(ns).epoch), ns
+
+
+async def test_the_registrar_sets_the_flags_on_the_owners_replicas(
+    cluster: EmbeddedCluster,
+) -> None:
+    """CONFIG is not replicated: on a Cluster the registrar merges the notification flags
+    into the registry slot owner's replicas too (a replica-reading mirror hears the canary
+    and the epoch there), keeping the flags a replica already has. Failed before: only
+    the owner got them."""
+    owner = cluster.owner(slot_of(NS))
+    (replica,) = cluster.replicas_of(owner)
+    with client(replica) as conn:
+        conn.config_set("notify-keyspace-events", "Kl")
+    async with Registrar(cluster.url, rebuild_wait=0.2):
+
+        def flags() -> str:
+            with client(replica) as conn:
+                return str(conn.config_get("notify-keyspace-events")["notify-keyspace-events"])
+
+        await eventually(lambda: set("KEg$xel") <= set(flags()), 20, what="flags on the replica")
