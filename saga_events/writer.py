@@ -79,8 +79,7 @@ from .registrar import ApplyResult, Registrar
 log = logging.getLogger("saga_events.writer")
 
 WRITE_RETRIES: Final = 8
-#: A heartbeat meets at most two dead connections (the client's, the registrar's
-#: pipeline) before a fresh one: tried this often on a broken connection.
+#: Tries of a heartbeat on broken connections (the client's pool, the registrar's pipeline).
 HEARTBEAT_ATTEMPTS: Final = 3
 
 RejectKind = Literal["invalid", "oversized", "not_found", "conflict", "capped"]
@@ -426,13 +425,10 @@ class Writer:
                 results = await self._apply_heartbeats(targets, status, reason)
                 break
             except (RedisConnectionError, ConnectionError):
-                # A connection that died since its last use (an empty Redis restart,
-                # a CLIENT KILL) fails the first command sent on it, even seconds
-                # after Redis is back; a lost heartbeat costs a seed-style client
-                # (one per ttl/2, none again before its next tick) half its ttl.
-                # The others idle beside it died too: close them, and try again
-                # (the registrar's pipeline drops its own). A heartbeat re-reads
-                # the newest pair and only moves the deadline: safe to repeat.
+                # A connection dead since its last use (Redis restarted) fails even
+                # seconds after Redis is back, and a seed-style client loses half its
+                # ttl per lost heartbeat: close the idle ones, try again (safe: a
+                # heartbeat re-reads the newest pair and only moves the deadline).
                 if attempt == HEARTBEAT_ATTEMPTS - 1:
                     raise
                 log.debug("heartbeat of %s: a connection broke; again", name)
