@@ -65,6 +65,7 @@ from typing import Final, Literal
 import anyio
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import model
@@ -78,6 +79,8 @@ from .registrar import ApplyResult, Registrar
 log = logging.getLogger("saga_events.writer")
 
 WRITE_RETRIES: Final = 8
+#: Tries of a heartbeat on broken connections (the client's pool, the registrar's pipeline).
+HEARTBEAT_ATTEMPTS: Final = 3
 
 RejectKind = Literal["invalid", "oversized", "not_found", "conflict", "capped"]
 
@@ -417,12 +420,21 @@ class Writer:
         won the race with this heartbeat).
         """
         targets = self.targets(name, service_id)
-        pairs = await self._newest_pairs(targets)
-        events = [
-            self.check(_with_status(_announce_like(i, model.Heartbeat, inc, seq), status, reason))
-            for i, (inc, seq) in zip(targets, pairs, strict=True)
-        ]
-        results = await self.registrar.apply_many(events)
+        for attempt in range(HEARTBEAT_ATTEMPTS):
+            try:
+                results = await self._apply_heartbeats(targets, status, reason)
+                break
+            except (RedisConnectionError, ConnectionError):
+                # A connection dead since its last use (Redis restarted) fails even
+                # seconds after Redis is back, and a seed-style client loses half its
+                # ttl per lost heartbeat: close the idle ones, try again (safe: a
+                # heartbeat re-reads the newest pair and only moves the deadline).
+                if attempt == HEARTBEAT_ATTEMPTS - 1:
+                    raise
+                log.debug("heartbeat of %s: a connection broke; again", name)
+                pool = getattr(self.redis, "connection_pool", None)  # a Cluster: none
+                if pool is not None:
+                    await pool.disconnect(inuse_connections=False)
         kept: list[str] = []
         for inst, res in zip(targets, results, strict=True):
             if res.status == "created":
@@ -447,6 +459,19 @@ class Writer:
         if not kept:
             raise not_found(name, service_id)
         return kept, max(r.now_ms for r in results)
+
+    async def _apply_heartbeats(
+        self,
+        targets: list[model.Instance],
+        status: Literal["failing", "passing"] | None,
+        reason: str,
+    ) -> list[ApplyResult]:
+        pairs = await self._newest_pairs(targets)
+        events = [
+            self.check(_with_status(_announce_like(i, model.Heartbeat, inc, seq), status, reason))
+            for i, (inc, seq) in zip(targets, pairs, strict=True)
+        ]
+        return await self.registrar.apply_many(events)
 
     async def deregister(self, name: str, service_id: str | None) -> list[str]:
         """Remove the live instances of ``name`` (or only ``service_id``); return the ids

@@ -36,6 +36,25 @@ Report = Callable[[str, str], None]  # violation(kind, detail)
 # -- seed-style REST clients ---------------------------------------------------------------
 
 
+def lapsed(slot: AgentSlot, now: float, ttl: float) -> str | None:
+    """Why the reaper may remove the REST client ``slot``'s instance at ``now`` (the
+    harness's clock, when its removal was seen), or None when it may not.
+
+    A seed-style client heartbeats every ttl/2 and does not retry before its next tick,
+    so one heartbeat lost (a timeout under load, a 503 while Redis is away) leaves its
+    instance a full ttl without a heartbeat: the reaper is right to remove it, and the
+    client registers again on the next 404. Allowed only when no request answered 200
+    was *sent* within the ttl before ``now``: such a request moved the deadline to at
+    least its send time + ttl, so a removal seen earlier is a real early reap.
+    """
+    if slot.kind != "http" or slot.confirmed is None:
+        return None
+    since = now - slot.confirmed
+    if since < ttl:
+        return None
+    return f"no heartbeat confirmed for {since:.1f} s (ttl {ttl:g} s)"
+
+
 async def http_client(
     dep: Deployment,
     slot: AgentSlot,
@@ -52,10 +71,13 @@ async def http_client(
     registered = started = False
     async with httpx.AsyncClient(base_url=dep.gateway_url, timeout=3.0) as http:
         while True:
+            sent = anyio.current_time()
             try:
                 if not registered:
                     r = await http.post("/api/v1/services/register", json=body)
                     registered = r.status_code == 200
+                    if registered:
+                        slot.confirmed = sent
                     counts["http register" if registered else f"http register {r.status_code}"] += 1
                     if registered and not started:
                         started = True
@@ -70,6 +92,8 @@ async def http_client(
                         counts["http re-register on 404"] += 1
                         continue
                     ok = r.status_code == 200
+                    if ok:
+                        slot.confirmed = sent
                     counts["http heartbeat" if ok else f"http {r.status_code}"] += 1
             except httpx.HTTPError:
                 counts["http error"] += 1

@@ -109,6 +109,9 @@ class AgentSlot:
     scope: anyio.CancelScope | None = None
     proc: subprocess.Popen[str] | None = None
     live: bool = False
+    # kind "http": when the last register or heartbeat answered 200 was sent (the
+    # harness's clock): Redis moved the deadline to at least this + ttl (clients.lapsed)
+    confirmed: float | None = None
 
 
 class Deployment:

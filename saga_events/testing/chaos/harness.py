@@ -8,7 +8,9 @@ Contract (the invariants; each broken one is a :class:`~.config.Violation`):
 * ``mirror``: by then every mirror (and the slow mirror process) equals that truth and is
   not stale;
 * ``pick``: during a fault, no mirror drops a live instance of an always-present service
-  (``pick()`` keeps answering, and mirror 0 reports no ``Removed`` for one);
+  (``pick()`` keeps answering, and mirror 0 reports no ``Removed`` for one), except a
+  REST client's instance with no heartbeat confirmed for a whole ttl
+  (:func:`~.clients.lapsed`: its client lost one; counted, not a violation);
 * ``thread``: no ``pick()`` from another thread raised, ever;
 * ``resurrect``: an instance removed after its client stopped (leave or crash, then
   reaped) never comes back (mirror 0's change stream);
@@ -33,7 +35,7 @@ from ... import model
 from ..._redis import TRANSIENT
 from ...errors import ServiceNotFound
 from ...mirror import Removed
-from .clients import PickThreads, cpu_hogs, hostile_publisher, http_client
+from .clients import PickThreads, cpu_hogs, hostile_publisher, http_client, lapsed
 from .config import DROPS_EXPECTED, ChaosConfig, ChaosReport, Violation
 from .deployment import HTTP_SERVICE, WORKER_SERVICE, Deployment
 from .drains import (
@@ -211,12 +213,23 @@ class ChaosRun:
                     worker = inst.service_name == WORKER_SERVICE  # ids are the client's
                     if key not in expected and key not in dep.reused and not worker:
                         self.violation("resurrect", f"mirror 0: {key} came back after removal")
-                stable = {dep.keys.inst(s.service, s.service_id) for s in dep.slots if s.stable}
+                stable = {dep.keys.inst(s.service, s.service_id): s for s in dep.slots if s.stable}
                 if isinstance(change, Removed) and key in stable:
                     fault = self._fault or "start"
                     self.report.dropped_stable[fault] += 1
-                    if fault not in DROPS_EXPECTED:
-                        self.violation("pick", f"mirror 0 dropped live instance {inst.service_id}")
+                    slot = stable[key]
+                    why = lapsed(slot, anyio.current_time(), self.config.http_ttl)
+                    if why is not None:  # its client could not heartbeat for a ttl
+                        log.warning("chaos: %s lapsed: %s", inst.service_id, why)
+                        self.report.clients["http lapsed (no heartbeat within ttl)"] += 1
+                    elif fault not in DROPS_EXPECTED:
+                        since = ""
+                        if slot.confirmed is not None:
+                            ago = anyio.current_time() - slot.confirmed
+                            since = f" (its last heartbeat confirmed {ago:.1f} s before)"
+                        self.violation(
+                            "pick", f"mirror 0 dropped live instance {inst.service_id}{since}"
+                        )
 
     # -- one fault
 
