@@ -9,14 +9,14 @@ list the registry once the migration ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
 from saga_events import Agent, Mirror, Registrar
 from saga_events.embedded import RedisServer
-from saga_events.embedded_topology import EmbeddedCluster, client
+from saga_events.embedded_topology import EmbeddedCluster
 from saga_events.testing import eventually
 from saga_events.topology import slot_of
 from saga_events.view import Removed
@@ -25,16 +25,6 @@ pytestmark = pytest.mark.anyio
 NS = "default"
 SLOT = slot_of(NS)
 SERVICES = ("alpha", "beta", "gamma")
-
-
-@pytest.fixture
-def cluster() -> Iterator[EmbeddedCluster]:
-    """Three primaries with one replica each, notification flags on every node."""
-    with EmbeddedCluster(primaries=3, replicas=1) as c:
-        for node in c.nodes:
-            with client(node) as conn:
-                conn.config_set("notify-keyspace-events", "Kg$xe")
-        yield c
 
 
 def tries(mirror: Mirror) -> int:

@@ -4,8 +4,6 @@ work side by side."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import pytest
 
@@ -17,17 +15,6 @@ from saga_events.topology import slot_of
 
 pytestmark = pytest.mark.anyio
 NS = "default"
-
-
-@pytest.fixture
-def cluster() -> Iterator[EmbeddedCluster]:
-    """Three primaries with one replica each (node timeout 1 s), notification flags on every
-    node (mirrors on replicas need them there; CONFIG is not replicated)."""
-    with EmbeddedCluster(primaries=3, replicas=1) as c:
-        for node in c.nodes:
-            with client(node) as conn:
-                conn.config_set("notify-keyspace-events", "KEg$xe")
-        yield c
 
 
 def away_from_default(cluster: EmbeddedCluster) -> str:
