@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -101,6 +103,20 @@ class RateLimitedLog:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@asynccontextmanager
+async def closing(client: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    """``async with closing(client)``: the client closed at the end even when the
+    caller is cancelled (redis-py closes its connections in tasks of a ``gather``,
+    which a cancellation stops before they run, leaving the sockets open)."""
+    import anyio
+
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+            await client.aclose()
 
 
 async def close_quietly(pubsub: Any) -> None:

@@ -40,7 +40,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
-from ._redis import TRANSIENT, close_quietly, db_of
+from ._redis import TRANSIENT, close_quietly, closing, db_of
 from ._topology_pool import topology_of
 from .errors import NotificationConfigError
 from .keys import Keys
@@ -159,7 +159,7 @@ async def ensure_flags_on_replicas(redis: aioredis.Redis, keys: Keys | None = No
         return 0
     for host, port in replicas:
         try:
-            async with topology.node_client((host, port)) as replica:
+            async with closing(topology.node_client((host, port))) as replica:
                 changed += await ensure_flags(replica)
         except (*TRANSIENT, RedisError, NotificationConfigError) as exc:
             log.warning("cannot set %s on replica %s:%d (%s)", NOTIFY_SETTING, host, port, exc)

@@ -67,7 +67,7 @@ from ._pubsub_route import (
     publish,
     pubsub_commands,
 )
-from ._redis import TRANSIENT
+from ._redis import TRANSIENT, closing
 from ._topology_url import (
     SCHEMES,
     Address,
@@ -311,7 +311,7 @@ class Topology:
         kwargs.setdefault("socket_connect_timeout", 1.0)
         kwargs.setdefault("socket_timeout", 2.0)
         kwargs["decode_responses"] = True
-        async with aioredis.Redis.from_url(url, **kwargs) as client:
+        async with closing(aioredis.Redis.from_url(url, **kwargs)) as client:
             return await client.execute_command(*command)  # type: ignore[no-untyped-call]
 
     async def _role(self, address: Address) -> list[Any]:
