@@ -199,13 +199,35 @@ class EmbeddedCluster:
                  binary: str | None = None, extra_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.primary_count = primaries
         self.replica_count = replicas
-        self.nodes: list[RedisServer] = []
-        for _ in range(primaries * (1 + replicas)):
-            port = _cluster_port()
-            args = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                    "--cluster-node-timeout", str(node_timeout_ms), *extra_args)  # fmt: skip
-            self.nodes.append(RedisServer(port, binary=binary, extra_args=args))
+        self._node_timeout_ms = node_timeout_ms
+        self._binary = binary
+        self._extra_args = extra_args
+        count = primaries * (1 + replicas)
+        self.nodes: list[RedisServer] = [self._new_node() for _ in range(count)]
         self.ids: dict[int, str] = {}
+
+    def _new_node(self) -> RedisServer:
+        port = _cluster_port()
+        timeout = str(self._node_timeout_ms)
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", timeout, *self._extra_args)  # fmt: skip
+        return RedisServer(port, binary=self._binary, extra_args=args)
+
+    def _start_node(self, i: int) -> RedisServer:
+        """Start node ``i``; when its port pair was taken meanwhile (any socket may take
+        the bus port between the pick and the bind), on a new pair (3 tries)."""
+        for attempt in range(3):
+            node = self.nodes[i]
+            try:
+                node.start()
+                return node
+            except RedisServerError:
+                taken = not (port_is_free(node.port) and port_is_free(node.port + 10000))
+                if not taken or attempt == 2:
+                    raise
+                node.close()
+                self.nodes[i] = self._new_node()
+        raise AssertionError("unreachable")
 
     @property
     def url(self) -> str:
@@ -218,8 +240,8 @@ class EmbeddedCluster:
         return next(n for n in self.nodes if n.port == port)
 
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
-        for node in self.nodes:
-            node.start()
+        for i in range(len(self.nodes)):
+            node = self._start_node(i)
             with client(node) as c:
                 self.ids[node.port] = str(c.execute_command("CLUSTER", "MYID"))
         primaries = self.nodes[: self.primary_count]

@@ -317,3 +317,19 @@ async def test_parts_on_a_cluster_url(cluster: EmbeddedCluster) -> None:
         Agent(url, "alpha", "http://10.0.0.1:80", service_id="a1", ttl=30, namespace=ns),
     ):
         await mirror.wait_until(lambda m: bool(m.instances("alpha")), timeout=30)
+
+
+def test_a_node_whose_bus_port_was_taken_starts_on_another_pair() -> None:
+    """Any socket may take a node's bus port (port + 10000) between the pick and the
+    bind (CI, 2026-11-30: 'Failed listening on port 33347 (cluster)'): that node starts
+    on a new port pair."""
+    import socket
+
+    cluster = EmbeddedCluster(primaries=3)
+    taken = cluster.nodes[0].port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken + 10000))
+        squatter.listen()
+        with cluster:
+            assert cluster.nodes[0].port != taken
+            cluster.wait_ok()
