@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from saga_events import Agent, Mirror, Registrar, feed, model
 from saga_events.embedded import RedisServer
 from saga_events.embedded_topology import client, info, wait_for
+from saga_events.identity import parse_epoch
 from saga_events.keys import Keys
 from saga_events.model import Instance
 from saga_events.notify import REQUIRED_FLAGS
@@ -200,6 +201,11 @@ def pair() -> Iterator[tuple[RedisServer, RedisServer]]:
         yield master, replica
 
 
+def _settled(m: Mirror) -> bool:
+    epoch = parse_epoch(m.epoch)
+    return epoch is not None and not epoch.rebuilding and not m.stale
+
+
 async def test_a_mirror_on_a_replica_follows_the_feed(
     pair: tuple[RedisServer, RedisServer],
 ) -> None:
@@ -208,6 +214,9 @@ async def test_a_mirror_on_a_replica_follows_the_feed(
     master, replica = pair
     async with Registrar(master.url, rebuild_wait=0.1):
         async with Mirror(replica.url, rev_interval=3600, canary_timeout=60) as mirror:
+            # The registrar's first rebuild over and resynced first: a registration made
+            # during it reaches the mirror by the rebuild's resync, not the feed.
+            await mirror.wait_until(_settled, 10)
             async with Agent(master.url, "payment", "http://10.0.0.5:80", ttl=30) as agent:
                 await mirror.wait_for("payment", 10)
             key = K.inst("payment", agent.service_id)
