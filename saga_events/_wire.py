@@ -225,7 +225,7 @@ class Subscription:
     async def read(self, wait: float, limit: int) -> list[Any]:
         """Wait up to ``wait`` s for a reply; return it with every further
         reply already received (at most ``limit``), or ``[]`` on timeout (or
-        when a handler asked for the task)."""
+        when a handler asked for the task). Returning replies unsets the handler."""
         tap = self._tap
         if tap is None:
             if not self._tried:
@@ -248,6 +248,9 @@ class Subscription:
             if tap.error is not None:
                 raise tap.error
             if tap.replies:
+                # The task holds these until it has applied them, and may await
+                # meanwhile: later replies wait for it (not the handler), in order.
+                tap.handler = None
                 return tap.take(limit)
             if tap.closed:
                 raise _closed()

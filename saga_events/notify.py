@@ -51,7 +51,7 @@ log = logging.getLogger("saga_events.notify")
 #: Flags the mirrors need: keyspace channel (K: the canary and the epoch),
 #: key-event channel (E: ``expired``/``evicted`` of records), generic (g: del,
 #: expire), string (``$``: set), expired (x) and evicted (e) events. Before
-#: issue 13's key-event channels it was "KEg$xe"; merging keeps every other flag.
+#: issue 13's key-event channels it was "Kg$xe"; merging keeps every other flag.
 REQUIRED_FLAGS: Final = "KEg$xe"
 _ALL_CLASSES: Final = "g$lshzxet"  # what "A" stands for in notify-keyspace-events
 NOTIFY_SETTING: Final = "notify-keyspace-events"

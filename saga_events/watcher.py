@@ -10,11 +10,12 @@ protocol", "Change feed" and "Revision and anti-entropy" sections:
   channels, the canary and the epoch. Then snapshot: GET rev and SMEMBERS index in one
   round trip, MGET the records in chunks (one pipelined round trip, decoded
   as one msgspec list), then read the subscription up to a PING sent after
-  the MGETs: every feed message of a change the snapshot may have seen is
-  then read. Those with a revision at or before the snapshot's rev are
-  dropped; the rest are applied on top of the snapshot, in order, before the
-  view is replaced; so a change made during the snapshot is neither lost nor
-  applied twice, and the view never goes back to an older record.
+  the MGETs (those reads: :mod:`saga_events._watch_list`): every feed
+  message of a change the snapshot may have seen is then read. Those with
+  a revision at or before the snapshot's rev are dropped; the rest are
+  applied on top of the snapshot, in order, before the view is replaced;
+  so a change made during the snapshot is neither lost nor applied twice,
+  and the view never goes back to an older record.
 * Watch: each feed message is applied as it comes: one decode, one dict
   update per change, no round trip. Gaps are exact: a message whose first
   revision is not the last applied + 1 resyncs at once (at most one such
@@ -58,6 +59,7 @@ from anyio.abc import TaskStatus
 
 from . import _topology_pool, _wire, identity
 from ._watch_apply import Applier, Scan
+from ._watch_list import Lister, as_int, as_text
 from ._watch_rules import AnyioClock, Canary, Clock, MirrorStats, RevCheck
 from .connection import (
     DEFAULT_TIMING,
@@ -86,23 +88,6 @@ class _Resync(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _raise_errors(replies: list[Any]) -> None:
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
 
 
 class Watcher:
@@ -153,6 +138,7 @@ class Watcher:
         # Both restart when a session starts (a Mirror may be built outside a loop).
         self.canary = Canary(canary_timeout, 0.0)
         self._in = Applier(keys, view, self.stats, self.canary, self.clock)
+        self._list = Lister(client, keys, view, self._in, self._pipe, self.stats)
         self._epoch_channel = keys.epoch_notifications.encode()
         self._last_rev_check = 0.0
         #: inside _handle or _resync: changes may be applied but not yet reported,
@@ -327,7 +313,7 @@ class Watcher:
         """Compare rev with the changes applied (see :class:`RevCheck`); resync on a
         loss. True when it resynced."""
         self.stats.rev_checks += 1
-        before = _int(await self.client.get(self.keys.rev))
+        before = as_int(await self.client.get(self.keys.rev))
         after = None
         if before is not None:
             try:
@@ -337,7 +323,7 @@ class Watcher:
             except _Resync as exc:
                 await self._resync_after(exc.reason)
                 return True
-            after = _int(await self.client.get(self.keys.rev))
+            after = as_int(await self.client.get(self.keys.rev))
         if not self.rev.lost(before, self._in.applied, after):
             return False
         self.stats.rev_resyncs += 1
@@ -347,7 +333,7 @@ class Watcher:
 
     async def _get_epoch(self) -> str | None:
         raw = await self.client.get(self.keys.epoch)
-        return _text(raw) if raw is not None else None
+        return as_text(raw) if raw is not None else None
 
     async def _wait_until_epoch_ready(self, sub: Subscription) -> bool:
         """Return once the epoch is ready; True if it had to wait."""
@@ -400,27 +386,6 @@ class Watcher:
             if epoch != self.epoch:
                 raise _Resync(f"epoch {epoch}")
 
-    async def _read_orphans(self, orphans: dict[str, None], changes: list[Change]) -> None:
-        """GET the records notified without a feed message, in one round trip, and
-        apply what Redis holds now."""
-        keys = [k for k in orphans if self.keys.parse_inst(k) is not None]
-        if not keys:
-            return
-        self.stats.gets += len(keys)
-        self.stats.orphans += len(keys)
-        pack = _wire.pack_command
-        values = await self._pipe.execute(b"".join([pack(("GET", k)) for k in keys]), len(keys))
-        _raise_errors(values)
-        if None in values:
-            # A removal no feed message explains: on a Cluster replica it may be a slot
-            # migration's (MIGRATE deletes on the source): then keep the view, resync.
-            await _topology_pool.check_slot(self.client)
-        for key, raw in zip(keys, values, strict=True):
-            inst = self._in.decode(key, raw)
-            change = self.view.remove(key) if inst is None else self.view.put(key, inst)
-            if change is not None:
-                changes.append(change)
-
     def _apply(self, changes: list[Change]) -> None:
         """Publish the view, then report (``changes`` may be empty when nobody
         listens for them; waiters still wake)."""
@@ -460,7 +425,7 @@ class Watcher:
         tries = 0
         while True:
             tries += 1
-            fresh, rev, scan = await self._snapshot(sub)
+            fresh, rev, scan = await self._list.snapshot(sub, self.chunk_size)
             if scan.epoch_changed and await self._get_epoch() != self.epoch:
                 # A new epoch while listing: list again once it is ready.
                 self.set_stale(True)
@@ -483,7 +448,7 @@ class Watcher:
         self._last_rev_check = -math.inf
         changes = self.view.replace(fresh, changes=self._wants_changes())
         if orphans:
-            await self._read_orphans(orphans, changes)
+            await self._list.read_orphans(orphans, changes)
         self._apply(changes)
         self.synced = True
         if not keep_stale or not self.canary.is_lost:
@@ -494,31 +459,3 @@ class Watcher:
         else:
             self._on_state()
         log.debug("mirror synced (%s): %d instances", reason, len(fresh))
-
-    async def _snapshot(self, sub: Subscription) -> tuple[dict[str, Instance], int | None, Scan]:
-        """Read rev, the index and the records, then the feed up to now; return the
-        records as of the last feed message read, the snapshot's rev, and the scan."""
-        k = self.keys
-        pack = _wire.pack_command
-        replies = await self._pipe.execute(pack(("GET", k.rev)) + pack(("SMEMBERS", k.index)), 2)
-        _raise_errors(replies)
-        rev = _int(replies[0])
-        members = [_text(m) for m in replies[1]]
-        fresh: dict[str, Instance] = {}
-        size = self.chunk_size
-        chunks = [members[i : i + size] for i in range(0, len(members), size)]
-        if chunks:
-            packed = b"".join([pack(("MGET", *chunk)) for chunk in chunks])
-            values = await self._pipe.execute(packed, len(chunks))
-            _raise_errors(values)
-            self._in.decode_into(fresh, members, [v for chunk in values for v in chunk])
-        self._in.applied = 0
-        self._in.revs.start(rev)
-        scan = Scan()
-        # Every feed message of a change up to the MGETs is read past this PING.
-        self._in.scan(await sub.barrier(), scan, fresh, [])
-        # A Cluster replica of a migrating owner answers nil for moved keys: a partial
-        # (or empty) listing unless the slot was settled after the reads.
-        await _topology_pool.check_slot(self.client)
-        self._in.revs.watching()
-        return fresh, rev, scan

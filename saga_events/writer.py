@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -70,8 +69,8 @@ from redis.exceptions import RedisError
 
 from . import model
 from ._redis import TRANSIENT
+from ._write_events import HybridClock, announce_like, ordering, with_status
 from .errors import InvalidEvent, SagaError
-from .health import HEALTH_KEY, safe_reason
 from .identity import stable_service_id
 from .mirror import Mirror
 from .registrar import ApplyResult, Registrar
@@ -101,24 +100,6 @@ def not_found(name: str, service_id: str | None) -> WriteRejected:
     return WriteRejected("not_found", "not_found", f"no live {what}")
 
 
-class HybridClock:
-    """Microsecond-scale counter: the wall clock in ms times 1000, never going back.
-
-    ``tick()`` returns ``max(last + 1, now_ms * 1000)``, so values grow strictly
-    within one writer even when the wall clock steps back, and roughly follow
-    real time across writers. It fits the events' ``incarnation`` field
-    (< 2**53) until the year 2255.
-    """
-
-    def __init__(self, now_ms: Callable[[], int] | None = None) -> None:
-        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
-        self._last = 0
-
-    def tick(self) -> int:
-        self._last = max(self._last + 1, self._now_ms() * 1000)
-        return self._last
-
-
 @dataclass(frozen=True, slots=True)
 class Registration:
     """What a register request asks for (already shaped, not yet validated)."""
@@ -129,54 +110,6 @@ class Registration:
     service_id: str | None = None
     metadata: dict[str, str] | None = None
     ttl_ms: int = model.DEFAULT_TTL_MS
-
-
-def _ordering(value: bytes | str | None) -> tuple[int, int] | None:
-    """An ``incarnation:seq`` value (the order hash, a tombstone); None if absent or unreadable."""
-    if value is None:
-        return None
-    text = value.decode() if isinstance(value, bytes) else value
-    inc, sep, seq = text.partition(":")
-    if sep and inc.isascii() and inc.isdigit() and seq.isascii() and seq.isdigit():
-        return int(inc), int(seq)
-    return None
-
-
-def _announce_like(
-    inst: model.Instance, kind: type[model.Announce], incarnation: int, seq: int
-) -> model.Announce:
-    # A draining record stays draining: its body must not change on a refresh.
-    # An operator's drain is not the instance's own word: the script re-adds it.
-    cls = model.Drain if inst.self_draining else kind
-    return cls(
-        service_name=inst.service_name,
-        service_id=inst.service_id,
-        incarnation=incarnation,
-        seq=seq,
-        service_url=inst.service_url,
-        capabilities=inst.capabilities,
-        metadata=inst.metadata,
-        ttl_ms=inst.ttl_ms,
-    )
-
-
-def _with_status(
-    event: model.Announce, status: Literal["failing", "passing"] | None, reason: str
-) -> model.Announce:
-    """``event`` carrying a health status; the next seq when that changes the record."""
-    if status is None:
-        return event
-    meta = {k: v for k, v in event.metadata.items() if k != HEALTH_KEY}
-    cls: type[model.Announce] = model.Heartbeat
-    if status == "failing":
-        meta[HEALTH_KEY] = safe_reason(f"failing: {reason}" if reason else "failing")
-        cls = model.Drain
-    fields = msgspec.structs.asdict(event)
-    fields["metadata"] = meta
-    changed = cls(**fields)
-    if model.body_of(changed) != model.body_of(event):
-        changed = msgspec.structs.replace(changed, seq=event.seq + 1)
-    return changed
 
 
 class Writer:
@@ -305,7 +238,7 @@ class Writer:
                 inst = model.decode_instance(rec)
             except msgspec.DecodeError:
                 inst = None  # unreadable: a fresh incarnation replaces it
-        tomb_pair = _ordering(tomb)
+        tomb_pair = ordering(tomb)
         return inst, tomb_pair[0] if tomb_pair else 0
 
     async def register(self, req: Registration) -> tuple[model.Instance, int]:
@@ -399,7 +332,7 @@ class Writer:
             keys.order, [keys.inst(i.service_name, i.service_id) for i in insts]
         )
         return [
-            _ordering(value) or (inst.incarnation, inst.seq)
+            ordering(value) or (inst.incarnation, inst.seq)
             for inst, value in zip(insts, raw, strict=True)
         ]
 
@@ -468,7 +401,7 @@ class Writer:
     ) -> list[ApplyResult]:
         pairs = await self._newest_pairs(targets)
         events = [
-            self.check(_with_status(_announce_like(i, model.Heartbeat, inc, seq), status, reason))
+            self.check(with_status(announce_like(i, model.Heartbeat, inc, seq), status, reason))
             for i, (inc, seq) in zip(targets, pairs, strict=True)
         ]
         return await self.registrar.apply_many(events)

@@ -160,6 +160,43 @@ async def test_a_handler_gets_messages_as_they_arrive_and_may_wake_the_reader(
         await client.aclose()
 
 
+async def test_a_backlog_read_unsets_the_handler(redis_url: str) -> None:
+    """read() returning replies the tap held (the task was busy) unsets the handler: the
+    task holds those replies until it applies them, and awaits meanwhile (the
+    subscription's health check, a topology probe); a message arriving then went to the
+    handler before the older ones were applied (the watcher saw a false feed gap, or
+    applied an expiry before the change it follows)."""
+    from saga_events.testing import eventually
+
+    client = connect(redis_url)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe("ch")
+        sub = _wire.Subscription(pubsub)
+        assert (await sub.read(5.0, 10))[0][0] == b"subscribe"  # the tap is on
+        tap = sub._tap
+        assert tap is not None
+        await client.publish("ch", "older")
+        await eventually(lambda: bool(tap.replies), 10, what="the tap holds a reply")
+        handled: list[object] = []
+
+        def handler(batch: list[object]) -> bool:
+            handled.extend(batch)
+            return False
+
+        sub.set_handler(handler)
+        held = await sub.read(5.0, 10)  # the backlog, at once
+        assert [r[2] for r in held] == [b"older"]
+        await client.publish("ch", "newer")  # arrives while the task holds "older"
+        await eventually(lambda: bool(handled or tap.replies), 10, what="newer received")
+        assert handled == []
+        with anyio.fail_after(10):
+            assert [r[2] for r in await sub.read(5.0, 10)] == [b"newer"]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
 async def test_a_flood_buffered_before_the_first_read_is_read_in_full(redis_url: str) -> None:
     """Messages that arrive before the tap is on fill redis-py's stream, which pauses the
     socket; the tap takes them over and resumes it. Before, the socket stayed paused
