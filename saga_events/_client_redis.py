@@ -175,4 +175,7 @@ class _RedisBackend:
         for agent, _scope in self._agents.values():
             if agent.health is not None:
                 agent.health.close()
-        await self._redis.aclose()
+        # Shielded: a close in a cancelled scope would stop at its first await and
+        # leave the pool's sockets open (redis-py closes them in a gather).
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._redis.aclose()

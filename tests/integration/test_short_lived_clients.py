@@ -58,3 +58,24 @@ async def _only(watcher: aioredis.Redis) -> bool:
     """True when ``watcher`` (named "watcher") is the server's only normal client."""
     listed = await watcher.client_list(_type="normal")
     return not [c for c in listed if c.get("name") != "watcher"]
+
+
+async def test_the_client_backend_closes_in_a_cancelled_scope(redis_server: RedisServer) -> None:
+    """The saga client's Redis backend closes its pool even when its ``aclose`` runs in an
+    already cancelled scope (a caller's task group ending)."""
+    from saga_events._client_redis import _RedisBackend
+
+    watcher = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await watcher.client_setname("watcher")
+        backend = _RedisBackend(
+            redis_server.url, namespace="default", timeout=2.0, discovery_timeout=2.0
+        )
+        await backend._redis.ping()  # one idle connection in the backend's pool
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await backend.aclose()
+
+        await eventually(lambda: _only(watcher), 10, what="the backend's socket closed")
+    finally:
+        await watcher.aclose()
