@@ -127,6 +127,7 @@ class Mirror(RunsInBackground):
         self._by_service = self.view.by_service
         self._round_robin = self.view.strategy == "round_robin"
         self._subscribers: list[ChangeStream] = []
+        self._closed = False  # after aclose, a new changes() stream starts ended
         self._changed = anyio.Event()
         self._waiting = 0  # tasks in wait_for / wait_until
         self._watcher = Watcher(
@@ -289,7 +290,10 @@ class Mirror(RunsInBackground):
         :class:`ChangesOverflow`; the stream ends when the mirror closes.
         """
         stream = ChangeStream(self._forget)
-        self._subscribers.append(stream)
+        if self._closed:
+            stream.end()  # no change will come: the stream ends instead of waiting forever
+        else:
+            self._subscribers.append(stream)
         return stream
 
     # -- lifecycle -------------------------------------------------------------
@@ -298,6 +302,7 @@ class Mirror(RunsInBackground):
         return self.sync_timeout  # ``async with`` waits this long for the first snapshot
 
     async def aclose(self) -> None:
+        self._closed = True
         for stream in self._subscribers:
             stream.end()
         self._subscribers.clear()

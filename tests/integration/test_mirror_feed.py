@@ -293,3 +293,15 @@ async def test_a_backstop_refresh_wakes_no_mirror(
             await admin.pexpire(key, 1)  # Redis's own removal: the backstop fired
             await mirror.wait_until(lambda m: key not in m.snapshot(), 5)
             assert mirror.stats.record_notifications == 1, mirror.stats
+
+
+async def test_changes_after_the_mirror_closed_ends_at_once(redis_url: str) -> None:
+    """A stream asked of a closed mirror ends instead of waiting for changes that never
+    come (review finding: it waited forever)."""
+    async with Mirror(redis_url) as mirror:
+        pass
+    got: list[Change] = []
+    with anyio.fail_after(5):
+        async for change in mirror.changes():
+            got.append(change)
+    assert got == []
