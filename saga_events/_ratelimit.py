@@ -15,8 +15,9 @@ from typing import Any
 class TokenBuckets:
     """Allow ``burst`` events at once and ``rate`` a second after that, per key.
 
-    Buckets that have been full for a while are forgotten (swept at most once
-    every ``sweep_every`` seconds), so memory follows the active keys only; and
+    Buckets idle for ``sweep_every`` seconds (and full again by then) are
+    forgotten (swept at most once every ``sweep_every`` seconds), so memory
+    follows the active keys only; and
     the table never holds more than ``max_keys`` buckets (the least recently
     used goes first), so a flood of fresh keys cannot grow it without bound.
     Not thread-safe: the registrar calls it from its one consumer task.
@@ -78,10 +79,13 @@ class TokenBuckets:
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + self._sweep_every
-        refill = self.burst / self.rate
+        # A bucket idle for its refill time is full: forgetting it or keeping it gives
+        # the same answers. Idle less than a sweep interval, it is kept: a key used
+        # every few seconds (an agent's heartbeats) is not forgotten and re-created.
+        idle = max(self.burst / self.rate, self._sweep_every)
         stale = []
         for key, state in self._buckets.items():  # oldest use first
-            if now - state[1] < refill:
+            if now - state[1] < idle:
                 break
             stale.append(key)
         for key in stale:

@@ -383,3 +383,19 @@ def test_the_channel_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (event is not None) == (i < 50)  # s50.. carry another service's name
         assert len(registrar._channels) <= 8
     assert registrar.stats.rejected["channel_mismatch"] == 50
+
+
+def test_a_key_used_within_a_sweep_interval_keeps_its_bucket() -> None:
+    """Idle past its refill time (full again) but used every sweep interval: kept, not
+    forgotten and re-created at every sweep (an agent heartbeating every 20 s)."""
+    clock = FakeClock()
+    buckets = TokenBuckets(rate=10, burst=5, clock=clock, sweep_every=30.0)
+    for i in range(100):
+        buckets.allow(i)
+    for _ in range(5):
+        clock.now += 20.0  # refill takes 0.5 s: every bucket is full again
+        assert buckets.allow(0)  # a sweep is due every other round
+        assert len(buckets) >= 50
+        for i in range(1, 50):
+            assert buckets.allow(i)
+    assert len(buckets) == 50  # the other 50, idle 100 s, are forgotten
