@@ -48,6 +48,8 @@ _META_VALUE: Final = re.compile(model.META_VALUE_PATTERN)
 _COUNTER_END: Final = 2**53
 #: Remembered strings per kind; past this many a table starts over (bounded memory).
 MAX_REMEMBERED: Final = 1 << 20
+#: Remembered intake channels (their service names); then the table starts over.
+MAX_CHANNELS: Final = 1 << 16
 #: Remembered events (one an instance); past this many the memo starts over.
 MEMO_SIZE: Final = 1 << 17
 _TAG: Final = b'{"type":"'
@@ -158,6 +160,7 @@ class FastDecoder:
         self._meta_values: set[str] = set()
         self._urls: set[str] = set()
         self._memo: dict[bytes, _Known] = {}
+        self._channels: dict[bytes, str] = {}
         # Names, capability tuples and metadata strings the memo holds, one copy each.
         self._shared: dict[Any, Any] = {}
         self.memo_hits = 0
@@ -204,6 +207,16 @@ class FastDecoder:
                     values.clear()
                 values.add(v)
         return True
+
+    def service_of(self, channel: bytes, skip: int) -> str:
+        """The service name of an intake channel: its text after ``skip`` bytes."""
+        service = self._channels.get(channel)
+        if service is None:
+            service = channel[skip:].decode("utf-8", "replace")
+            if len(self._channels) >= MAX_CHANNELS:
+                self._channels.clear()
+            self._channels[channel] = service
+        return service
 
     def decode(self, raw: bytes, service: str) -> model.AnyEvent | None:
         """The event ``raw`` holds, as ``model.decode_event`` gives it; None: take that path."""

@@ -50,8 +50,6 @@ log = logging.getLogger("saga_events.registrar")
 #: running): overdue instances get REAP_GRACE_MS to heartbeat, once per stall.
 REAP_STALL_MS: Final = 1000
 REAP_GRACE_MS: Final = 10_000
-#: Intake channels whose service name the registrar remembers (then it starts over).
-_MAX_CHANNELS: Final = 1 << 16
 
 View = Callable[[], Iterable[model.Instance]]
 
@@ -142,8 +140,7 @@ class Registrar(RunsInBackground):
         )
         self._scripts = scripts.Scripts(self._redis)
         self._fast = FastDecoder(url_schemes)
-        # Intake channel -> its service name (bounded: starts over when full).
-        self._channels: dict[bytes, str] = {}
+        self._events_prefix = len(self.keys.events_prefix.encode())
         self._rebuilds = Rebuilds(self)
         self.heartbeat_hold = heartbeat_hold
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
@@ -280,13 +277,7 @@ class Registrar(RunsInBackground):
 
         Never raises: whatever the message holds, the worst is a rejection.
         """
-        service = self._channels.get(channel)
-        if service is None:
-            prefix = self.keys.events_prefix.encode()
-            service = channel[len(prefix) :].decode("utf-8", "replace")
-            if len(self._channels) >= _MAX_CHANNELS:
-                self._channels.clear()
-            self._channels[channel] = service
+        service = self._fast.service_of(channel, self._events_prefix)
         event = self._fast.decode(data, service)  # the common case, checked strings cached
         if event is not None:
             return event
@@ -306,14 +297,11 @@ class Registrar(RunsInBackground):
         return None
 
     def _within_rate(self, event: model.AnyEvent, now: float | None = None) -> bool:
-        """Take a token from the service's bucket, then from the instance's; count and
-        log a rejection if either is empty. ``now``: the buckets' clock, read once a batch."""
         name, sid = event.service_name, event.service_id
         services, instances = self._service_buckets, self._buckets
         if instances is None:
             return True
-        if now is None:
-            now = instances.clock()
+        now = instances.clock() if now is None else now  # _decode_batch's: once a batch
         if services is not None and not services.take(name, now):
             limited, buckets = f"{name}", services
         elif not instances.take((name, sid), now):
@@ -387,19 +375,17 @@ class Registrar(RunsInBackground):
     def _decode_batch(self, batch: list[Any]) -> list[model.AnyEvent]:
         """The valid events of a batch of intake replies, within the rate limits."""
         events: list[model.AnyEvent] = []
-        stats = self.stats
-        validate, within = self.validate, self._within_rate
-        now = self._buckets.clock() if self._buckets is not None else 0.0  # one read a batch
+        now = self._buckets.clock() if self._buckets is not None else 0.0
         for reply in batch:
             if not isinstance(reply, list) or len(reply) != 4 or reply[0] != b"pmessage":
                 continue  # pong and subscription replies
-            stats.received += 1
+            self.stats.received += 1
             channel, data = reply[2], reply[3]
             if not isinstance(channel, bytes) or not isinstance(data, bytes):
-                stats.rejected["bad_json"] += 1
+                self.stats.rejected["bad_json"] += 1
                 continue
-            event = validate(channel, data)
-            if event is not None and within(event, now):
+            event = self.validate(channel, data)
+            if event is not None and self._within_rate(event, now):
                 events.append(event)
         return events
 

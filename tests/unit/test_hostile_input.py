@@ -370,9 +370,9 @@ def test_a_remembered_event_on_another_channel_is_a_channel_mismatch() -> None:
 
 
 def test_the_channel_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from saga_events import registrar as registrar_module
+    from saga_events import _fastdecode
 
-    monkeypatch.setattr(registrar_module, "_MAX_CHANNELS", 8)
+    monkeypatch.setattr(_fastdecode, "MAX_CHANNELS", 8)
     registrar = Registrar("redis://127.0.0.1:1/0", own_view=False)
     for i in range(100):
         channel = f"saga:{{default}}:events:s{i}".encode()
@@ -381,7 +381,7 @@ def test_the_channel_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         )
         event = registrar.validate(channel, raw)
         assert (event is not None) == (i < 50)  # s50.. carry another service's name
-        assert len(registrar._channels) <= 8
+        assert len(registrar._fast._channels) <= 8
     assert registrar.stats.rejected["channel_mismatch"] == 50
 
 
