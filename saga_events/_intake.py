@@ -5,7 +5,7 @@ millisecond. Read through a stream and a task, each burst costs event-loop
 turns, a task switch and a timeout scope, then a script call (a socket write
 and read, a request and a reply in Redis) for those few events: more than
 the events themselves. Here the subscribed connection's transport is handed
-to a protocol whose ``data_received`` parses the replies (the connection's
+to a protocol whose ``buffer_updated`` parses the replies (the connection's
 own hiredis reader) and decodes, validates and rate-limits the events at
 once (``decode``, synchronous); the consumer task wakes only to apply them.
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 import redis.asyncio as aioredis
@@ -43,8 +43,16 @@ Decode = Callable[[list[Any]], list[Any]]
 Apply = Callable[[list[Any]], Awaitable[None]]
 
 
-class _Intake(asyncio.Protocol):
-    """Stands in for the connection's stream protocol while the session lasts."""
+#: Bytes one socket read may bring (the stream's own reads are 256 KiB too).
+READ_BUFFER: Final = 1 << 18
+
+
+class _Intake(asyncio.BufferedProtocol):
+    """Stands in for the connection's stream protocol while the session lasts.
+
+    A buffered protocol: the transport reads into one buffer, reused (no new
+    256 KiB bytes object per read), whose bytes the hiredis reader copies.
+    """
 
     def __init__(
         self,
@@ -69,10 +77,20 @@ class _Intake(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._due = False
         self._paused = False
+        self._buffer = bytearray(READ_BUFFER)
+        self._view = memoryview(self._buffer)
 
     # -- the protocol ----------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # hiredis reads any buffer (its stub says bytes): the bytes are copied in
+        self._reader.feed(self._buffer, 0, nbytes)  # type: ignore[arg-type]
+        self.take()
+
+    def data_received(self, data: bytes) -> None:  # a transport that reads bytes
         self._reader.feed(data)
         self.take()
 

@@ -69,6 +69,7 @@ class Announce(Event, frozen=True, kw_only=True):
     capabilities: tuple[Capability, ...] = ()
     metadata: dict[MetaKey, MetaValue] = msgspec.field(default_factory=dict)
     ttl_ms: TtlMs = DEFAULT_TTL_MS
+    since: Counter | None = None
 
 
 class Register(Announce, frozen=True, kw_only=True, tag="register"):

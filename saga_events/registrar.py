@@ -140,6 +140,7 @@ class Registrar(RunsInBackground):
         )
         self._scripts = scripts.Scripts(self._redis)
         self._fast = FastDecoder(url_schemes)
+        self._events_prefix = len(self.keys.events_prefix.encode())
         self._rebuilds = Rebuilds(self)
         self.heartbeat_hold = heartbeat_hold
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
@@ -276,8 +277,7 @@ class Registrar(RunsInBackground):
 
         Never raises: whatever the message holds, the worst is a rejection.
         """
-        prefix = self.keys.events_prefix.encode()
-        service = channel[len(prefix) :].decode("utf-8", "replace")
+        service = self._fast.service_of(channel, self._events_prefix)
         event = self._fast.decode(data, service)  # the common case, checked strings cached
         if event is not None:
             return event
@@ -296,12 +296,16 @@ class Registrar(RunsInBackground):
         )
         return None
 
-    def _within_rate(self, event: model.AnyEvent) -> bool:
+    def _within_rate(self, event: model.AnyEvent, now: float | None = None) -> bool:
         name, sid = event.service_name, event.service_id
-        if self._service_buckets is not None and not self._service_buckets.allow(name):
-            limited, buckets = f"{name}", self._service_buckets
-        elif self._buckets is not None and not self._buckets.allow((name, sid)):
-            limited, buckets = f"{name}/{sid}", self._buckets
+        services, instances = self._service_buckets, self._buckets
+        if instances is None:
+            return True
+        now = instances.clock() if now is None else now  # _decode_batch's: once a batch
+        if services is not None and not services.take(name, now):
+            limited, buckets = f"{name}", services
+        elif not instances.take((name, sid), now):
+            limited, buckets = f"{name}/{sid}", instances
         else:
             return True
         self.stats.rejected["rate_limited"] += 1
@@ -371,6 +375,7 @@ class Registrar(RunsInBackground):
     def _decode_batch(self, batch: list[Any]) -> list[model.AnyEvent]:
         """The valid events of a batch of intake replies, within the rate limits."""
         events: list[model.AnyEvent] = []
+        now = self._buckets.clock() if self._buckets is not None else 0.0
         for reply in batch:
             if not isinstance(reply, list) or len(reply) != 4 or reply[0] != b"pmessage":
                 continue  # pong and subscription replies
@@ -380,7 +385,7 @@ class Registrar(RunsInBackground):
                 self.stats.rejected["bad_json"] += 1
                 continue
             event = self.validate(channel, data)
-            if event is not None and self._within_rate(event):
+            if event is not None and self._within_rate(event, now):
                 events.append(event)
         return events
 

@@ -134,3 +134,143 @@ def test_fast_and_slow_agree_on_generated_events(
     )  # fmt: skip
     raw = json.dumps(event, ensure_ascii=False).encode()
     check(raw, service=name)
+
+
+# -- the memo: an agent's repeated announce is not decoded again ------------------
+
+
+def canonical(kind: str = "heartbeat", **over: Any) -> bytes:
+    """An event as an Agent publishes it: the model's own encoding."""
+    cls = {"register": model.Register, "heartbeat": model.Heartbeat, "drain": model.Drain}[kind]
+    fields: dict[str, Any] = {k: v for k, v in good(**over).items() if k != "type"}
+    fields["capabilities"] = tuple(fields.get("capabilities", ()))
+    return model.encode(cls(**fields))
+
+
+def test_a_repeated_announce_hits_the_memo_and_equals_the_slow_path() -> None:
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    check(canonical("register", seq=1, since=1), decoder=dec)  # decoded, remembered
+    assert len(dec._memo) == 1 and dec.memo_hits == 0
+    for kind, seq in [("heartbeat", 2), ("heartbeat", 3), ("drain", 4), ("heartbeat", 2**53 - 1)]:
+        raw = canonical(kind, seq=seq, since=1)
+        check(raw, decoder=dec)
+        event = dec.decode(raw, "svc")
+        assert type(event).__name__.lower() == kind and event is not None and event.seq == seq
+    assert dec.memo_hits == 8 and len(dec._memo) == 1
+
+
+def test_the_memo_never_answers_for_another_channel() -> None:
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    dec.decode(canonical(seq=1), "svc")
+    assert dec.decode(canonical(seq=2), "other") is None  # the slow path: channel_mismatch
+    assert slow(canonical(seq=2), "other") == "channel_mismatch"
+
+
+def test_a_hit_with_since_after_seq_takes_the_slow_path() -> None:
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    assert dec.decode(canonical(seq=5, since=5), "svc") is not None
+    assert dec.decode(canonical(seq=4, since=5), "svc") is None  # the model names the reason
+    assert dec.decode(canonical(seq=5, since=6), "svc") is None  # never remembered either
+
+
+def test_seq_digits_that_are_not_a_json_counter_take_the_slow_path() -> None:
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    raw = canonical(seq=7)
+    dec.decode(raw, "svc")
+    for digits in [b"07", b"00", b"-1", b"7.0", b"7e0", b"", b" 7", b"9007199254740992", b"1" * 40]:
+        bad = raw.replace(b'"seq":7,', b'"seq":' + digits + b",")
+        assert dec.decode(bad, "svc") is None or slow(bad, "svc") == dec.decode(bad, "svc")
+        check(bad, decoder=dec)
+    assert dec.memo_hits == 0
+
+
+def test_only_canonical_bytes_are_remembered() -> None:
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    raw = canonical(seq=1)
+    for variant in [
+        raw.replace(b'"seq":1,', b'"seq": 1,'),
+        raw.replace(b',"service_url"', b', "service_url"'),
+        raw.replace(b'"seq":1,', b'"seq":1,"seq":1,'),  # a duplicate key
+        json.dumps(json.loads(raw)).encode(),  # another encoder's spacing
+    ]:
+        check(variant, decoder=dec)
+    assert not dec._memo
+    dec.decode(raw, "svc")
+    assert len(dec._memo) == 1
+
+
+def test_a_duplicate_seq_after_a_remembered_prefix_is_not_a_hit() -> None:
+    """The bytes after the first seq must be the remembered ones, byte for byte."""
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    raw = canonical(seq=1, metadata={"zone": "a"})
+    dec.decode(raw, "svc")
+    tricked = raw.replace(b'"seq":1,', b'"seq":1,"seq":9,')
+    check(tricked, decoder=dec)
+    assert dec.memo_hits == 0
+
+
+def test_the_memo_is_bounded(monkeypatch: Any) -> None:
+    monkeypatch.setattr(_fastdecode, "MEMO_SIZE", 10)
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    for i in range(100):
+        dec.decode(canonical(service_id=f"i-{i}", seq=1), "svc")
+        assert len(dec._memo) <= 10
+    check(canonical(service_id="i-99", seq=2), decoder=dec)
+    assert dec.memo_hits == 1
+
+
+def test_the_memo_costs_about_a_kilobyte_an_instance() -> None:
+    """What a remembered instance costs (the bench's event shape); a regression guard,
+    not a timing: memory is deterministic for one Python."""
+    import tracemalloc
+
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    raws = [
+        canonical(
+            "register",
+            service_id=f"i-{i}",
+            seq=1,
+            service_url=f"http://10.0.{i >> 8}.{i & 255}:8080",
+            capabilities=["rest", "grpc"],
+            metadata={"zone": "eu-west-1a", "version": "1.4.2"},
+        )
+        for i in range(5000)
+    ]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for raw in raws:
+        dec.decode(raw, "svc")
+    per_instance = (tracemalloc.get_traced_memory()[0] - before) / len(raws)
+    tracemalloc.stop()
+    assert len(dec._memo) == 5000
+    assert per_instance < 2500, f"{per_instance:.0f} bytes an instance"  # 961 on Python 3.11
+
+
+seqs = st.integers(0, 2**53 - 1) | st.sampled_from([0, 1, 9, 10, 2**53 - 1])
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    first=st.sampled_from(["register", "heartbeat", "drain"]),
+    then=st.sampled_from(["register", "heartbeat", "drain"]),
+    seq0=seqs,
+    seq1=seqs,
+    since=st.none() | seqs,
+    sid=text,
+    url=text,
+    meta=st.dictionaries(text, text, max_size=3),
+)
+def test_memo_hits_agree_with_the_slow_path(
+    first: str, then: str, seq0: int, seq1: int, since: int | None, sid: str, url: str,
+    meta: dict[str, str],
+) -> None:  # fmt: skip
+    dec = _fastdecode.FastDecoder(SCHEMES)
+    over = {"service_id": sid, "service_url": url, "metadata": meta, "since": since}
+    try:
+        raw0 = canonical(first, seq=seq0, **over)
+        raw1 = canonical(then, seq=seq1, **over)
+    except Exception:  # not encodable (a lone surrogate): no agent sends it
+        return
+    check(raw0, decoder=dec)
+    check(raw1, decoder=dec)
+    check(raw1.replace(b'"type":"', b'"type": "'), decoder=dec)

@@ -330,3 +330,72 @@ def test_rate_limit_can_be_turned_off() -> None:
     registrar = Registrar("redis://127.0.0.1:1/0", rate_limit=None)
     ev = msgspec.json.decode(raw(event()), type=model.Register)
     assert all(registrar._within_rate(ev) for _ in range(10_000))
+
+
+def test_token_bucket_sweep_forgets_only_the_idle_keys() -> None:
+    """The table is in order of last use: the sweep reads the idle front and stops."""
+    clock = FakeClock()
+    buckets = TokenBuckets(rate=10, burst=5, clock=clock, sweep_every=1.0)
+    for i in range(50):
+        buckets.allow(i)
+    clock.now += 0.8
+    for i in range(25, 50):  # used again: moved to the end
+        buckets.allow(i)
+    buckets.allow("late")
+    clock.now += 0.4  # past the sweep; 0..24 idle 1.2 s (refill 0.5 s), the rest 0.4 s
+    assert buckets.allow("fresh")
+    assert len(buckets) == 25 + 1 + 1
+    for i in range(25, 50):
+        assert buckets.allow(i)  # kept (with its tokens: 5 - 2 + 4 refilled, capped)
+
+
+def test_a_batch_takes_its_tokens_at_one_time() -> None:
+    clock = FakeClock()
+    buckets = TokenBuckets(rate=10, burst=5, clock=clock)
+    assert [buckets.take("a", 1000.0) for _ in range(6)] == [True] * 5 + [False]
+    assert buckets.take("a", 1000.1) and not buckets.take("a", 1000.1)
+
+
+def test_a_remembered_event_on_another_channel_is_a_channel_mismatch() -> None:
+    registrar = Registrar("redis://127.0.0.1:1/0", own_view=False)
+    raw = model.encode(
+        model.Heartbeat(
+            service_name="svc", service_id="i-1", incarnation=1, seq=2, service_url="http://h:1"
+        )
+    )
+    assert registrar.validate(b"saga:{default}:events:svc", raw) is not None
+    assert registrar.validate(b"saga:{default}:events:svc", raw) is not None  # remembered
+    assert registrar.validate(b"saga:{default}:events:other", raw) is None
+    assert registrar.stats.rejected["channel_mismatch"] == 1
+
+
+def test_the_channel_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from saga_events import _fastdecode
+
+    monkeypatch.setattr(_fastdecode, "MAX_CHANNELS", 8)
+    registrar = Registrar("redis://127.0.0.1:1/0", own_view=False)
+    for i in range(100):
+        channel = f"saga:{{default}}:events:s{i}".encode()
+        raw = model.encode(
+            model.Leave(service_name=f"s{i % 50}", service_id="a", incarnation=1, seq=1)
+        )
+        event = registrar.validate(channel, raw)
+        assert (event is not None) == (i < 50)  # s50.. carry another service's name
+        assert len(registrar._fast._channels) <= 8
+    assert registrar.stats.rejected["channel_mismatch"] == 50
+
+
+def test_a_key_used_within_a_sweep_interval_keeps_its_bucket() -> None:
+    """Idle past its refill time (full again) but used every sweep interval: kept, not
+    forgotten and re-created at every sweep (an agent heartbeating every 20 s)."""
+    clock = FakeClock()
+    buckets = TokenBuckets(rate=10, burst=5, clock=clock, sweep_every=30.0)
+    for i in range(100):
+        buckets.allow(i)
+    for _ in range(5):
+        clock.now += 20.0  # refill takes 0.5 s: every bucket is full again
+        assert buckets.allow(0)  # a sweep is due every other round
+        assert len(buckets) >= 50
+        for i in range(1, 50):
+            assert buckets.allow(i)
+    assert len(buckets) == 50  # the other 50, idle 100 s, are forgotten
