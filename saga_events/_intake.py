@@ -165,7 +165,7 @@ class _Intake(asyncio.BufferedProtocol):
 
     async def wait(self, quiet_s: float) -> None:
         """Until events are due (or the session failed), or ``quiet_s`` s passed."""
-        if not self._due:
+        if not self._due and self.failure is None:
             self._waiter = waiter = self._loop.create_future()
             quiet = self._loop.call_later(quiet_s, self._wake)
             try:
@@ -174,7 +174,9 @@ class _Intake(asyncio.BufferedProtocol):
                 quiet.cancel()
                 self._waiter = None
         self._due = False
-        if self.failure is not None:
+        if self.failure is not None and not self.pending:
+            # Events received before the failure are applied first (the caller
+            # takes them); the session ends once none is left.
             raise self.failure
 
     def take_batch(self) -> list[Any]:
@@ -206,15 +208,23 @@ def _take_over(
         return None
     reader, stream = raw
     buffered = getattr(stream, "_buffer", None)
-    if not isinstance(buffered, bytearray):
+    if not isinstance(buffered, bytearray) or transport.is_closing():
         return None
+    if stream.at_eof() or stream.exception() is not None:
+        return None  # the slow path's read meets the end and the session starts over
     intake = _Intake(transport.get_protocol(), reader, transport, decode, hold, batch)
     transport.set_protocol(intake)
     early, sub.pending = sub.pending, []
     if buffered:  # bytes the stream read before the switch
         reader.feed(bytes(buffered))
         buffered.clear()
+    if getattr(stream, "_paused", False):
+        # The stream had paused the socket (its buffer was full): it is empty now,
+        # and only the intake reads from here on.
+        stream._paused = False
     intake.take(early)
+    if not transport.is_reading() and not intake._paused:
+        transport.resume_reading()
     return intake
 
 

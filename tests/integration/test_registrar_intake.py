@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import anyio
 import hiredis
 import pytest
 import redis.asyncio as aioredis
@@ -170,6 +171,46 @@ async def test_the_end_of_the_stream_ends_the_session_at_once() -> None:
     assert inner.eofs == 1
     with pytest.raises(RedisConnectionError):
         await intake.wait(60)
+
+
+async def test_events_received_before_the_end_are_taken_first() -> None:
+    """Review finding: a register that came just before Redis closed the connection was
+    dropped (wait raised the failure before the events it had were taken)."""
+    intake = _intake._Intake(_Inner(), _reader(), _Transport(), lambda r: r, 0.01, 4)
+    intake.data_received(_wire.pack_command((b"X",)))
+    intake.eof_received()
+    await intake.wait(1)
+    assert len(intake.take_batch()) == 1
+    with pytest.raises(RedisConnectionError), anyio.fail_after(30):
+        await intake.wait(60)  # at once, not after the quiet time
+
+
+async def test_a_flood_buffered_before_the_take_over_is_read(redis_url: str) -> None:
+    """Review finding: a flood that filled redis-py's buffer before the intake took the
+    socket over left the socket paused, and nothing more was read until the session's
+    ping timed out."""
+    from saga_events import connection
+    from saga_events._redis import connect
+
+    client = connect(redis_url)
+    try:
+        async with connection.subscribe(client, patterns=("ev:*",)) as sub:
+            assert sub.pubsub.connection is not None
+            stream = sub.pubsub.connection._reader
+            pipe = client.pipeline(transaction=False)
+            for _ in range(2000):
+                pipe.publish("ev:x", b"x" * 200)
+            await pipe.execute()
+            await eventually(lambda: not stream._transport.is_reading(), 10, what="paused")
+            intake = _intake._take_over(sub, lambda replies: replies, 0, 512)
+            assert intake is not None
+            got = 0
+            with anyio.fail_after(10):
+                while got < 2000:
+                    await intake.wait(1.0)
+                    got += sum(1 for r in intake.take_batch() if r[0] == b"pmessage")
+    finally:
+        await client.aclose()
 
 
 class _Inner(asyncio.Protocol):
