@@ -19,7 +19,10 @@ path off until it learns the field).
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
+import types
 import typing
 from typing import Any, Final
 
@@ -48,6 +51,7 @@ class _Announce(_Event, frozen=True, kw_only=True):
     capabilities: tuple[str, ...] = ()
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     ttl_ms: int = model.DEFAULT_TTL_MS
+    since: int | None = None
 
 
 class _Register(_Announce, frozen=True, kw_only=True, tag="register"):
@@ -81,6 +85,8 @@ def _plain(t: Any) -> Any:
         return _plain(typing.get_args(t)[0])
     if origin is None:
         return t
+    if origin is types.UnionType:  # X | None
+        return functools.reduce(operator.or_, [_plain(a) for a in typing.get_args(t)])
     return origin[tuple(_plain(a) for a in typing.get_args(t))]
 
 
@@ -190,6 +196,7 @@ class FastDecoder:
             or not self._url_ok(e.service_url)
             or not all(self._name_ok(c) for c in e.capabilities)
             or not self._metadata_ok(e.metadata)
+            or (e.since is not None and not 0 <= e.since <= e.seq)
         ):
             return None
         return _ANNOUNCES[type(e)](
@@ -201,4 +208,5 @@ class FastDecoder:
             capabilities=e.capabilities,
             metadata=e.metadata,
             ttl_ms=e.ttl_ms,
+            since=e.since,
         )
