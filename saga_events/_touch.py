@@ -11,28 +11,31 @@ record with the event's incarnation, ``record.seq >= since``, no operator
 override, and the event's content (url, capabilities, metadata, ttl_ms,
 draining). Everything else is applied in full, as before ``since`` existed.
 
-Why a touch may skip the record, the tombstone and the order entry:
+Why a touch may skip reading the record (and the tombstone and override):
 
 * The view's record was written by an event of this incarnation at seq
   ``r >= since``; the agent did not change its content between ``since`` and
   the event's seq, so that record holds the event's content, and so does any
-  record Redis holds now that is at least as new. A full apply would find the
-  body unchanged and only move the deadline (and the order entry).
-* The order entry is left behind (it keeps the seq of the last full apply).
-  A late event E' of the same incarnation with ``seq' >= since`` carries the
-  same content (the agent's contract), so applying it changes nothing; one
-  with ``seq' < since`` is older than the record (``r >= since``) and is
-  stale against it, so the lagging order entry lets nothing older through.
-* A view that lags Redis: the deadline ZADD is ``XX``, so a record that a
-  leave or the reaper removed is not brought back; that event comes back
-  ``absent`` and goes through apply.lua in the same cycle (stale after a
-  leave, re-created after a reap). Otherwise a lagging view only moves the
-  deadline of an instance whose agent is alive (it just sent the event).
+  record of this incarnation Redis holds now that is at least as new. A full
+  apply would find the body unchanged: move the deadline and the order entry.
+  ``lua/touch.lua`` does just that, the order entry deciding as in apply.lua
+  (older: stale; the tombstone is older than the entry of a record that
+  exists). The entry is kept exact: the reaper's tombstone is taken from it,
+  and a touch that left it behind would let a heartbeat delayed past a reap
+  (a paused registrar's backlog) bring a crashed instance back.
+* A view that lags Redis: the deadline ZADD is ``XX`` and a missing order
+  entry is ``absent``, so a record that a leave or the reaper removed is not
+  brought back; that event goes through apply.lua in the same cycle (stale
+  after a leave, re-created after a reap). A record of a newer incarnation
+  has a newer entry: the touch is stale.
+* A late event E' of the same incarnation with ``seq' >= since`` carries the
+  same content (the agent's contract); one with ``seq' < since`` is older than
+  the record and the entry. Both are ordered by the entry as before.
+* The agent's contract (``Agent``): ``since`` moves to the event's seq when
+  the content changes and on the first announce after a leave (the record is
+  re-created: were it not, a touched re-announce would leave the entry below a
+  delayed leave, which would then remove a live instance).
 
-Contract: :func:`apply` returns the events applied in full with their raw
-apply replies, the number of touches that refreshed, and the touched events
-found absent, in order, for the caller to apply in full. It raises the first
-error reply (a refused write) as :func:`scripts.apply_raw` does.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from .keys import Keys
 #: The registrar's view, by record key (``View.get``).
 Lookup = Callable[[str], model.Instance | None]
 
-#: Events per touch EVALSHA: ~3 µs each in Redis, so a call blocks it for little.
+#: Events per touch EVALSHA: a few µs each in Redis, so a call blocks it for little.
 TOUCH_EVENTS: Final = 128
 
 _DRAIN: Final = model.Drain
@@ -82,6 +85,7 @@ class Outcome:
     full: list[model.AnyEvent] = field(default_factory=list)
     replies: list[list[Any]] = field(default_factory=list)
     touched: int = 0
+    stale: int = 0
     absent: list[model.AnyEvent] = field(default_factory=list)
 
 
@@ -122,14 +126,13 @@ async def apply(
     pack = _wire.pack_command
     calls: list[tuple[bool, list[Any]]] = []
     parts: list[bytes] = []
-    deadlines = keys.deadlines
     for touch, run, rkeys in runs:
         step = TOUCH_EVENTS if touch else scripts.BATCH_EVENTS
         for i in range(0, len(run), step):
             chunk = run[i : i + step]
             calls.append((touch, chunk))
             if touch:
-                parts.append(pack(scripts.touch_call(deadlines, rkeys[i : i + step], chunk)))
+                parts.append(pack(scripts.touch_call(keys, rkeys[i : i + step], chunk)))
             else:
                 parts.append(pack(scripts.apply_batch_call(keys, chunk, limits)))
     packed = b"".join(parts)
@@ -147,8 +150,10 @@ async def apply(
         for (touch, chunk), reply in zip(calls, replies, strict=True):
             if touch:
                 for event, ok in zip(chunk, reply, strict=True):
-                    if ok:
+                    if ok == 1:
                         out.touched += 1
+                    elif ok == 2:
+                        out.stale += 1
                     else:
                         out.absent.append(event)
             else:

@@ -404,6 +404,8 @@ class Registrar(RunsInBackground):
                 self._count(done.full, done.replies)
                 self.stats.touched += done.touched
                 self.stats.applied["refreshed"] += done.touched
+                if done.stale:
+                    self.stats.applied["stale"] += done.stale
                 todo = done.absent  # removed (leave, reaper) or lost: apply in full
             if todo:
                 await self._apply_raw(todo)

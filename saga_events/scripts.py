@@ -183,14 +183,23 @@ def apply_batch_call(
     )
 
 
-def touch_call(deadlines: str, rkeys: list[str], events: list[model.Announce]) -> tuple[Any, ...]:
-    """The one EVALSHA that moves the deadlines of ``events`` (record keys ``rkeys``;
-    see lua/touch.lua): per event only its key, ttl and seq, no body."""
+def touch_call(keys: Keys, rkeys: list[str], events: list[model.Announce]) -> tuple[Any, ...]:
+    """The one EVALSHA that applies ``events`` (record keys ``rkeys``) as unchanged
+    heartbeats (see lua/touch.lua): per event only its key, ttl, incarnation and seq,
+    no body."""
     args: list[Any] = []
     for event in events:
-        args.append(event.ttl_ms)
-        args.append(event.seq)
-    return ("EVALSHA", TOUCH.sha, 1 + len(rkeys), deadlines, *rkeys, BACKSTOP_MIN_MS, *args)
+        args += (event.ttl_ms, event.incarnation, event.seq)
+    return (
+        "EVALSHA",
+        TOUCH.sha,
+        2 + len(rkeys),
+        keys.deadlines,
+        keys.order,
+        *rkeys,
+        BACKSTOP_MIN_MS,
+        *args,
+    )
 
 
 def apply_call(

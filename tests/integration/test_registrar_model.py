@@ -11,11 +11,8 @@ Agent events carry ``since`` (the seq of the agent's last content change; some
 agents send none) and each delivery is decided as the registrar's intake
 decides it (``_touch.touchable``) against a view that lags (refreshed from Redis
 only by a rule): a touch runs ``lua/touch.lua`` (an absent one then goes through
-apply.lua). The model's expected records are those of applying everything in
-full; a touch may answer ``refreshed`` where the model says ``stale`` (both
-change nothing). The one thing a touch changes is the order entry it leaves
-behind, which only an ``after_newest`` write reads (its next seq): the model
-keeps that entry as Redis does (``entry``).
+apply.lua). The model is unchanged: a touch must answer what applying the
+event in full answers (``refreshed`` or ``stale``), and leave the same state.
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ class State:
     order: Pair | None = None
     tomb: Pair | None = None
     removed: Pair | None = None  # newest pair a leave or reap removed the record with
-    entry: Pair | None = None  # the order entry as Redis holds it (touches leave it behind)
 
 
 @dataclass
@@ -69,33 +65,14 @@ class Model:
     states: dict[str, State] = field(default_factory=lambda: {i: State() for i in IDS})
     rev: int = 0
 
-    def apply(self, ev: model.AnyEvent, after_newest: bool, touched: bool = False) -> str:
-        """The status of applying ``ev`` in full (the spec); ``touched``: it went
-        through the touch script, which must have found it a no-op."""
-        st = self.states[ev.service_id]
-        stored = st.entry or (st.record.pair if st.record else None)  # Redis's newest
-        tomb = st.tomb
-        status = self._apply(ev, after_newest)
-        pair = (ev.incarnation, ev.seq)
-        if touched:
-            assert status in ("refreshed", "stale"), f"touched {ev!r}; in full: {status}"
-        elif st.order is None or after_newest or status in ("created", "updated"):
-            st.entry = st.order
-        elif (tomb is None or pair > tomb) and (stored is None or pair > stored):
-            st.entry = pair  # refreshed in Redis, newer than its (behind) entry
-        return status
-
-    def _apply(self, ev: model.AnyEvent, after_newest: bool) -> str:
+    def apply(self, ev: model.AnyEvent, after_newest: bool) -> str:
         st = self.states[ev.service_id]
         pair = (ev.incarnation, ev.seq)
         if st.tomb is not None and pair <= st.tomb:
             return "stale"
         newest = st.order or (st.record.pair if st.record else None)
         if after_newest and newest is not None:
-            # Its next seq comes from the order entry as stored (behind after touches).
-            entry = st.entry or (st.record.pair if st.record else None) or newest
-            pair = (entry[0], entry[1] + 1)
-            newest = entry
+            pair = (newest[0], newest[1] + 1)
         if isinstance(ev, model.Leave):
             if newest is not None and pair <= newest:
                 return "stale"
@@ -129,8 +106,8 @@ class Model:
     def reap(self, sid: str) -> None:
         st = self.states[sid]
         assert st.record is not None
-        newest = st.entry or st.record.pair  # the reaper's tombstone: the entry as stored
-        st.record, st.order, st.tomb, st.removed, st.entry = None, None, newest, newest, None
+        newest = st.order or st.record.pair
+        st.record, st.order, st.tomb, st.removed = None, None, newest, newest
         self.rev += 1
 
 
@@ -166,19 +143,18 @@ class ScriptsMachine(RuleBasedStateMachine):
         rkey = K.inst(ev.service_name, ev.service_id)
         if not after_newest and _touch.touchable(ev, self.view.get(rkey)):
             assert isinstance(ev, model.Announce)
-            call = scripts.touch_call(K.deadlines, [rkey], [ev])
-            if self.conns[conn].execute_command(*call) == [1]:
+            call = scripts.touch_call(K, [rkey], [ev])
+            [reply] = self.conns[conn].execute_command(*call)
+            if reply:  # else absent: the registrar applies it in full, below
                 self.touches += 1
-                self.model.apply(ev, after_newest, touched=True)
+                got = {1: "refreshed", 2: "stale"}[reply]
+                want = self.model.apply(ev, after_newest)
+                assert got == want, f"touched {ev!r}: script {got}, model {want}"
                 return
-            # absent: the registrar applies it in full, below
         call = scripts.apply_call(K, ev, self.limits, after_newest=after_newest)
         got = scripts.parse_batch(self.conns[conn].execute_command(*call))[0].status
         want = self.model.apply(ev, after_newest)
-        noop = ("refreshed", "stale")  # behind a touch, Redis may refresh what is stale
-        assert got == want or (got in noop and want in noop), (
-            f"{ev!r} (after_newest={after_newest}): script {got}, model {want}"
-        )
+        assert got == want, f"{ev!r} (after_newest={after_newest}): script {got}, model {want}"
 
     @initialize()
     def start(self) -> None:

@@ -49,6 +49,12 @@ def leave(seq: int) -> bytes:
     ).encode()
 
 
+async def mget_calls(client: aioredis.Redis) -> int:
+    """apply.lua's MGET (record, tombstone, override), once per event; touch.lua has none."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
 class Setup:
     def __init__(self, client: aioredis.Redis, reg: Registrar, view: dict[str, Any]) -> None:
         self.client, self.reg, self.view = client, reg, view
@@ -98,18 +104,23 @@ async def test_unchanged_heartbeats_touch_and_others_apply_in_full(setup: Setup)
     await s.send(event(1, 1, type="register"))
     await s.catch_up()
     before = await s.client.zscore(KEYS.deadlines, KEY)
+    mgets = await mget_calls(s.client)
     for seq in (2, 3):
         await s.send(event(seq, 1))
     assert stats.touched == 2
     assert stats.applied == {"created": 1, "refreshed": 2}
-    # Only the deadline moved: the order entry stays at the last full apply.
-    assert await s.client.hget(KEYS.order, KEY) == f"{INC}:1".encode()
+    # The deadline and the order entry moved; the record was not read (apply.lua's MGET).
+    assert await mget_calls(s.client) == mgets
+    assert await s.client.hget(KEYS.order, KEY) == f"{INC}:3".encode()
     assert (await s.client.zscore(KEYS.deadlines, KEY) or 0) >= (before or 0)
+    await s.send(event(2, 1))  # a duplicate, late: the touch says stale
+    assert stats.applied["stale"] == 1 and stats.touched == 2
     await s.send(event(4, None))  # no since (another agent): in full
     assert stats.touched == 2
-    assert await s.client.hget(KEYS.order, KEY) == f"{INC}:4".encode()
+    assert await mget_calls(s.client) == mgets + 1
     await s.send(event(5, 5, service_url=URL_B))  # a change: in full
     assert stats.touched == 2
+    assert await mget_calls(s.client) == mgets + 2
     assert stats.applied["updated"] == 1
     stored = await s.stored()
     assert stored is not None and (stored.seq, stored.service_url) == (5, URL_B)
@@ -189,6 +200,23 @@ async def test_a_heartbeat_after_the_reaper_re_creates_the_instance(setup: Setup
     stored = await s.stored()
     assert stored is not None and stored.seq == 2
     assert await s.client.zscore(KEYS.deadlines, KEY) is not None
+
+
+async def test_a_heartbeat_delayed_past_a_reap_stays_stale(setup: Setup) -> None:
+    """The reaper's tombstone is the order entry: touches must move it (chaos found a
+    paused registrar's backlog bringing reaped instances back when they did not)."""
+    s, stats = setup, setup.reg.stats
+    await s.send(event(1, 1, type="register"))
+    await s.catch_up()
+    for seq in (2, 3):
+        await s.send(event(seq, 1))
+    assert stats.touched == 2
+    await s.client.zadd(KEYS.deadlines, {KEY: 1})  # the agent crashed: due
+    await eventually(lambda: stats.reaped == 1, 10)
+    assert await s.client.get(KEYS.tomb("payment", "p-1")) == f"{INC}:3".encode()
+    await s.send(event(2, 1))  # from a backlog
+    assert stats.applied["stale"] == 1
+    assert await s.client.get(KEY) is None
 
 
 async def test_touches_refresh_the_backstop(setup: Setup) -> None:
