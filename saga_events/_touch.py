@@ -31,10 +31,8 @@ Why a touch may skip reading the record (and the tombstone and override):
 * A late event E' of the same incarnation with ``seq' >= since`` carries the
   same content (the agent's contract); one with ``seq' < since`` is older than
   the record and the entry. Both are ordered by the entry as before.
-* The agent's contract (``Agent``): ``since`` moves to the event's seq when
-  the content changes and on the first announce after a leave (the record is
-  re-created: were it not, a touched re-announce would leave the entry below a
-  delayed leave, which would then remove a live instance).
+* The agent's contract (``Agent``): ``since`` is the seq of the run's first
+  announce and moves to the event's seq whenever the content changes.
 
 """
 

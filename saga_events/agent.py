@@ -278,7 +278,6 @@ class Agent(RunsInBackground):
         Heartbeats stop until :meth:`announce` or :meth:`update` registers again.
         """
         self.left = True
-        self._content = None  # the next announce re-creates the record: a change
         inc, seq = self._next()
         event = model.Leave(
             service_name=self.service_name, service_id=self.service_id, incarnation=inc, seq=seq

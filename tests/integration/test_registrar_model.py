@@ -206,6 +206,33 @@ class ScriptsMachine(RuleBasedStateMachine):
             self.publish_announce(sid, "drain" if draining else "heartbeat", url, True)
             self._send(self.published[-1], data.draw(st.integers(0, 1)))
 
+    @precondition(lambda self: any(a.content for a in self.agents.values()))
+    @rule(data=st.data(), deliver_change=st.booleans())
+    def flap(self, data: st.DataObject, deliver_change: bool) -> None:
+        """A change and back (A -> B -> A) while the view, caught up at A, lags."""
+        sid = data.draw(st.sampled_from([s for s in IDS if self.agents[s].content]))
+        self.refresh_view(sid)
+        url, draining = self.agents[sid].content or ("", False)
+        other = URLS[1 - URLS.index(url)]
+        self.publish_announce(sid, "drain" if draining else "heartbeat", other, True)
+        if deliver_change:  # else lost or late (delivered later, if at all)
+            self._send(self.published[-1], data.draw(st.integers(0, 1)))
+        self.publish_announce(sid, "drain" if draining else "heartbeat", url, True)
+        self._send(self.published[-1], data.draw(st.integers(0, 1)))
+
+    @precondition(lambda self: any(a.content for a in self.agents.values()))
+    @rule(data=st.data())
+    def leave_overtaken(self, data: st.DataObject) -> None:
+        """A leave, then the same content announced again; the leave arrives last."""
+        sid = data.draw(st.sampled_from([s for s in IDS if self.agents[s].content]))
+        self.refresh_view(sid)
+        url, draining = self.agents[sid].content or ("", False)
+        self.publish_leave(sid, False)
+        left = self.published[-1]
+        self.publish_announce(sid, "drain" if draining else "heartbeat", url, True)
+        self._send(self.published[-1], data.draw(st.integers(0, 1)))
+        self._send(left, data.draw(st.integers(0, 1)))
+
     @rule(sid=st.sampled_from(IDS))
     def refresh_view(self, sid: str) -> None:
         """The registrar's view catches up with Redis for one instance."""
@@ -219,7 +246,6 @@ class ScriptsMachine(RuleBasedStateMachine):
     def publish_leave(self, sid: str, restart: bool) -> None:
         agent = self.agents[sid]
         agent.seq += 1
-        agent.content = None  # the next announce re-creates the record: since moves
         self.published.append(
             model.Leave(service_name="svc", service_id=sid, incarnation=agent.inc, seq=agent.seq)
         )

@@ -173,15 +173,14 @@ async def test_a_late_heartbeat_after_a_leave_does_not_resurrect(setup: Setup) -
     assert not await s.client.sismember(KEYS.index, KEY)
 
 
-async def test_a_delayed_leave_stays_behind_the_re_announce_after_it(setup: Setup) -> None:
-    """Leave@2 is delayed past the re-announce@3; the re-announce says since 3 (a record
-    re-created is a change, see Agent): applied in full, so the order entry is 3 and the
-    leave is stale. Had it said since 1, it would be a touch and the leave would win."""
+async def test_a_delayed_leave_stays_behind_a_touched_re_announce(setup: Setup) -> None:
+    """Leave@2 is delayed past the re-announce@3 (same content, since 1): the touch
+    moves the order entry to 3, so the leave is stale and the live instance stays."""
     s, stats = setup, setup.reg.stats
     await s.send(event(1, 1, type="register"))
     await s.catch_up()
-    await s.send(event(3, 3))
-    assert stats.touched == 0
+    await s.send(event(3, 1))
+    assert stats.touched == 1
     await s.send(leave(2))
     assert stats.applied["stale"] == 1
     assert await s.stored() is not None
@@ -267,7 +266,7 @@ async def test_the_agent_says_since_its_last_change(redis_url: str) -> None:
             await announce(agent.announce)
             await announce(agent.drain)
             await announce(agent.leave)
-            await announce(agent.announce)  # after a leave: the record is re-created
+            await announce(agent.announce)  # after a leave
             assert sent == [
                 ("register", 1, 1),
                 ("heartbeat", 2, 1),
@@ -276,7 +275,7 @@ async def test_the_agent_says_since_its_last_change(redis_url: str) -> None:
                 ("heartbeat", 5, 4),
                 ("drain", 6, 6),
                 ("leave", 7, None),
-                ("drain", 8, 8),
+                ("drain", 8, 6),  # the same content as before the leave: no change
             ]
     finally:
         await client.aclose()
