@@ -403,9 +403,9 @@ class Registrar(RunsInBackground):
                 )
                 self._count(done.full, done.replies)
                 self.stats.touched += done.touched
-                self.stats.applied["refreshed"] += done.touched
-                if done.stale:
-                    self.stats.applied["stale"] += done.stale
+                for status, n in (("refreshed", done.touched), ("stale", done.stale)):
+                    if n:  # no zero entries: callers compare applied with a dict
+                        self.stats.applied[status] += n
                 todo = done.absent  # removed (leave, reaper) or lost: apply in full
             if todo:
                 await self._apply_raw(todo)
