@@ -56,8 +56,10 @@ def announce(
     url: str,
     ttl_ms: int = 60_000,
     metadata: dict[str, str] | None = None,
+    since: int | None = None,
 ) -> bytes:
-    """The bytes an Agent publishes for a register or heartbeat."""
+    """The bytes an Agent publishes for a register or heartbeat (``since``: the seq of
+    its last change, as an Agent sends it; None: as an agent without the field)."""
     cls = model.Register if kind == "register" else model.Heartbeat
     return model.encode(
         cls(
@@ -69,6 +71,7 @@ def announce(
             capabilities=("rest", "grpc"),
             metadata=metadata or {"zone": "eu-west-1a", "version": "1.4.2"},
             ttl_ms=ttl_ms,
+            since=since,
         )
     )
 

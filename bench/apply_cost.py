@@ -8,6 +8,9 @@ KEYS/ARGV interface), round by round on the same server and data, so a
 shared machine's load hits both alike. Measured per heartbeat: the µs Redis
 counts in EVALSHA (INFO commandstats, the script and every call in it) and
 redis-server's CPU (user + sys, INFO cpu), whose difference is the I/O.
+Beside them, ``touch``: the same heartbeats through ``lua/touch.lua`` (the
+registrar's touch path for an unchanged heartbeat that says ``since``;
+``--no-touch`` leaves it out), in batches of B too.
 
     python bench/apply_cost.py [--n 100000] [--batch 5] [--rounds 6] [--other old_apply.lua]
 """
@@ -63,6 +66,15 @@ def _packed(keys: Keys, events: list[model.Announce], batch: int, sha: str) -> l
     return out
 
 
+def _packed_touch(keys: Keys, events: list[model.Announce], batch: int) -> list[bytes]:
+    out = []
+    for lo in range(0, len(events), batch):
+        chunk = list(events[lo : lo + batch])
+        rkeys = [keys.inst(e.service_name, e.service_id) for e in chunk]
+        out.append(_wire.pack_command(scripts.touch_call(keys, rkeys, chunk)))
+    return out
+
+
 def _send(sock: socket.socket, reader: Any, packed: list[bytes], window: int = 64) -> None:
     """Pipelined, at most ``window`` calls in flight (a burst each, as from the intake)."""
     for lo in range(0, len(packed), window):
@@ -88,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--other", type=Path, default=None, help="another apply.lua to compare")
+    p.add_argument("--no-touch", action="store_true", help="leave lua/touch.lua out")
     args = p.parse_args(argv)
     sources = {"package": scripts.APPLY.source}
     if args.other:
         sources["other"] = args.other.read_text()
+    if not args.no_touch:
+        sources["touch"] = scripts.TOUCH.source
     keys = Keys("default")
     with h.redis_server() as server:
         r = redis.Redis(server.host, server.port)
@@ -109,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in sources}
         for rnd in range(args.rounds):
             # 4 passes per script and round: every seq % 4 (the backstop's PTTL) alike.
-            for name in list(sources)[:: 1 if rnd % 2 == 0 else -1]:
+            for name in list(sources)[:: 1 if rnd % 2 == 0 else -1]:  # alternated
                 u0, _c0 = _evalsha_usec(r)
                 cpu0 = _cpu(r)
                 for _pass in range(4):
                     seq += 1
                     events = _events(args.n, seq, inc, model.Heartbeat)
-                    _send(sock, reader, _packed(keys, events, args.batch, shas[name]))
+                    if name == "touch":
+                        packed = _packed_touch(keys, events, args.batch)
+                    else:
+                        packed = _packed(keys, events, args.batch, shas[name])
+                    _send(sock, reader, packed)
                 cpu1 = _cpu(r)
                 u1, _c1 = _evalsha_usec(r)
                 n = 4 * args.n

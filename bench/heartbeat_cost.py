@@ -57,7 +57,14 @@ def run_size(n: int, interval: float, ttl_ms: int, profile: bool, bar: Any) -> d
                 _roles.publish_cmd(
                     svc,
                     _roles.announce(
-                        kind, svc, sid, incarnation=inc, seq=seq, url=urls[i], ttl_ms=ttl_ms
+                        kind,
+                        svc,
+                        sid,
+                        incarnation=inc,
+                        seq=seq,
+                        url=urls[i],
+                        ttl_ms=ttl_ms,
+                        since=1,  # as an Agent: registered at seq 1, unchanged since
                     ),
                 )
                 for i, (svc, sid) in enumerate(ids[lo:hi], start=lo)

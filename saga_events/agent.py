@@ -134,6 +134,11 @@ class Agent(RunsInBackground):
         self.first_announce_timeout = first_announce_timeout
         self.incarnation = model.new_incarnation()
         self.seq = 0
+        # The seq of the last change of the announced content and that content:
+        # every announce says ``since`` (model.Announce), so a registrar can apply
+        # an unchanged heartbeat as a deadline touch.
+        self._since = 0
+        self._content: tuple[Any, ...] | None = None
         self.draining = False
         self.registered = False
         self.left = False
@@ -188,6 +193,13 @@ class Agent(RunsInBackground):
             cls = model.Register
         else:
             cls = model.Heartbeat
+        metadata = self.metadata if health is None else health.metadata(self.metadata)
+        content = (cls is model.Drain, self.service_url, self.capabilities, metadata, self.ttl_ms)
+        if content != self._content:
+            # A change (or the first announce): since is this seq. A re-register of
+            # the same content is no change.
+            self._content = (content[0], content[1], content[2], dict(metadata), content[4])
+            self._since = seq
         return cls(
             service_name=self.service_name,
             service_id=self.service_id,
@@ -195,8 +207,9 @@ class Agent(RunsInBackground):
             seq=seq,
             service_url=self.service_url,
             capabilities=self.capabilities,
-            metadata=self.metadata if health is None else health.metadata(self.metadata),
+            metadata=metadata,
             ttl_ms=self.ttl_ms,
+            since=self._since,
         )
 
     async def _publish(self, event: model.Event) -> bool:

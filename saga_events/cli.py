@@ -75,6 +75,7 @@ async def _serve_registrar(
         namespace=namespace,
         manage_config=manage_config,
         view=view if mirror is not None else None,
+        lookup=mirror.view.get if mirror is not None else None,
     )
     try:
         async with anyio.create_task_group() as tg:

@@ -63,7 +63,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class Announce(Event, frozen=True, kw_only=True):
-    """An event that carries the whole record, so any one of them rebuilds it."""
+    """An event that carries the whole record, so any one of them rebuilds it.
+
+    ``since`` (optional): the seq at which this agent last changed the
+    record's content (url, capabilities, metadata, ttl, draining), so
+    ``0 <= since <= seq``; it lets a registrar apply an unchanged heartbeat as a
+    deadline touch (``saga_events/_touch.py``). Without it the event is applied
+    in full, as before the field existed.
+    """
 
     service_url: Url
     capabilities: tuple[Capability, ...] = ()
@@ -269,6 +276,8 @@ def _reason_for(message: str) -> str:
         return "bad_ttl"
     if "`$.service_url`" in message:
         return "bad_url"
+    if "`$.since`" in message:
+        return "bad_since"
     return "invalid"
 
 
@@ -306,6 +315,12 @@ def decode_event(
             f"event for service {event.service_name!r} sent on the channel of {channel_service!r}",
         )
     if isinstance(event, Announce):
+        if event.since is not None and event.since > event.seq:
+            raise InvalidEvent(
+                "bad_since",
+                f"since {event.since} is after the event's own seq {event.seq} "
+                "(since is the seq of the agent's last content change)",
+            )
         check_url(event.service_url, schemes)
     return event
 

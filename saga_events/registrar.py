@@ -30,7 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
-from . import _intake, _wire, connection, identity, model, override_ends, scripts
+from . import _intake, _touch, _wire, connection, identity, model, override_ends, scripts
 from ._fastdecode import FastDecoder
 from ._lifecycle import RunsInBackground
 from ._ratelimit import TokenBuckets
@@ -62,6 +62,7 @@ class RegistrarStats:
     applied: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     reaped: int = 0
+    touched: int = 0  # heartbeats applied as a deadline touch (also counted refreshed)
     rebuilds: int = 0
     restored: int = 0
     flags_reapplied: int = 0
@@ -82,6 +83,9 @@ class Registrar(RunsInBackground):
     ``view`` returns the instances the registry last held (a gateway's
     mirror); when not given the registrar runs a :class:`Mirror` of its own
     for it (``own_view=False``: no view, an empty restart restores nothing).
+    ``lookup`` finds a record of that view by key (``View.get``); with it
+    (and with the own view) unchanged heartbeats that carry ``since`` are
+    applied as deadline touches (``_touch.py``).
     ``heartbeat_hold``: intake heartbeats alone wait up to this many seconds
     to be applied with the next events (``_intake.py``; 0: never).
     """
@@ -108,6 +112,7 @@ class Registrar(RunsInBackground):
         view: View | None = None,
         own_view: bool = True,
         heartbeat_hold: float = 0.01,
+        lookup: _touch.Lookup | None = None,
     ) -> None:
         self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner
         self._owns_client = isinstance(redis, str)
@@ -124,6 +129,7 @@ class Registrar(RunsInBackground):
         self.limits = scripts.Limits(tomb_ttl_ms, max_instances_per_service, max_instances)
         self.view = view
         self._own_view = own_view and view is None
+        self._lookup = lookup if view is not None else None
         self.stats = RegistrarStats()
         self.started_ms = now_ms()
         self.subscribed = False
@@ -191,6 +197,7 @@ class Registrar(RunsInBackground):
 
         mirror = Mirror(self._redis, namespace=self.keys.ns)
         self.view = lambda: mirror.snapshot().values()
+        self._lookup = mirror.view.get
         backoff = Backoff(cap=5.0)
         while True:
             try:
@@ -254,6 +261,10 @@ class Registrar(RunsInBackground):
         replies = await scripts.apply_raw(
             self._redis, self._pipe, self.keys, events, self.limits, after_newest=after_newest
         )
+        self._count(events, replies)
+        return replies
+
+    def _count(self, events: list[model.AnyEvent], replies: list[list[Any]]) -> None:
         statuses = Counter(r[0] for r in replies)
         applied = self.stats.applied
         for status, count in statuses.items():
@@ -270,7 +281,6 @@ class Registrar(RunsInBackground):
                         self.limits.max_instances_per_service,
                         self.limits.max_instances,
                     )
-        return replies
 
     def validate(self, channel: bytes, data: bytes) -> model.AnyEvent | None:
         """Decode one message; count and log a rejection and return None if invalid.
@@ -390,15 +400,27 @@ class Registrar(RunsInBackground):
         return events
 
     async def _apply_intake(self, events: list[Any]) -> None:
+        todo = events
         try:
-            await self._apply_raw(events)
+            if self._lookup is not None:  # unchanged heartbeats touch (_touch.py)
+                done = await _touch.apply(
+                    self._redis, self._pipe, self.keys, events, self.limits, self._lookup
+                )
+                self._count(done.full, done.replies)
+                self.stats.touched += done.touched
+                for status, n in (("refreshed", done.touched), ("stale", done.stale)):
+                    if n:  # no zero entries: callers compare applied with a dict
+                        self.stats.applied[status] += n
+                todo = done.absent  # removed (leave, reaper) or lost: apply in full
+            if todo:
+                await self._apply_raw(todo)
         except ResponseError as exc:
             # Redis refused the writes (OOM, READONLY): these events are lost,
             # the agents' next heartbeats carry the same records again.
-            self.stats.rejected["redis_refused"] += len(events)
+            self.stats.rejected["redis_refused"] += len(todo)
             self._redis_refusals.warning(
                 "Redis refused %d events (%s); the next heartbeats retry them",
-                len(events),
+                len(todo),
                 exc,
             )
 

@@ -8,6 +8,8 @@ Contract:
 * :class:`Scripts` calls a script by EVALSHA and, on ``NOSCRIPT`` (Redis
   restarted and lost its script cache), loads it and calls again: a NOSCRIPT
   reply means nothing ran.
+* :func:`touch_call` builds the touch script's command (``lua/touch.lua``:
+  the deadlines of unchanged instances, chosen by ``_touch``).
 * :func:`apply_batch_call` builds the apply script's command for a batch of
   validated events (one script call applies them in order) and
   :func:`parse_batch` reads its reply; :func:`apply_many` sends any number
@@ -58,7 +60,8 @@ RESTORE: Final = Script("restore")
 FINISH_REBUILD: Final = Script("finish_rebuild")
 BUMP_EPOCH: Final = Script("bump_epoch")
 INIT_COUNTS: Final = Script("init_counts")
-ALL: Final = (APPLY, REAP, RESTORE, FINISH_REBUILD, BUMP_EPOCH, INIT_COUNTS)
+TOUCH: Final = Script("touch")
+ALL: Final = (APPLY, REAP, RESTORE, FINISH_REBUILD, BUMP_EPOCH, INIT_COUNTS, TOUCH)
 
 
 def counts_key(keys: Keys) -> str:
@@ -177,6 +180,25 @@ def apply_batch_call(
         limits.unknown_leave_ms,
         BACKSTOP_MIN_MS,
         *event_args,
+    )
+
+
+def touch_call(keys: Keys, rkeys: list[str], events: list[model.Announce]) -> tuple[Any, ...]:
+    """The one EVALSHA that applies ``events`` (record keys ``rkeys``) as unchanged
+    heartbeats (see lua/touch.lua): per event only its key, ttl, incarnation and seq,
+    no body."""
+    args: list[Any] = []
+    for event in events:
+        args += (event.ttl_ms, event.incarnation, event.seq)
+    return (
+        "EVALSHA",
+        TOUCH.sha,
+        2 + len(rkeys),
+        keys.deadlines,
+        keys.order,
+        *rkeys,
+        BACKSTOP_MIN_MS,
+        *args,
     )
 
 

@@ -6,6 +6,13 @@ through either of two registrars' connections; HTTP-style writes use
 ``after_newest``; the reaper removes instances whose deadline is made due.
 After every step the stored records and the revision must equal the model's,
 and nothing older than a leave or a reap may bring an instance back.
+
+Agent events carry ``since`` (the seq of the agent's last content change; some
+agents send none) and each delivery is decided as the registrar's intake
+decides it (``_touch.touchable``) against a view that lags (refreshed from Redis
+only by a rule): a touch runs ``lua/touch.lua`` (an absent one then goes through
+apply.lua). The model is unchanged: a touch must answer what applying the
+event in full answers (``refreshed`` or ``stale``), and leave the same state.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from saga_events import model, scripts
+from saga_events import _touch, model, scripts
 from saga_events.embedded import RedisServer
 from saga_events.keys import Keys
 
@@ -49,6 +56,8 @@ class State:
 class Agent:
     inc: int
     seq: int = 0
+    since: int = 0
+    content: tuple[str, bool] | None = None  # None: the next announce (re)creates
 
 
 @dataclass
@@ -110,6 +119,7 @@ def server() -> Any:
 
 class ScriptsMachine(RuleBasedStateMachine):
     url: str = ""
+    touched_in_all: int = 0  # touches over all runs: the touch path must be exercised
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,12 +131,26 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.agents = {sid: Agent(inc=1_000_000 + n * 10) for n, sid in enumerate(IDS)}
         self.published: list[model.AnyEvent] = []
         self.limits = scripts.Limits()
+        self.view: dict[str, model.Instance] = {}  # the registrar's view, by key: lags
+        self.touches = 0
 
     def teardown(self) -> None:
+        ScriptsMachine.touched_in_all += self.touches
         for c in self.conns:
             c.close()
 
     def _send(self, ev: model.AnyEvent, conn: int = 0, after_newest: bool = False) -> None:
+        rkey = K.inst(ev.service_name, ev.service_id)
+        if not after_newest and _touch.touchable(ev, self.view.get(rkey)):
+            assert isinstance(ev, model.Announce)
+            call = scripts.touch_call(K, [rkey], [ev])
+            [reply] = self.conns[conn].execute_command(*call)
+            if reply:  # else absent: the registrar applies it in full, below
+                self.touches += 1
+                got = {1: "refreshed", 2: "stale"}[reply]
+                want = self.model.apply(ev, after_newest)
+                assert got == want, f"touched {ev!r}: script {got}, model {want}"
+                return
         call = scripts.apply_call(K, ev, self.limits, after_newest=after_newest)
         got = scripts.parse_batch(self.conns[conn].execute_command(*call))[0].status
         want = self.model.apply(ev, after_newest)
@@ -138,12 +162,15 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     @rule(
         sid=st.sampled_from(IDS),
-        kind=st.sampled_from(["register", "heartbeat", "drain"]),
+        kind=st.sampled_from(["register", "heartbeat", "heartbeat", "drain"]),
         url=st.sampled_from(URLS),
+        with_since=st.sampled_from([True, True, True, False]),
     )
-    def publish_announce(self, sid: str, kind: str, url: str) -> None:
+    def publish_announce(self, sid: str, kind: str, url: str, with_since: bool) -> None:
         agent = self.agents[sid]
         agent.seq += 1
+        if (url, kind == "drain") != agent.content:  # as Agent does: a change, or after a leave
+            agent.content, agent.since = (url, kind == "drain"), agent.seq
         cls = {"register": model.Register, "heartbeat": model.Heartbeat, "drain": model.Drain}
         self.published.append(
             cls[kind](
@@ -152,8 +179,68 @@ class ScriptsMachine(RuleBasedStateMachine):
                 incarnation=agent.inc,
                 seq=agent.seq,
                 service_url=url,
+                since=agent.since if with_since else None,  # other agents send none
             )
         )
+
+    @precondition(lambda self: any(a.content for a in self.agents.values()))
+    @rule(data=st.data(), with_since=st.sampled_from([True, True, True, False]))
+    def publish_heartbeat(self, data: st.DataObject, with_since: bool) -> None:
+        """An unchanged heartbeat (the common event): the agent's content again."""
+        sid = data.draw(st.sampled_from([s for s in IDS if self.agents[s].content]))
+        url, draining = self.agents[sid].content or ("", False)
+        self.publish_announce(sid, "drain" if draining else "heartbeat", url, with_since)
+        if data.draw(st.booleans()):  # delivered at once (the usual case)
+            if data.draw(st.booleans()):
+                self.refresh_view(sid)
+            self._send(self.published[-1], data.draw(st.integers(0, 1)))
+
+    @precondition(lambda self: any(a.content for a in self.agents.values()))
+    @rule(data=st.data())
+    def steady_heartbeats(self, data: st.DataObject) -> None:
+        """A few unchanged heartbeats delivered at once to a view that caught up."""
+        sid = data.draw(st.sampled_from([s for s in IDS if self.agents[s].content]))
+        self.refresh_view(sid)
+        url, draining = self.agents[sid].content or ("", False)
+        for _ in range(data.draw(st.integers(1, 3))):
+            self.publish_announce(sid, "drain" if draining else "heartbeat", url, True)
+            self._send(self.published[-1], data.draw(st.integers(0, 1)))
+
+    @precondition(lambda self: any(a.content for a in self.agents.values()))
+    @rule(data=st.data(), deliver_change=st.booleans())
+    def flap(self, data: st.DataObject, deliver_change: bool) -> None:
+        """A change and back (A -> B -> A) while the view, caught up at A, lags."""
+        sid = data.draw(st.sampled_from([s for s in IDS if self.agents[s].content]))
+        self.refresh_view(sid)
+        url, draining = self.agents[sid].content or ("", False)
+        other = URLS[1 - URLS.index(url)]
+        self.publish_announce(sid, "drain" if draining else "heartbeat", other, True)
+        if deliver_change:  # else lost or late (delivered later, if at all)
+            self._send(self.published[-1], data.draw(st.integers(0, 1)))
+        self.publish_announce(sid, "drain" if draining else "heartbeat", url, True)
+        self._send(self.published[-1], data.draw(st.integers(0, 1)))
+
+    @precondition(lambda self: any(a.content for a in self.agents.values()))
+    @rule(data=st.data())
+    def leave_overtaken(self, data: st.DataObject) -> None:
+        """A leave, then the same content announced again; the leave arrives last."""
+        sid = data.draw(st.sampled_from([s for s in IDS if self.agents[s].content]))
+        self.refresh_view(sid)
+        url, draining = self.agents[sid].content or ("", False)
+        self.publish_leave(sid, False)
+        left = self.published[-1]
+        self.publish_announce(sid, "drain" if draining else "heartbeat", url, True)
+        self._send(self.published[-1], data.draw(st.integers(0, 1)))
+        self._send(left, data.draw(st.integers(0, 1)))
+
+    @rule(sid=st.sampled_from(IDS))
+    def refresh_view(self, sid: str) -> None:
+        """The registrar's view catches up with Redis for one instance."""
+        raw = self.conns[0].get(K.inst("svc", sid))
+        if raw is None:
+            self.view.pop(K.inst("svc", sid), None)
+        else:
+            self.view[K.inst("svc", sid)] = model.decode_instance(raw)
 
     @rule(sid=st.sampled_from(IDS), restart=st.booleans())
     def publish_leave(self, sid: str, restart: bool) -> None:
@@ -164,7 +251,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         )
         if restart:  # the agent runs again: a new incarnation
             agent.inc += 1
-            agent.seq = 0
+            agent.seq = agent.since = 0
 
     @precondition(lambda self: self.published)
     @rule(data=st.data(), conn=st.integers(0, 1))
@@ -173,6 +260,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         recent = data.draw(st.booleans())
         n = len(self.published)
         i = n - 1 if recent else data.draw(st.integers(0, n - 1))
+        if data.draw(st.booleans()):  # the view has caught up (else it lags)
+            self.refresh_view(self.published[i].service_id)
         self._send(self.published[i], conn)
 
     @rule(sid=st.sampled_from(IDS), url=st.sampled_from(URLS), leave=st.booleans())
@@ -229,8 +318,9 @@ def test_scripts_match_the_model(server: RedisServer) -> None:
         ScriptsMachine,
         settings=settings(
             max_examples=150,
-            stateful_step_count=30,
+            stateful_step_count=50,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+    assert ScriptsMachine.touched_in_all > 0, "no delivery went through the touch path"
