@@ -1,12 +1,13 @@
 """The registrar: the only writer of registry keys.
 
-It PSUBSCRIBEs to every service's events channel, validates each event,
-applies it through the apply script (``lua/apply.lua``, called through
-:mod:`saga_events.scripts`) that orders events by ``(incarnation, seq)``,
-reaps instances whose deadline passed, keeps the keyspace notification
-flags set, and announces its own liveness once a second (the mirrors'
-canary). Several registrars may run at once: the script makes applying an
-event idempotent and order-independent.
+It PSUBSCRIBEs to every service's events channel (``_intake``), validates
+each event (``_admit``), applies it through the apply script
+(``lua/apply.lua``, called through :mod:`saga_events.scripts`) that orders
+events by ``(incarnation, seq)``, or, for an unchanged heartbeat, through the
+touch script (``_touch``), reaps instances whose deadline passed, keeps the
+keyspace notification flags set, and announces its own liveness once a
+second (the mirrors' canary). Several registrars may run at once: the scripts
+make applying an event idempotent and order-independent.
 
 Contract: nothing a message contains ends the consume loop (a decode failure
 is a counted rejection, and a crash-only safety net restarts the loop if a
@@ -31,11 +32,9 @@ from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
 from . import _intake, _touch, _wire, connection, identity, model, override_ends, scripts
-from ._fastdecode import FastDecoder
+from ._admit import Admission
 from ._lifecycle import RunsInBackground
-from ._ratelimit import TokenBuckets
 from ._redis import TRANSIENT, Backoff, RateLimitedLog, RedisLike, connect, now_ms
-from .errors import InvalidEvent
 from .keys import Keys
 from .notify import NotificationCheck, ensure_flags
 from .rebuild import Rebuilds
@@ -136,17 +135,17 @@ class Registrar(RunsInBackground):
         self._intake_was_up = False
         self._rejections = RateLimitedLog(log)
         self._redis_refusals = RateLimitedLog(log, burst=5)
-        # Flood guards (events/s and burst), per instance and per service; None
-        # turns one off (rate_limit=None: both). Both tables are bounded (least recently used goes).
-        self._buckets = TokenBuckets(rate_limit, rate_burst) if rate_limit else None
-        self._service_buckets = (
-            TokenBuckets(service_rate_limit, service_rate_burst)
-            if rate_limit and service_rate_limit
-            else None
-        )
         self._scripts = scripts.Scripts(self._redis)
-        self._fast = FastDecoder(url_schemes)
-        self._events_prefix = len(self.keys.events_prefix.encode())
+        self._admission = Admission(
+            events_prefix=self.keys.events_prefix,
+            url_schemes=url_schemes,
+            stats=self.stats,
+            rejections=self._rejections,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            service_rate_limit=service_rate_limit,
+            service_rate_burst=service_rate_burst,
+        )
         self._rebuilds = Rebuilds(self)
         self.heartbeat_hold = heartbeat_hold
         self._tg_for_rebuild: anyio.abc.TaskGroup | None = None
@@ -287,47 +286,7 @@ class Registrar(RunsInBackground):
 
         Never raises: whatever the message holds, the worst is a rejection.
         """
-        service = self._fast.service_of(channel, self._events_prefix)
-        event = self._fast.decode(data, service)  # the common case, checked strings cached
-        if event is not None:
-            return event
-        try:
-            return model.decode_event(data, service, schemes=self.url_schemes)
-        except InvalidEvent as exc:
-            reason, detail = exc.reason, exc.detail
-        except Exception as exc:
-            reason, detail = "bad_json", f"{type(exc).__name__}: {exc}"
-        self.stats.rejected[reason] += 1
-        self._rejections.warning(
-            "rejected event on %s (%s): %s",
-            channel.decode("utf-8", "replace")[:200],
-            reason,
-            detail[:300],
-        )
-        return None
-
-    def _within_rate(self, event: model.AnyEvent, now: float | None = None) -> bool:
-        name, sid = event.service_name, event.service_id
-        services, instances = self._service_buckets, self._buckets
-        if instances is None:
-            return True
-        now = instances.clock() if now is None else now  # _decode_batch's: once a batch
-        if services is not None and not services.take(name, now):
-            limited, buckets = f"{name}", services
-        elif not instances.take((name, sid), now):
-            limited, buckets = f"{name}/{sid}", instances
-        else:
-            return True
-        self.stats.rejected["rate_limited"] += 1
-        self._rejections.warning(
-            "rejected event of %s/%s (rate_limited): more than %s events/s (burst %s) for %s",
-            name,
-            sid,
-            buckets.rate,
-            buckets.burst,
-            limited,
-        )
-        return False
+        return self._admission.validate(channel, data)
 
     # -- loops ---------------------------------------------------------------
 
@@ -365,7 +324,7 @@ class Registrar(RunsInBackground):
             await _intake.consume(
                 self._redis,
                 patterns=(self.keys.events_pattern,),
-                decode=self._decode_batch,
+                decode=self._admission.decode_batch,
                 apply=self._apply_intake,
                 hold=self.heartbeat_hold,
                 batch=self.batch_size,
@@ -375,29 +334,6 @@ class Registrar(RunsInBackground):
             )
         finally:
             self.subscribed = False
-
-    async def _process(self, batch: list[Any]) -> None:
-        """Decode and apply one batch of intake replies at once (no holding)."""
-        events = self._decode_batch(batch)
-        if events:
-            await self._apply_intake(events)
-
-    def _decode_batch(self, batch: list[Any]) -> list[model.AnyEvent]:
-        """The valid events of a batch of intake replies, within the rate limits."""
-        events: list[model.AnyEvent] = []
-        now = self._buckets.clock() if self._buckets is not None else 0.0
-        for reply in batch:
-            if not isinstance(reply, list) or len(reply) != 4 or reply[0] != b"pmessage":
-                continue  # pong and subscription replies
-            self.stats.received += 1
-            channel, data = reply[2], reply[3]
-            if not isinstance(channel, bytes) or not isinstance(data, bytes):
-                self.stats.rejected["bad_json"] += 1
-                continue
-            event = self.validate(channel, data)
-            if event is not None and self._within_rate(event, now):
-                events.append(event)
-        return events
 
     async def _apply_intake(self, events: list[Any]) -> None:
         todo = events

@@ -82,6 +82,6 @@ def test_per_service_rate_limit_stops_fresh_ids() -> None:
         model.Leave(service_name="svc", service_id=f"id{i}", incarnation=1, seq=1)
         for i in range(100)
     ]
-    allowed = sum(registrar._within_rate(e) for e in events)
+    allowed = sum(registrar._admission.within_rate(e) for e in events)
     assert allowed <= 21
     assert registrar.stats.rejected["rate_limited"] >= 79

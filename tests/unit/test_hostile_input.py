@@ -305,7 +305,9 @@ async def _collect(registrar: Registrar, batch: list[Any]) -> list[model.AnyEven
         return []
 
     registrar._apply_raw = apply_raw  # type: ignore[method-assign]
-    await registrar._process(batch)
+    events = registrar._admission.decode_batch(batch)
+    if events:
+        await registrar._apply_intake(events)
     return applied
 
 
@@ -329,7 +331,7 @@ async def test_a_flood_from_one_instance_is_rate_limited_and_counted() -> None:
 def test_rate_limit_can_be_turned_off() -> None:
     registrar = Registrar("redis://127.0.0.1:1/0", rate_limit=None)
     ev = msgspec.json.decode(raw(event()), type=model.Register)
-    assert all(registrar._within_rate(ev) for _ in range(10_000))
+    assert all(registrar._admission.within_rate(ev) for _ in range(10_000))
 
 
 def test_token_bucket_sweep_forgets_only_the_idle_keys() -> None:
@@ -381,7 +383,7 @@ def test_the_channel_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         )
         event = registrar.validate(channel, raw)
         assert (event is not None) == (i < 50)  # s50.. carry another service's name
-        assert len(registrar._fast._channels) <= 8
+        assert len(registrar._admission._fast._channels) <= 8
     assert registrar.stats.rejected["channel_mismatch"] == 50
 
 
