@@ -116,8 +116,8 @@ class _Intake(asyncio.BufferedProtocol):
         self.pending.extend(events)
         if len(self.pending) >= self.batch or self.hold <= 0:
             self._fire()
-        elif any(type(e) is not model.Heartbeat for e in events):
-            self._fire()
+        elif any(type(e) is not model.Heartbeat or e.since == e.seq for e in events):
+            self._fire()  # a register, drain, leave, or a heartbeat that says it changed
         elif self._timer is None and not self._due:
             self._timer = self._loop.call_later(self.hold, self._fire)
         if len(self.pending) >= 8 * self.batch and not self._paused:

@@ -85,8 +85,12 @@ class Registrar(RunsInBackground):
     ``lookup`` finds a record of that view by key (``View.get``); with it
     (and with the own view) unchanged heartbeats that carry ``since`` are
     applied as deadline touches (``_touch.py``).
-    ``heartbeat_hold``: intake heartbeats alone wait up to this many seconds
-    to be applied with the next events (``_intake.py``; 0: never).
+    ``heartbeat_hold``: intake heartbeats that change nothing wait up to this
+    many seconds to be applied with the next events (``_intake.py``; 0: never);
+    a register, drain, leave or a heartbeat whose ``since`` is its seq (a
+    change) is applied at once, after them. 30 ms: the deadline of a heartbeat
+    sent every ttl/3 (ttl >= 1 s) moves that much later, and 100k heartbeating
+    instances cost ~0.85x the registrar CPU of a 10 ms hold (BENCHMARKS.md).
     """
 
     def __init__(
@@ -110,7 +114,7 @@ class Registrar(RunsInBackground):
         max_instances: int = scripts.MAX_INSTANCES,
         view: View | None = None,
         own_view: bool = True,
-        heartbeat_hold: float = 0.01,
+        heartbeat_hold: float = 0.03,
         lookup: _touch.Lookup | None = None,
     ) -> None:
         self._redis = connect(redis, namespace=namespace)  # a Cluster: the {ns} slot's owner

@@ -76,6 +76,35 @@ async def test_a_register_is_applied_at_once_after_the_held_heartbeats(redis_url
         await client.aclose()
 
 
+async def test_a_heartbeat_that_carries_a_change_is_not_held() -> None:
+    """A heartbeat whose ``since`` is its own seq says its record changed (an agent's
+    ``update``): it is due at once, not held with the unchanged ones (whose hold the
+    session's quiet time would end only seconds later)."""
+
+    def beat(seq: int, since: int) -> model.Heartbeat:
+        return model.Heartbeat(
+            service_name="payment",
+            service_id="p-1",
+            incarnation=INC,
+            seq=seq,
+            service_url="http://10.0.0.5:8002",
+            since=since,
+        )
+
+    queue = [[beat(2, 1)], [beat(3, 3)]]
+    intake = _intake._Intake(
+        asyncio.Protocol(), _reader(), _Transport(), lambda r: queue.pop(0), 3600, 512
+    )
+    intake.data_received(_wire.pack_command((b"X",)))
+    with anyio.move_on_after(0.2) as held:
+        await intake.wait(60)
+    assert held.cancelled_caught  # the unchanged heartbeat waits
+    intake.data_received(_wire.pack_command((b"X",)))
+    with anyio.fail_after(5):
+        await intake.wait(60)  # the change is due at once, the held one with it
+    assert [e.seq for e in intake.take_batch()] == [2, 3]
+
+
 async def test_a_leave_after_a_held_heartbeat_of_the_same_instance_wins(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
