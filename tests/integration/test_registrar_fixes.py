@@ -277,7 +277,7 @@ async def test_consume_loop_restarts_after_an_escaped_bug(
     redis_url: str, r: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with Registrar(redis_url, own_view=False) as registrar:
-        real = registrar.validate
+        real = registrar._admission.validate
         calls = {"n": 0}
 
         def buggy(channel: bytes, data: bytes) -> Any:
@@ -286,7 +286,7 @@ async def test_consume_loop_restarts_after_an_escaped_bug(
                 raise RuntimeError("a future bug")
             return real(channel, data)
 
-        monkeypatch.setattr(registrar, "validate", buggy)
+        monkeypatch.setattr(registrar._admission, "validate", buggy)
         await r.publish(K.events("svc"), model.encode(reg("x1")))
         await eventually(lambda: registrar.stats.loop_restarts == 1, 5)
         await eventually(lambda: registrar.subscribed, 10)
